@@ -1,0 +1,117 @@
+"""Regularisers for recurrent networks, driven by explicit PRNG keys.
+
+Each function is the identity when ``train`` is False or the rate is 0, so a model
+calls them unconditionally. Rates are Python floats (static under ``jit``). Kept
+units are scaled by ``1 / (1 - rate)`` ("inverted" dropout), so nothing changes at
+evaluation time, except for zoneout, whose evaluation form is its expectation.
+"""
+
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+
+
+def _check_rate(rate: float, name: str) -> None:
+    if not 0.0 <= rate < 1.0:
+        raise ValueError(f"{name} rate must be in [0, 1), got {rate}")
+
+
+def _active(key, rate, train, name):
+    _check_rate(rate, name)
+    if train and rate > 0.0 and key is None:
+        raise ValueError(f"{name} with rate {rate} in training needs a PRNG key: pass key=jax.random.key(seed)")
+    return train and rate > 0.0
+
+
+def dropout(key, x: jax.Array, rate: float, *, train: bool = True, shared_axes: Sequence[int] = ()) -> jax.Array:
+    """Inverted dropout (Srivastava et al. 2014).
+
+    Args:
+      key: PRNG key (may be None when inactive).
+      x: any array.
+      rate: probability of zeroing a unit.
+      train: inactive (identity) when False.
+      shared_axes: axes along which one mask is shared (broadcast).
+
+    Returns:
+      ``x`` with units zeroed and survivors scaled by ``1 / (1 - rate)``.
+    """
+    if not _active(key, rate, train, "dropout"):
+        return x
+    mask_shape = [1 if axis % x.ndim in {a % x.ndim for a in shared_axes} else n for axis, n in enumerate(x.shape)]
+    keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
+    return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
+
+
+def locked_dropout(key, x: jax.Array, rate: float, *, train: bool = True, time_axis: int = 1) -> jax.Array:
+    """Variational (locked) dropout: one mask for all time steps of a sequence.
+
+    Gal & Ghahramani 2016, "A theoretically grounded application of dropout in
+    recurrent neural networks"; Merity et al. 2017 (AWD-LSTM). ``time_axis`` is 1 for
+    batch-major ``x_BTE`` and 0 for time-major ``x_TBE``.
+    """
+    return dropout(key, x, rate, train=train, shared_axes=(time_axis,))
+
+
+def embedding_dropout(key, table_VE: jax.Array, rate: float, *, train: bool = True) -> jax.Array:
+    """Drop whole rows (word types) of an embedding table.
+
+    Gal & Ghahramani 2016, sec. 4.2; Merity et al. 2017. Every occurrence of a dropped
+    word in the batch becomes a zero vector.
+    """
+    return dropout(key, table_VE, rate, train=train, shared_axes=(1,))
+
+
+def word_dropout(key, tokens: jax.Array, rate: float, *, unk_id: int, pad_id: int = 0, train: bool = True):
+    """Replace tokens by ``unk_id`` with probability ``rate``; padding is left alone.
+
+    Iyyer et al. 2015, "Deep unordered composition rivals syntactic methods"; Bowman
+    et al. 2016. No rescaling: this drops inputs, not activations.
+    """
+    if not _active(key, rate, train, "word dropout"):
+        return tokens
+    drop = jax.random.bernoulli(key, rate, tokens.shape) & (tokens != pad_id)
+    return jnp.where(drop, jnp.asarray(unk_id, tokens.dtype), tokens)
+
+
+def recurrent_mask(key, shape: Sequence[int], rate: float, *, train: bool = True, dtype=jnp.float32):
+    """A mask for ``h`` where it enters the recurrent matmul, fixed over time.
+
+    Gal & Ghahramani 2016: the same units of ``h`` are dropped at every step of a
+    sequence. Returns None when inactive, which the cells read as "no mask".
+    """
+    if not _active(key, rate, train, "recurrent dropout"):
+        return None
+    return jax.random.bernoulli(key, 1.0 - rate, shape).astype(dtype) / (1.0 - rate)
+
+
+def zoneout(key, old, new, rate: float, *, train: bool = True):
+    """Zoneout (Krueger et al. 2017): each unit keeps its previous value with prob. ``rate``.
+
+    Works on any pytree (e.g. an LSTM carry ``(h, c)``); in evaluation the update is
+    its expectation ``rate * old + (1 - rate) * new``.
+    """
+    _check_rate(rate, "zoneout")
+    if rate == 0.0:
+        return new
+    if not train:
+        return jax.tree.map(lambda o, n: rate * o + (1.0 - rate) * n, old, new)
+    _active(key, rate, train, "zoneout")
+    leaves_old, treedef = jax.tree.flatten(old)
+    keys = jax.random.split(key, len(leaves_old))
+    mixed = [
+        jnp.where(jax.random.bernoulli(k, rate, o.shape), o, n)
+        for k, o, n in zip(keys, leaves_old, treedef.flatten_up_to(new))
+    ]
+    return jax.tree.unflatten(treedef, mixed)
+
+
+def weight_drop(key, params: dict, rate: float, *, train: bool = True, name: str = "w_h") -> dict:
+    """DropConnect on the recurrent kernel (Wan et al. 2013; Merity et al. 2017, AWD-LSTM).
+
+    One mask for the whole sequence, so the scan still runs one recurrent matrix.
+    """
+    if not _active(key, rate, train, "weight drop"):
+        return params
+    return {**params, name: dropout(key, params[name], rate)}
