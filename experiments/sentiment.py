@@ -1,0 +1,256 @@
+"""Train an LSTM text classifier on a Hugging Face dataset, resumably.
+
+Run (with a network, Hub SST-2)::
+
+    python -m experiments.sentiment
+
+Offline, or on any local folder that ``datasets.load_dataset`` reads::
+
+    python -m experiments.sentiment --dataset ../shared/data/sst2 --workdir runs/sst2
+    python -m experiments.sentiment --dataset ../shared/data/imdb --workdir runs/imdb
+    python -m experiments.sentiment predict --workdir runs/sst2 "a gorgeous, witty film"
+
+Rerunning with the same ``--workdir`` resumes from the latest checkpoint. The run
+writes ``config.json``, ``tokenizer.json``, ``metrics.jsonl``, ``curves.png``,
+``results.json`` and Orbax checkpoints (``checkpoints/``, ``best/``) to the workdir.
+
+Expected result (default config, SST-2, 2 CPU cores): see the README's results table.
+"""
+
+import argparse
+import dataclasses
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from lstm_jax import cli, data
+from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, config_differences
+from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, save_curves, train_loop
+from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
+from lstm_jax.optim import OptimConfig, make_optimizer
+from lstm_jax.train import classifier_loss, evaluate, init_train_state, make_eval_step, make_train_step, params_sha256
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Dataset, tokeniser and batching."""
+
+    dataset: str = dataclasses.field(default="sst2", metadata={"help": "a preset (" + ", ".join(data.PRESETS) + "), a Hub id, or a local folder"})
+    text_column: str | None = dataclasses.field(default=None, metadata={"help": "text column (detected when unset)"})
+    label_column: str | None = dataclasses.field(default=None, metadata={"help": "label column (detected when unset)"})
+    val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "fraction of train carved out as validation when there is no validation split"})
+    vocab_size: int = dataclasses.field(default=20000, metadata={"help": "vocabulary cap, [PAD] and [UNK] included"})
+    min_freq: int = dataclasses.field(default=1, metadata={"help": "words rarer than this in train map to [UNK]"})
+    max_len: int = dataclasses.field(default=128, metadata={"help": "tokens kept per text (the rest is cut, and counted)"})
+    num_buckets: int = dataclasses.field(default=6, metadata={"help": "padded lengths per split (one XLA program each)"})
+    batch_size: int = dataclasses.field(default=64, metadata={"help": "training batch size"})
+    eval_batch_size: int = dataclasses.field(default=256, metadata={"help": "evaluation batch size"})
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Where the run lives and how it starts."""
+
+    workdir: str = dataclasses.field(default="runs/sentiment", metadata={"help": "run directory: checkpoints, logs, results; reruns resume from it"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed for init, dropout and data order"})
+    restart: bool = dataclasses.field(default=False, metadata={"help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"})
+
+
+CONFIG_CLASSES = (DataConfig, ModelConfig, OptimConfig, LoopConfig, RunConfig)
+
+# Settings that suit a dataset better than the defaults; explicit flags win.
+DATASET_PRESETS = {
+    "imdb": {"max_len": 400, "epochs": 4, "batch_size": 32, "embed_dropout": 0.2, "input_dropout": 0.4, "output_dropout": 0.4},
+    "yelp_polarity": {"max_len": 256, "epochs": 1},
+    "ag_news": {"max_len": 64, "epochs": 3},
+}
+
+# Fields a resumed run may change: they do not alter what was trained so far.
+RESUMABLE_FIELDS = {"max_steps", "log_every", "save_every", "keep", "progress", "skip_nonfinite", "restart", "workdir", "eval_batch_size"}
+
+
+def preset_name(dataset: str) -> str:
+    """``imdb`` for ``imdb``, ``stanfordnlp/imdb`` or a folder named ``imdb``."""
+    reverse_presets = {hub_id: name for name, hub_id in data.PRESETS.items()}
+    return reverse_presets.get(dataset, Path(dataset.rstrip("/")).name)
+
+
+def parse_train_args(argv: list[str]) -> dict:
+    """Configs from flags, with the dataset's preset applied under any explicit flag."""
+    cli.check_unique_flags(*CONFIG_CLASSES)
+    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for cls in CONFIG_CLASSES:
+        cli.add_flags(parser, cls)
+    args = parser.parse_args(argv)
+    explicit = cli.explicit_flags(parser, argv)
+    for name, value in DATASET_PRESETS.get(preset_name(args.dataset), {}).items():
+        if name not in explicit:
+            setattr(args, name, value)
+    return {cls.__name__: cli.from_args(cls, args) for cls in CONFIG_CLASSES}
+
+
+def config_dict(configs: dict) -> dict:
+    return {name: dataclasses.asdict(config) for name, config in configs.items()}
+
+
+def prepare_workdir(workdir: Path, configs: dict) -> bool:
+    """Check (or start) the run directory; True when there is a run to resume."""
+    config_path = workdir / "config.json"
+    if configs["RunConfig"].restart and workdir.exists() and any(workdir.iterdir()):
+        backup = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+        backup.mkdir()
+        for entry in list(workdir.iterdir()):
+            if not entry.name.startswith("previous-"):
+                shutil.move(str(entry), backup / entry.name)
+        print(f"--restart: moved the previous run to {backup}")
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: cannot create workdir {workdir}: {error.strerror}; pass a writable --workdir") from None
+    current = config_dict(configs)
+    if config_path.exists():
+        saved = json.loads(config_path.read_text())
+        differences = [d for d in config_differences(saved, current) if d.split(": ")[0].split(".")[-1] not in RESUMABLE_FIELDS]
+        if differences:
+            raise SystemExit(f"error: {workdir} holds a run with another config ({'; '.join(differences)}); use another --workdir or pass --restart")
+        return True
+    config_path.write_text(json.dumps(current, indent=2))
+    return False
+
+
+def load_data(cfg: DataConfig, workdir: Path, seed: int):
+    """Splits, tokenizer (trained on train and saved, or reused), encodings and buckets."""
+    splits = data.load_text_splits(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, val_fraction=cfg.val_fraction, seed=seed)
+    for note in splits.notes:
+        print(f"note: {note}")
+    tokenizer_path = workdir / "tokenizer.json"
+    if tokenizer_path.exists():
+        tokenizer = data.load_tokenizer(tokenizer_path)
+    else:
+        tokenizer = data.train_tokenizer(data.texts_of(splits.train), vocab_size=cfg.vocab_size, min_freq=cfg.min_freq)
+        data.save_tokenizer(tokenizer, tokenizer_path)
+    named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    encoded = {name: (data.encode(tokenizer, data.texts_of(split), max_len=cfg.max_len), data.labels_of(split)) for name, split in named.items() if split is not None}
+    for name, (enc, _) in encoded.items():
+        if enc.num_truncated or enc.num_empty:
+            print(f"note: {name}: {enc.num_truncated} of {len(enc)} texts cut to --max-len {cfg.max_len}; {enc.num_empty} empty texts kept as [UNK]")
+    all_lengths = np.concatenate([enc.lengths_N for enc, _ in encoded.values()])
+    buckets = data.bucket_lengths(all_lengths, max_len=cfg.max_len, num_buckets=cfg.num_buckets)
+    return splits, tokenizer, encoded, buckets
+
+
+def train(argv: list[str]) -> dict:
+    configs = parse_train_args(argv)
+    data_cfg, model_cfg, optim_cfg, loop_cfg, run_cfg = (configs[cls.__name__] for cls in CONFIG_CLASSES)
+    workdir = Path(run_cfg.workdir)
+    resuming = prepare_workdir(workdir, configs)
+    splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
+    (train_enc, train_labels), (val_enc, val_labels) = encoded["train"], encoded["validation"]
+    vocab_size = tokenizer.get_vocab_size()
+    print(f"data: {len(train_enc)} train / {len(val_enc)} validation / {len(encoded['test'][0]) if 'test' in encoded else 0} test, "
+          f"{splits.num_classes} classes, vocabulary {vocab_size}, buckets {buckets}")  # fmt: skip
+
+    def epoch_batches(epoch):
+        return data.epoch_batches(train_enc, train_labels, batch_size=data_cfg.batch_size, buckets=buckets, seed=run_cfg.seed, epoch=epoch)
+
+    def eval_batches(split):
+        enc, labels = encoded[split]
+        return data.epoch_batches(enc, labels, batch_size=data_cfg.eval_batch_size, buckets=buckets, seed=0, epoch=0, shuffle=False)
+
+    steps_per_epoch = len(epoch_batches(0))
+    optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch)
+    params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
+    state = init_train_state(params, optimizer, run_cfg.seed)
+    checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
+    if resuming:
+        restored = checkpoints.restore(state)
+        for skipped in restored.skipped if restored else []:
+            print(f"warning: skipped damaged checkpoint {skipped}")
+        if restored:
+            state = restored.state
+            print(f"resumed from step {restored.step} in {workdir}")
+    start_step = int(state.step)
+    meta = {"dataset": data_cfg.dataset, "num_classes": splits.num_classes, "label_names": list(splits.label_names),
+            "vocab_size": vocab_size, "buckets": list(buckets)}  # fmt: skip
+    (workdir / "run.json").write_text(json.dumps(meta, indent=2))
+    val_split = eval_batches("validation")
+    eval_step = make_eval_step(model_cfg)
+    train_step = make_train_step(lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer)
+    log = MetricsLog(workdir / "metrics.jsonl", start_step)
+    state, summary = train_loop(
+        state, train_step, epoch_batches, lambda p: evaluate(eval_step, p, val_split), checkpoints, log, loop_cfg,
+        meta=meta, tokens_in=lambda batch: int(batch.lengths_B.sum()),
+    )  # fmt: skip
+    best = checkpoints.restore(state, which="best")
+    best_state = best.state if best else state
+    val = evaluate(eval_step, best_state.params, val_split)
+    test = evaluate(eval_step, best_state.params, eval_batches("test")) if "test" in encoded else None
+    checkpoints.close()
+    save_curves(log.read(), workdir / "curves.png", title=f"{data_cfg.dataset}: {model_cfg.cell}")
+    results = {
+        "dataset": data_cfg.dataset, "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"] if test else None,
+        "best_step": best.step if best else None, "final_val_accuracy": summary["last_val"]["accuracy"] if summary["last_val"] else None,
+        "steps": summary["steps"], "epochs": summary["steps"] / summary["steps_per_epoch"], "resumed_from_step": start_step,
+        "train_seconds": summary["train_seconds"], "tokens_per_second": summary["tokens_per_second"],
+        "nonfinite_steps": int(state.nonfinite_steps), "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
+        "params_sha256": params_sha256(state.params), "buckets": list(buckets),
+        "truncated": {name: enc.num_truncated for name, (enc, _) in encoded.items()}, "config": config_dict(configs),
+        "jax_backend": jax.default_backend(),
+    }  # fmt: skip
+    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    print(f"validation accuracy {val['accuracy']:.4f}, test accuracy {test['accuracy'] if test else float('nan'):.4f}; results in {workdir / 'results.json'}")
+    return results
+
+
+def predict(argv: list[str]) -> list[tuple[str, float]]:
+    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment predict", description="Classify texts with a run's best checkpoint.")
+    parser.add_argument("--workdir", required=True, help="a run directory written by training")
+    parser.add_argument("texts", nargs="+", help="texts to classify")
+    args = parser.parse_args(argv)
+    workdir = Path(args.workdir)
+    if not (workdir / "config.json").exists() or not (workdir / "run.json").exists():
+        raise SystemExit(f"error: {workdir} holds no training run (no config.json/run.json); train first with --workdir {workdir}")
+    saved = json.loads((workdir / "config.json").read_text())
+    model_cfg, data_cfg = ModelConfig(**saved["ModelConfig"]), DataConfig(**saved["DataConfig"])
+    meta = json.loads((workdir / "run.json").read_text())
+    tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
+    params = init_classifier(jax.random.key(0), model_cfg, meta["vocab_size"], meta["num_classes"])
+    abstract_state = init_train_state(params, make_optimizer(OptimConfig(**saved["OptimConfig"]), 1), 0)
+    checkpoints = RunCheckpoints(workdir)
+    restored = checkpoints.restore(abstract_state, which="best") or checkpoints.restore(abstract_state)
+    if restored is None:
+        raise SystemExit(f"error: {workdir} has no checkpoint yet; let training save one (see --save-every) and retry")
+    encoded = data.encode(tokenizer, args.texts, max_len=data_cfg.max_len)
+    tokens_BT = np.zeros((len(encoded), int(encoded.lengths_N.max())), np.int32)
+    for i in range(len(encoded)):
+        tokens_BT[i, : encoded.lengths_N[i]] = encoded.row(i)
+    logits = classifier_logits(restored.state.params, model_cfg, jnp.asarray(tokens_BT), jnp.asarray(encoded.lengths_N))
+    probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
+    answers = []
+    for text, probs in zip(args.texts, probabilities):
+        label = int(probs.argmax())
+        answers.append((meta["label_names"][label], float(probs[label])))
+        print(f"{meta['label_names'][label]}\t{probs[label]:.3f}\t{text}")
+    checkpoints.close()
+    return answers
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        if argv and argv[0] == "predict":
+            predict(argv[1:])
+        else:
+            train(argv)
+    except (data.DataError, CheckpointError, NonFiniteError) as error:
+        raise SystemExit(f"error: {error}") from None
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,101 @@
+"""Orbax checkpoints for a run directory.
+
+``<workdir>/checkpoints`` keeps the latest ``keep`` saves (periodic and end of
+epoch); ``<workdir>/best`` keeps the single best save by a metric. Each save holds
+the train state (a pytree of arrays) and a JSON ``meta`` dict (data position,
+config, metrics). Restoring walks back from the newest step and skips damaged
+checkpoints, reporting each one.
+"""
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import orbax.checkpoint as ocp
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint that cannot be used; the message says why and what to do."""
+
+
+@dataclasses.dataclass
+class Restored:
+    state: Any
+    meta: dict
+    step: int
+    skipped: list[str]  # "step N: reason" for each newer checkpoint that could not be read
+
+
+def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
+
+
+class RunCheckpoints:
+    """The latest-k and best-by-metric Orbax managers of one run."""
+
+    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
+        self.workdir = Path(workdir)
+        self.latest = _manager(self.workdir / "checkpoints", keep, async_save)
+        self.best = _manager(self.workdir / "best", 1, async_save)
+
+    @staticmethod
+    def _args(state, meta):
+        return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
+
+    def save(self, step: int, state, meta: dict) -> None:
+        if step not in self.latest.all_steps():
+            self.latest.save(step, args=self._args(state, meta), force=True)
+
+    def save_best(self, step: int, state, meta: dict) -> None:
+        if step not in self.best.all_steps():
+            self.best.save(step, args=self._args(state, meta), force=True)
+
+    def best_meta(self) -> dict | None:
+        step = self.best.latest_step()
+        return None if step is None else self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+
+    def restore(self, abstract_state, *, which: str = "latest") -> Restored | None:
+        """The newest readable checkpoint of ``which`` ("latest" or "best"), or None if there is none.
+
+        Raises:
+          CheckpointError: checkpoints exist but none can be read.
+        """
+        manager = self.latest if which == "latest" else self.best
+        skipped = []
+        for step in sorted(manager.all_steps(), reverse=True):
+            try:
+                restored = manager.restore(
+                    step,
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+                )
+            except Exception as error:  # a damaged checkpoint can fail in many ways inside Orbax and TensorStore
+                skipped.append(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+                continue
+            return Restored(restored["state"], restored["meta"], step, skipped)
+        if skipped:
+            raise CheckpointError(
+                f"no readable checkpoint in {manager.directory} ({'; '.join(skipped)}); "
+                "pass --restart to start from scratch (this deletes nothing)"
+            )
+        return None
+
+    def wait(self) -> None:
+        self.latest.wait_until_finished()
+        self.best.wait_until_finished()
+
+    def close(self) -> None:
+        self.latest.close()
+        self.best.close()
+
+
+def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:
+    """``["field: saved -> current", ...]`` for every leaf that differs between two nested dicts."""
+    differences = []
+    for name in sorted(set(saved) | set(current)):
+        old, new = saved.get(name), current.get(name)
+        if isinstance(old, dict) and isinstance(new, dict):
+            differences += config_differences(old, new, f"{prefix}{name}.")
+        elif old != new:
+            differences.append(f"{prefix}{name}: {old!r} -> {new!r}")
+    return differences

@@ -1,0 +1,436 @@
+"""Text-classification data: Hugging Face datasets in, static-shape batches out.
+
+The pipeline is four steps, each a small function a notebook can call alone:
+
+  splits = load_text_splits("sst2")                    # or a Hub id, or a local folder
+  tok = train_tokenizer(texts_of(splits.train), vocab_size=20000)
+  enc = encode(tok, texts_of(splits.train), max_len=256)
+  buckets = bucket_lengths(enc.lengths_N, max_len=256)
+  batches = epoch_batches(enc, labels_of(splits.train), batch_size=64,
+                          buckets=buckets, seed=0, epoch=0)
+
+Every batch has a shape from the few `(batch_size, bucket)` pairs, so XLA
+compiles a handful of programs. The order depends only on `(seed, epoch)`.
+Nothing is dropped or truncated silently: see `TextSplits.notes` and the
+counts in `Encoded`.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from collections.abc import Iterable, Sequence
+from typing import NamedTuple
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
+
+PRESETS = {
+    "sst2": "stanfordnlp/sst2",
+    "imdb": "stanfordnlp/imdb",
+    "ag_news": "fancyzhx/ag_news",
+    "yelp_polarity": "fancyzhx/yelp_polarity",
+    "rotten_tomatoes": "cornell-movie-review-data/rotten_tomatoes",
+}
+TEXT_COLUMNS = ("sentence", "text", "review", "content", "document")
+LABEL_COLUMNS = ("label", "labels", "sentiment")
+VALIDATION_NAMES = ("validation", "dev", "valid")
+PAD_ID, UNK_ID = 0, 1
+PAD, UNK = "[PAD]", "[UNK]"
+UNLABELLED = -1  # the Hub's marker for a hidden label (e.g. the GLUE test split)
+
+
+class DataError(ValueError):
+    """Bad data or arguments; the message is one line that names the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TextSplits:
+    """Splits with exactly two columns, `text` (str) and `label` (int64)."""
+
+    train: datasets.Dataset
+    validation: datasets.Dataset
+    test: datasets.Dataset | None
+    num_classes: int
+    label_names: tuple[str, ...]
+    notes: tuple[str, ...]
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def _load_raw(dataset: str) -> datasets.DatasetDict:
+    """Loads a preset name, a local folder or a Hub id as a `DatasetDict`."""
+    hub_id = PRESETS.get(dataset, dataset)
+    if os.path.isdir(dataset):
+        try:
+            return datasets.load_dataset(dataset)
+        except Exception as err:
+            raise DataError(f"could not read local folder '{dataset}' ({_short(err)}); "
+                            "it should hold train/validation/test files (parquet, csv, json)") from err
+    looks_local = dataset.startswith((".", os.sep, "~")) or dataset.count("/") > 1 or (
+        os.altsep is not None and os.altsep in dataset)
+    if looks_local:
+        raise DataError(f"local folder '{dataset}' does not exist; pass an existing folder "
+                        f"or a Hub id / preset ({', '.join(PRESETS)})")
+    try:
+        return datasets.load_dataset(hub_id)
+    except Exception as err:
+        raise DataError(f"could not load '{hub_id}' from the Hugging Face Hub ({_short(err)}); "
+                        "with no network, pass a local folder: --dataset path/to/folder") from err
+
+
+def _short(err: Exception, limit: int = 160) -> str:
+    lines = str(err).strip().splitlines() or [""]
+    return f"{type(err).__name__}: {lines[0][:limit]}"
+
+
+def _pick_column(columns: Sequence[str], requested: str | None, candidates: Sequence[str],
+                 flag: str) -> str:
+    if requested is not None and requested in columns:
+        return requested
+    if requested is None:
+        for name in candidates:
+            if name in columns:
+                return name
+    wanted = f"'{requested}'" if requested else f"one of {list(candidates)}"
+    raise DataError(f"no column {wanted} in the data (columns: {list(columns)}); "
+                    f"pass {flag} NAME")
+
+
+def _text_array(split: datasets.Dataset, column: str, split_name: str) -> tuple[pa.ChunkedArray, int]:
+    """Returns the text column as strings, with nulls as "", and the null count."""
+    texts = split.with_format("arrow")[column]
+    if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
+        raise DataError(f"text column '{column}' of split '{split_name}' has type {texts.type}, "
+                        "not string; pick another with --text-column")
+    return pc.fill_null(texts, ""), texts.null_count
+
+
+def _label_array(split: datasets.Dataset, column: str, split_name: str) -> np.ndarray:
+    labels = split.with_format("arrow")[column]
+    if not pa.types.is_integer(labels.type):
+        raise DataError(f"label column '{column}' of split '{split_name}' has type {labels.type}; "
+                        "labels must be integer class ids 0..C-1 (map them, or pick --label-column)")
+    if labels.null_count:
+        raise DataError(f"split '{split_name}' has {labels.null_count} missing labels; "
+                        "fill or remove them")
+    return labels.to_numpy().astype(np.int64)
+
+
+def _class_info(feature, train_labels: np.ndarray) -> tuple[int, tuple[str, ...]]:
+    if isinstance(feature, datasets.ClassLabel):
+        return feature.num_classes, tuple(feature.names)
+    labelled = train_labels[train_labels != UNLABELLED]
+    num_classes = int(labelled.max()) + 1 if labelled.size else 0
+    return num_classes, tuple(str(c) for c in range(num_classes))
+
+
+def _check_label_range(labels: np.ndarray, num_classes: int, split_name: str) -> None:
+    negative = int(np.sum((labels < 0) & (labels != UNLABELLED)))
+    if negative:
+        raise DataError(f"split '{split_name}' has {negative} negative labels (only -1, unlabelled, "
+                        "is allowed); labels must be 0..C-1")
+    too_big = int(np.sum(labels >= num_classes))
+    if too_big:
+        raise DataError(f"split '{split_name}' has {too_big} labels >= num_classes={num_classes}; "
+                        "labels must be 0..C-1 (declare a ClassLabel feature or fix the data)")
+
+
+def _clean_split(split: datasets.Dataset, name: str, text_col: str, label_col: str,
+                 num_classes: int, notes: list[str]) -> pa.Table | None:
+    """Returns the split as a `text` / `label` table (None if wholly unlabelled), noting changes."""
+    for column, flag in ((text_col, "--text-column"), (label_col, "--label-column")):
+        if column not in split.column_names:
+            raise DataError(f"split '{name}' has no column '{column}' "
+                            f"(columns: {split.column_names}); fix the data or pass {flag}")
+    texts, num_null = _text_array(split, text_col, name)
+    labels = _label_array(split, label_col, name)
+    _check_label_range(labels, num_classes, name)
+    if num_null:
+        notes.append(f"{name}: {num_null} missing texts read as empty strings")
+    unlabelled = labels == UNLABELLED
+    if name != "train" and len(labels) and unlabelled.all():
+        notes.append(f"{name}: all {len(labels)} labels are -1 (unlabelled); split not used")
+        return None
+    if unlabelled.any():
+        notes.append(f"{name}: removed {int(unlabelled.sum())} unlabelled rows (label -1)")
+        texts, labels = texts.filter(pa.array(~unlabelled)), labels[~unlabelled]
+    return pa.table({"text": texts, "label": pa.array(labels, pa.int64())})
+
+
+def _carve(table: pa.Table, val_fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
+    """Splits rows into (train, validation) by a seeded permutation, keeping row order."""
+    num_val = int(round(val_fraction * table.num_rows))
+    if not 0 < num_val < table.num_rows:
+        raise DataError(f"cannot carve {val_fraction * 100:g}% of {table.num_rows} train rows as validation; "
+                        "pass a val_fraction giving at least one row on each side, or add a validation split")
+    perm = np.random.default_rng(seed).permutation(table.num_rows)
+    return table.take(np.sort(perm[num_val:])), table.take(np.sort(perm[:num_val]))
+
+
+def load_text_splits(dataset: str, *, text_column: str | None = None,
+                     label_column: str | None = None, val_fraction: float = 0.1,
+                     seed: int = 0) -> TextSplits:
+    """Loads a text-classification dataset as train / validation / test splits.
+
+    Args:
+      dataset: a preset name (see `PRESETS`), a Hub id, or a local folder.
+      text_column: the text column; detected from `TEXT_COLUMNS` when None.
+      label_column: the label column; detected from `LABEL_COLUMNS` when None.
+      val_fraction: share of train carved out as validation when there is none.
+      seed: seed of that carve.
+
+    Returns:
+      A `TextSplits`; `notes` says what was carved, removed or filled.
+
+    Raises:
+      DataError: on anything unusable, with a one-line message naming the fix.
+    """
+    if not 0.0 < val_fraction < 1.0:
+        raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
+    raw = _load_raw(dataset)
+    if "train" not in raw:
+        raise DataError(f"'{dataset}' has no train split (splits: {list(raw)}); "
+                        "pass a dataset or folder with a train split")
+    train_raw = raw["train"]
+    text_col = _pick_column(train_raw.column_names, text_column, TEXT_COLUMNS, "--text-column")
+    label_col = _pick_column(train_raw.column_names, label_column, LABEL_COLUMNS, "--label-column")
+    val_name = next((name for name in VALIDATION_NAMES if name in raw), None)
+    names = ["train"] + ([val_name] if val_name else []) + (["test"] if "test" in raw else [])
+
+    train_labels = _label_array(train_raw, label_col, "train")
+    if not np.any(train_labels != UNLABELLED):
+        raise DataError(f"train split of '{dataset}' has no labelled rows; pass a dataset with training data")
+    num_classes, label_names = _class_info(train_raw.features[label_col], train_labels)
+    if num_classes < 2:
+        raise DataError(f"train labels give {num_classes} class(es); a classifier needs at least 2")
+    notes: list[str] = []
+    tables = {name: _clean_split(raw[name], name, text_col, label_col, num_classes, notes)
+              for name in names}
+    train = tables["train"]
+    validation = tables.get(val_name) if val_name else None
+    if validation is None or validation.num_rows == 0:
+        train, validation = _carve(train, val_fraction, seed)
+        notes.append(f"no validation split: carved {val_fraction * 100:g}% ({validation.num_rows} rows) "
+                     f"of train with seed {seed}")
+    test = tables.get("test")
+    return TextSplits(
+        train=datasets.Dataset(train), validation=datasets.Dataset(validation),
+        test=datasets.Dataset(test) if test is not None and test.num_rows else None,
+        num_classes=num_classes, label_names=label_names, notes=tuple(notes))
+
+
+def texts_of(split: datasets.Dataset) -> list[str]:
+    """Returns the `text` column as a list (fast: no per-row Python access)."""
+    return split.with_format("arrow")["text"].to_pylist()
+
+
+def labels_of(split: datasets.Dataset) -> np.ndarray:
+    """Returns the `label` column as an int32 array."""
+    return split.with_format("arrow")["label"].to_numpy().astype(np.int32)
+
+
+# ------------------------------------------------------------------------- tokeniser
+
+
+def _as_texts(texts: Iterable[str]) -> list[str]:
+    texts = list(texts)
+    bad = next((t for t in texts if not isinstance(t, str)), None)
+    if bad is not None:
+        raise DataError(f"texts must be strings, found {type(bad).__name__}: {bad!r:.60}")
+    return texts
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: int = 1) -> Tokenizer:
+    """Trains a lower-casing word-level tokeniser (call it on the train split only).
+
+    Args:
+      texts: training texts.
+      vocab_size: vocabulary size, `[PAD]` and `[UNK]` included.
+      min_freq: words seen fewer times map to `[UNK]`.
+
+    Returns:
+      A `tokenizers.Tokenizer` with `[PAD]` = `PAD_ID` and `[UNK]` = `UNK_ID`.
+    """
+    if vocab_size < 3:
+        raise DataError(f"vocab_size must be >= 3 ([PAD], [UNK] and one word), got {vocab_size}")
+    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    tok.normalizer = normalizers.Sequence([
+        normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " "),
+        normalizers.NFKC(),
+        normalizers.Lowercase(),
+    ])
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ and runs of punctuation
+    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_freq,
+                                        special_tokens=[PAD, UNK], show_progress=False)
+    tok.train_from_iterator(_as_texts(texts), trainer=trainer)
+    assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(UNK) == UNK_ID
+    return tok
+
+
+def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
+    """Writes the tokeniser as one JSON file."""
+    tok.save(os.fspath(path))
+
+
+def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
+    """Reads a tokeniser written by `save_tokenizer`."""
+    if not os.path.isfile(path):
+        raise DataError(f"tokenizer file '{os.fspath(path)}' does not exist; "
+                        "train one with train_tokenizer and save_tokenizer")
+    return Tokenizer.from_file(os.fspath(path))
+
+
+# -------------------------------------------------------------------------- encoding
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Encoded:
+    """Ragged token ids: row i is `ids_flat[offsets[i]:offsets[i + 1]]`.
+
+    Attributes:
+      ids_flat: int32 ids of all rows, concatenated.
+      offsets: int64 row starts, length N + 1.
+      num_truncated: rows cut to `max_len`.
+      num_empty: rows with no tokens, kept as a single `[UNK]`.
+    """
+
+    ids_flat: np.ndarray
+    offsets: np.ndarray
+    num_truncated: int
+    num_empty: int
+
+    @property
+    def lengths_N(self) -> np.ndarray:
+        return np.diff(self.offsets).astype(np.int32)
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def row(self, i: int) -> np.ndarray:
+        return self.ids_flat[self.offsets[i]:self.offsets[i + 1]]
+
+
+def encode(tok: Tokenizer, texts: Iterable[str], *, max_len: int) -> Encoded:
+    """Tokenises texts, truncating to `max_len` and counting what was cut or empty.
+
+    Args:
+      tok: a tokeniser from `train_tokenizer` or `load_tokenizer`.
+      texts: the texts, one per example.
+      max_len: the most tokens kept per text (the first ones).
+
+    Returns:
+      An `Encoded` with one row per text, none dropped.
+    """
+    if max_len < 1:
+        raise DataError(f"max_len must be >= 1, got {max_len}")
+    rows = [enc.ids for enc in tok.encode_batch(_as_texts(texts), add_special_tokens=False)]
+    full_lengths = np.fromiter((len(r) for r in rows), np.int64, count=len(rows))
+    num_empty = int(np.sum(full_lengths == 0))
+    ids_flat = np.concatenate([np.asarray(r[:max_len] or [UNK_ID], np.int32) for r in rows]
+                              or [np.zeros(0, np.int32)])
+    offsets = np.concatenate([[0], np.cumsum(np.clip(full_lengths, 1, max_len))]).astype(np.int64)
+    return Encoded(ids_flat, offsets, int(np.sum(full_lengths > max_len)), num_empty)
+
+
+# ------------------------------------------------------------------ bucketing, batching
+
+
+def bucket_lengths(lengths: Sequence[int] | np.ndarray, *, max_len: int,
+                   num_buckets: int = 8) -> tuple[int, ...]:
+    """Chooses at most `num_buckets` padded lengths from the length quantiles.
+
+    Each bucket is a multiple of 8, or `max_len` where rounding would pass it;
+    the last is the smallest such value that fits the longest sequence.
+
+    Returns:
+      Ascending distinct lengths; every `min(length, max_len)` fits the last.
+    """
+    lengths = np.minimum(np.asarray(lengths), max_len)
+    if lengths.size == 0 or max_len < 1 or num_buckets < 1:
+        raise DataError(f"bucket_lengths needs lengths, max_len >= 1 and num_buckets >= 1 "
+                        f"(got {lengths.size} lengths, max_len={max_len}, num_buckets={num_buckets})")
+    quantiles = np.quantile(lengths, np.arange(1, num_buckets + 1) / num_buckets, method="higher")
+    rounded = np.minimum(-(-np.maximum(quantiles, 1) // 8) * 8, max_len)
+    return tuple(int(b) for b in np.unique(rounded))
+
+
+class Batch(NamedTuple):
+    """One static-shape batch; padding rows have length 0 and weight 0."""
+
+    tokens_BT: np.ndarray  # int32, PAD_ID beyond each length
+    lengths_B: np.ndarray  # int32
+    labels_B: np.ndarray  # int32
+    weights_B: np.ndarray  # float32
+
+
+def epoch_batch_rows(lengths_N: np.ndarray, *, batch_size: int, buckets: Sequence[int],
+                     seed: int, epoch: int, shuffle: bool = True) -> list[tuple[int, np.ndarray]]:
+    """Plans an epoch: `(bucket length T, row indices_B)` per batch, -1 marking padding rows.
+
+    Each row is put in the smallest bucket that holds it; each bucket is cut into
+    batches of exactly `batch_size` (the last one padded), so no row is dropped.
+    With `shuffle`, rows and batch order are permuted by `np.random.default_rng([seed,
+    epoch])`; without it, batches go by bucket, rows in their original order.
+    """
+    if batch_size < 1:
+        raise DataError(f"batch_size must be >= 1, got {batch_size}")
+    buckets_K = np.asarray(buckets)
+    if buckets_K.size == 0 or np.any(np.diff(buckets_K) <= 0):
+        raise DataError(f"buckets must be ascending and non-empty, got {tuple(buckets)}; use bucket_lengths")
+    bucket_N = np.searchsorted(buckets_K, lengths_N, side="left")
+    if np.any(bucket_N == len(buckets_K)):
+        raise DataError(f"a sequence of length {int(np.max(lengths_N))} exceeds the largest bucket "
+                        f"{int(buckets_K[-1])}; compute buckets from the lengths of every split")
+    rng = np.random.default_rng([seed, epoch])
+    order_N = rng.permutation(len(lengths_N)) if shuffle else np.arange(len(lengths_N))
+    plan = []
+    for k, length in enumerate(buckets_K):
+        rows = order_N[bucket_N[order_N] == k]
+        padded = np.full(-(-len(rows) // batch_size) * batch_size, -1, np.int64)
+        padded[:len(rows)] = rows
+        plan += [(int(length), chunk) for chunk in padded.reshape(-1, batch_size)]
+    if shuffle:
+        plan = [plan[i] for i in rng.permutation(len(plan))]
+    return plan
+
+
+def gather_batch(encoded: Encoded, labels_N: np.ndarray, rows_B: np.ndarray, length: int) -> Batch:
+    """Builds a `Batch` of padded length `length` from row indices (-1 = padding row)."""
+    real_B = rows_B >= 0
+    safe_B = np.where(real_B, rows_B, 0)
+    starts_B = encoded.offsets[safe_B]
+    lengths_B = np.where(real_B, encoded.offsets[safe_B + 1] - starts_B, 0).astype(np.int32)
+    positions_BT = starts_B[:, None] + np.arange(length)
+    inside_BT = np.arange(length) < lengths_B[:, None]
+    tokens_BT = np.where(inside_BT, encoded.ids_flat[np.where(inside_BT, positions_BT, 0)], PAD_ID)
+    return Batch(tokens_BT.astype(np.int32), lengths_B,
+                 np.where(real_B, labels_N[safe_B], 0).astype(np.int32), real_B.astype(np.float32))
+
+
+def epoch_batches(encoded: Encoded, labels: Sequence[int] | np.ndarray, *, batch_size: int,
+                  buckets: Sequence[int], seed: int, epoch: int, shuffle: bool = True) -> list[Batch]:
+    """Returns one epoch of static-shape batches, each example exactly once.
+
+    Args:
+      encoded: the split's token ids.
+      labels: one class id per row of `encoded`.
+      batch_size: rows per batch; a batch_size above the number of examples
+        gives one padded batch per used bucket.
+      buckets: padded lengths from `bucket_lengths`.
+      seed, epoch: together they fix the order (see `epoch_batch_rows`).
+      shuffle: False for evaluation (stable order).
+
+    Returns:
+      Batches of shape `(batch_size, T)` for T in `buckets`; padding rows weigh 0.
+    """
+    labels_N = np.asarray(labels)
+    if len(labels_N) != len(encoded):
+        raise DataError(f"{len(labels_N)} labels for {len(encoded)} encoded texts; pass one label per text")
+    plan = epoch_batch_rows(encoded.lengths_N, batch_size=batch_size, buckets=buckets,
+                            seed=seed, epoch=epoch, shuffle=shuffle)
+    return [gather_batch(encoded, labels_N, rows_B, length) for length, rows_B in plan]

@@ -1,0 +1,176 @@
+"""The resumable training loop shared by experiments.
+
+The loop owns what must be right for a killed run to resume to the same bits: the
+data position is ``divmod(step, steps_per_epoch)`` over a deterministic per-epoch
+batch list, randomness is ``fold_in(rng, step)`` (see :mod:`lstm_jax.train`), and
+checkpoints hold the whole train state. Metrics after the restored step are cut
+from ``metrics.jsonl`` so a resumed log reads like an uninterrupted one.
+"""
+
+import dataclasses
+import json
+import math
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import numpy as np
+from tqdm.auto import tqdm
+
+from lstm_jax.checkpoint import RunCheckpoints
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN or Inf loss or gradient too many times."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LoopConfig:
+    """How long to train, and how often to log, evaluate and save."""
+
+    epochs: int = dataclasses.field(default=5, metadata={"help": "training epochs (sets the learning-rate schedule)"})
+    max_steps: int = dataclasses.field(default=0, metadata={"help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs"})
+    log_every: int = dataclasses.field(default=50, metadata={"help": "write a metrics line every N steps"})
+    save_every: int = dataclasses.field(default=500, metadata={"help": "checkpoint every N steps (and at every epoch end)"})
+    keep: int = dataclasses.field(default=3, metadata={"help": "latest checkpoints to keep (the best one is kept apart)"})
+    skip_nonfinite: int = dataclasses.field(default=0, metadata={"help": "tolerate up to N steps with a NaN/Inf loss or gradient by skipping their updates"})
+    progress: bool = dataclasses.field(default=True, metadata={"help": "show a progress bar"})
+
+
+class MetricsLog:
+    """Append-only ``metrics.jsonl``; on resume, lines after the restored step are dropped."""
+
+    def __init__(self, path: Path, resume_step: int):
+        self.path = path
+        lines = path.read_text().splitlines() if path.exists() else []
+        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+        path.write_text("".join(line + "\n" for line in kept))
+
+    def write(self, record: dict) -> None:
+        with self.path.open("a") as f:
+            f.write(json.dumps(record) + "\n")
+
+    def read(self) -> list[dict]:
+        return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def train_loop(
+    state,
+    train_step: Callable,
+    epoch_batches: Callable[[int], list],
+    evaluate: Callable[[object], dict],
+    checkpoints: RunCheckpoints,
+    log: MetricsLog,
+    config: LoopConfig,
+    *,
+    meta: dict,
+    tokens_in: Callable[[object], int] = lambda batch: 0,
+    best_metric: str = "accuracy",
+):
+    """Train from ``state.step`` to the end, checkpointing and evaluating on the way.
+
+    Args:
+      state: a ``TrainState`` (fresh or restored).
+      train_step: ``(state, batch) -> (state, metrics)`` with ``loss``, ``aux`` (the
+        number of correct rows) and ``finite`` in the metrics.
+      epoch_batches: the deterministic batch list of an epoch.
+      evaluate: ``params -> {"loss", "accuracy", ...}`` on the validation split.
+      checkpoints: the run's checkpoint managers.
+      log: the metrics log.
+      config: the loop settings.
+      meta: JSON-able run description saved with every checkpoint.
+      tokens_in: number of real tokens in a batch, for tokens/s.
+      best_metric: the validation metric (higher is better) that picks the best checkpoint.
+
+    Returns:
+      ``(state, summary)`` with ``train_seconds``, ``tokens_per_second`` and the last validation metrics.
+
+    Raises:
+      NonFiniteError: more than ``config.skip_nonfinite`` steps were not finite.
+    """
+    steps_per_epoch = len(epoch_batches(0))
+    total_steps = config.epochs * steps_per_epoch
+    stop_step = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
+    step = int(state.step)
+    best_meta = checkpoints.best_meta()
+    best = best_meta["val"][best_metric] if best_meta else -math.inf
+    tokens, seconds, val = 0, 0.0, None
+    compiled_shapes = set()  # the first step of each batch shape compiles; keep it out of tokens/s
+    window = {"loss": 0.0, "correct": 0.0, "rows": 0.0}
+    bar = tqdm(total=stop_step, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
+    while step < stop_step:
+        epoch, first = divmod(step, steps_per_epoch)
+        batches = epoch_batches(epoch)
+        for batch in batches[first:]:
+            started = time.perf_counter()
+            state, metrics = train_step(state, batch)
+            loss, finite = float(metrics["loss"]), bool(metrics["finite"])
+            shape = jax.tree.map(np.shape, batch)
+            if shape in compiled_shapes:
+                seconds += time.perf_counter() - started
+                tokens += tokens_in(batch)
+            compiled_shapes.add(shape)
+            step += 1
+            bar.update(1)
+            if not finite:
+                bad = int(state.nonfinite_steps)
+                if bad > config.skip_nonfinite:
+                    bar.close()
+                    latest = checkpoints.latest.latest_step()
+                    raise NonFiniteError(
+                        f"non-finite loss or gradient at step {step} ({bad} so far, --skip-nonfinite {config.skip_nonfinite}); "
+                        f"the last good checkpoint (step {latest}) is kept; lower the learning rate or raise --skip-nonfinite"
+                    )
+            else:
+                rows = float(np.sum(batch.weights_B))
+                window["loss"] += loss * rows
+                window["correct"] += float(metrics["aux"])
+                window["rows"] += rows
+            if step % config.log_every == 0 or step == stop_step:
+                rows = max(window["rows"], 1.0)
+                record = {"step": step, "epoch": epoch, "split": "train", "loss": window["loss"] / rows,
+                          "accuracy": window["correct"] / rows, "tokens_per_second": tokens / max(seconds, 1e-9)}  # fmt: skip
+                log.write(record)
+                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                window = dict.fromkeys(window, 0.0)
+            end_of_epoch = step % steps_per_epoch == 0
+            if end_of_epoch or step == stop_step:
+                val = evaluate(state.params)
+                log.write({"step": step, "epoch": epoch, "split": "validation", **val})
+                bar.write(f"step {step} epoch {epoch}: validation {best_metric} {val[best_metric]:.4f}, loss {val['loss']:.4f}")
+                if val[best_metric] > best:
+                    best = val[best_metric]
+                    checkpoints.save_best(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
+            if end_of_epoch or step == stop_step or step % config.save_every == 0:
+                checkpoints.save(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
+            if step == stop_step:
+                break
+    bar.close()
+    checkpoints.wait()
+    summary = {"train_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9), "last_val": val,
+               "steps": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
+    return state, summary
+
+
+def save_curves(records: list[dict], path: Path, title: str = "") -> None:
+    """Loss and accuracy against step, train and validation, as one PNG."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(10, 4))
+    for split, style in (("train", "-"), ("validation", "o-")):
+        rows = [r for r in records if r["split"] == split]
+        for ax, key in zip(axes, ("loss", "accuracy")):
+            ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=split)
+            ax.set_xlabel("step")
+            ax.set_ylabel(key)
+            ax.grid(alpha=0.3)
+    axes[0].legend()
+    fig.suptitle(title)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+

@@ -1,0 +1,118 @@
+"""A sequence classifier: embedding, a recurrent stack, pooling and an MLP head.
+
+``init_classifier(key, config, vocab_size, num_classes)`` returns a plain dict of
+arrays and ``classifier_logits(params, config, tokens_BT, lengths_B, ...)`` is a pure
+function of it. :class:`ModelConfig` is frozen and hashable, so it can be a static
+argument of ``jax.jit``.
+"""
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from lstm_jax import regularisers
+from lstm_jax.cells import Carry, get_cell
+from lstm_jax.data import UNK_ID
+from lstm_jax.recurrence import init_rnn, is_bidirectional, rnn
+
+POOLINGS = ("last", "mean", "max", "attention")
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Architecture and regularisation of the classifier (every field is a CLI flag in experiments)."""
+
+    cell: str = dataclasses.field(default="lstm", metadata={"help": "recurrent cell: lstm, peephole, cifg, layer_norm, lstmp, gru, rnn"})
+    embed_dim: int = dataclasses.field(default=300, metadata={"help": "embedding width"})
+    hidden_size: int = dataclasses.field(default=256, metadata={"help": "units per direction per layer"})
+    num_layers: int = dataclasses.field(default=1, metadata={"help": "stacked recurrent layers"})
+    bidirectional: bool = dataclasses.field(default=True, metadata={"help": "run each layer both ways"})
+    residual: bool = dataclasses.field(default=False, metadata={"help": "residual connections from layer 2 on"})
+    pooling: str = dataclasses.field(default="max", metadata={"help": "last, mean, max or attention over time"})
+    head_hidden: int = dataclasses.field(default=256, metadata={"help": "hidden units of the MLP head (0: linear head)"})
+    embed_dropout: float = dataclasses.field(default=0.1, metadata={"help": "drop whole word types from the embedding table"})
+    word_dropout: float = dataclasses.field(default=0.0, metadata={"help": "replace input tokens by [UNK]"})
+    input_dropout: float = dataclasses.field(default=0.3, metadata={"help": "variational dropout on the embedded inputs"})
+    layer_dropout: float = dataclasses.field(default=0.3, metadata={"help": "dropout between recurrent layers"})
+    recurrent_dropout: float = dataclasses.field(default=0.0, metadata={"help": "Gal & Ghahramani dropout on h"})
+    zoneout: float = dataclasses.field(default=0.0, metadata={"help": "zoneout rate on the carry"})
+    weight_drop: float = dataclasses.field(default=0.0, metadata={"help": "DropConnect on recurrent kernels"})
+    output_dropout: float = dataclasses.field(default=0.3, metadata={"help": "dropout before the head"})
+    unroll: int = dataclasses.field(default=1, metadata={"help": "lax.scan unroll factor"})
+
+    def __post_init__(self):
+        get_cell(self.cell)
+        if self.pooling not in POOLINGS:
+            raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+
+
+def _dense_init(key, fan_in, fan_out):
+    return {"w": jax.nn.initializers.lecun_normal()(key, (fan_in, fan_out)), "b": jnp.zeros((fan_out,))}
+
+
+def init_classifier(key, config: ModelConfig, vocab_size: int, num_classes: int) -> dict:
+    """Parameters: ``embed`` (V x E), ``rnn`` (a list of layers), optional ``attention``, ``head``."""
+    k_embed, k_rnn, k_attn, k_hidden, k_out = jax.random.split(key, 5)
+    layers = init_rnn(
+        k_rnn, get_cell(config.cell), config.embed_dim, config.hidden_size,
+        num_layers=config.num_layers, bidirectional=config.bidirectional,
+    )  # fmt: skip
+    width = rnn_width(layers)
+    params = {"embed": jax.random.normal(k_embed, (vocab_size, config.embed_dim)) * 0.1, "rnn": layers}
+    if config.pooling == "attention":
+        params["attention"] = {**_dense_init(k_attn, width, width), "v": jnp.zeros((width,))}
+    if config.head_hidden:
+        params["head"] = {"hidden": _dense_init(k_hidden, width, config.head_hidden), "out": _dense_init(k_out, config.head_hidden, num_classes)}
+    else:
+        params["head"] = {"out": _dense_init(k_out, width, num_classes)}
+    return params
+
+
+def rnn_width(layers) -> int:
+    """Output width of a recurrent stack (both directions)."""
+    last = layers[-1]
+    return sum(p["w_h"].shape[0] for p in (last.values() if is_bidirectional(last) else [last]))
+
+
+def pool(y_BTH: jax.Array, lengths_B: jax.Array, last_carry, pooling: str, attention=None) -> jax.Array:
+    """Summarise a padded sequence of outputs into one vector per example.
+
+    ``last`` uses the final carry of the top layer (for a bidirectional layer, the
+    forward state at the true end and the backward state at the first step). Rows of
+    length 0 (batch padding) pool to zeros.
+    """
+    valid_BT = jnp.arange(y_BTH.shape[1]) < lengths_B[:, None]
+    lowest = jnp.finfo(y_BTH.dtype).min
+    if pooling == "last":
+        carries = (last_carry,) if isinstance(last_carry, Carry) else last_carry
+        pooled_BH = jnp.concatenate([c.h for c in carries], axis=-1)
+    elif pooling == "mean":
+        pooled_BH = y_BTH.sum(1) / jnp.maximum(lengths_B, 1)[:, None].astype(y_BTH.dtype)
+    elif pooling == "max":
+        pooled_BH = jnp.where(valid_BT[..., None], y_BTH, lowest).max(1)
+    else:
+        scores_BT = jnp.tanh(y_BTH @ attention["w"] + attention["b"]) @ attention["v"]
+        weights_BT = jax.nn.softmax(jnp.where(valid_BT, scores_BT, lowest), axis=1)
+        pooled_BH = jnp.einsum("bt,bth->bh", weights_BT, y_BTH)
+    return jnp.where(lengths_B[:, None] > 0, pooled_BH, jnp.zeros((), pooled_BH.dtype))
+
+
+def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False):
+    """Class logits ``(B, C)`` for padded token ids ``tokens_BT`` with true ``lengths_B`` (>= 1)."""
+    keys = jax.random.split(key, 6) if key is not None else [None] * 6
+    tokens_BT = regularisers.word_dropout(keys[0], tokens_BT, config.word_dropout, unk_id=UNK_ID, train=train)
+    table_VE = regularisers.embedding_dropout(keys[1], params["embed"], config.embed_dropout, train=train)
+    x_BTE = regularisers.locked_dropout(keys[2], table_VE[tokens_BT], config.input_dropout, train=train)
+    y_BTH, carries = rnn(
+        get_cell(config.cell), params["rnn"], x_BTE, lengths_B, key=keys[3], train=train,
+        residual=config.residual, unroll=config.unroll, dropout=config.layer_dropout,
+        recurrent_dropout=config.recurrent_dropout, zoneout=config.zoneout, weight_drop=config.weight_drop,
+    )  # fmt: skip
+    features_BH = pool(y_BTH, lengths_B, carries[-1], config.pooling, params.get("attention"))
+    features_BH = regularisers.dropout(keys[4], features_BH, config.output_dropout, train=train)
+    head = params["head"]
+    if "hidden" in head:
+        features_BH = jax.nn.relu(features_BH @ head["hidden"]["w"] + head["hidden"]["b"])
+        features_BH = regularisers.dropout(keys[5], features_BH, config.output_dropout, train=train)
+    return features_BH @ head["out"]["w"] + head["out"]["b"]

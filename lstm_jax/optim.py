@@ -1,0 +1,68 @@
+"""The Optax chain: global-norm clipping, then AdamW with masked decay and a schedule.
+
+Weight decay is decoupled (Loshchilov & Hutter 2019, "Decoupled weight decay
+regularization") and applies only to kernels: biases, layer-norm parameters,
+peephole weights and (unless asked) the embedding table are not decayed.
+"""
+
+import dataclasses
+
+import jax
+import optax
+
+SCHEDULES = ("cosine", "linear", "exponential", "constant")
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimConfig:
+    """Optimiser settings (every field is a CLI flag in experiments)."""
+
+    learning_rate: float = dataclasses.field(default=2e-3, metadata={"help": "peak learning rate"})
+    schedule: str = dataclasses.field(default="cosine", metadata={"help": "decay after warm-up: cosine, linear, exponential, constant"})
+    warmup_steps: int = dataclasses.field(default=200, metadata={"help": "linear warm-up steps from 0"})
+    final_lr_factor: float = dataclasses.field(default=0.05, metadata={"help": "final learning rate as a fraction of the peak"})
+    weight_decay: float = dataclasses.field(default=1e-4, metadata={"help": "decoupled weight decay on kernels"})
+    decay_embeddings: bool = dataclasses.field(default=False, metadata={"help": "also decay the embedding table"})
+    clip_norm: float = dataclasses.field(default=5.0, metadata={"help": "clip gradients to this global norm (0: off)"})
+    b1: float = dataclasses.field(default=0.9, metadata={"help": "Adam beta1"})
+    b2: float = dataclasses.field(default=0.999, metadata={"help": "Adam beta2"})
+
+    def __post_init__(self):
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+
+
+def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
+    """Linear warm-up to ``learning_rate``, then the chosen decay to ``final_lr_factor`` of it."""
+    peak, final = config.learning_rate, config.learning_rate * config.final_lr_factor
+    warmup = min(config.warmup_steps, max(total_steps - 1, 0))
+    decay_steps = max(total_steps - warmup, 1)
+    decay = {
+        "cosine": optax.cosine_decay_schedule(peak, decay_steps, alpha=config.final_lr_factor),
+        "linear": optax.linear_schedule(peak, final, decay_steps),
+        "exponential": optax.exponential_decay(peak, decay_steps, config.final_lr_factor, end_value=final),
+        "constant": optax.constant_schedule(peak),
+    }[config.schedule]
+    return optax.join_schedules([optax.linear_schedule(0.0, peak, warmup), decay], [warmup])
+
+
+def decay_mask(params, *, decay_embeddings: bool = False):
+    """True for the leaves that get weight decay: matrices named ``w*``, not peepholes or norms."""
+
+    def decayed(path, leaf):
+        names = [getattr(entry, "key", getattr(entry, "name", None)) for entry in path]
+        if "embed" in names:
+            return decay_embeddings
+        return leaf.ndim >= 2 and str(names[-1]).startswith("w") and names[-1] != "w_peep"
+
+    return jax.tree_util.tree_map_with_path(decayed, params)
+
+
+def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
+    """``clip_by_global_norm`` then AdamW with :func:`decay_mask` and :func:`make_schedule`."""
+    clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm > 0 else optax.identity()
+    adamw = optax.adamw(
+        make_schedule(config, total_steps), b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
+        mask=lambda params: decay_mask(params, decay_embeddings=config.decay_embeddings),
+    )  # fmt: skip
+    return optax.chain(clip, adamw)

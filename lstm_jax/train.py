@@ -1,0 +1,105 @@
+"""The training state and jitted train / eval steps for classifiers.
+
+Randomness comes from ``fold_in(rng, step)``, so a run's keys depend only on its
+seed and step: a resumed run draws the same dropout masks as an uninterrupted one.
+A step whose loss or gradient is not finite is never applied; it is counted in
+``state.nonfinite_steps`` and the loop decides whether to stop.
+"""
+
+import hashlib
+from collections.abc import Callable
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from lstm_jax.model import ModelConfig, classifier_logits
+
+
+@struct.dataclass
+class TrainState:
+    step: jax.Array
+    params: Any
+    opt_state: Any
+    rng: jax.Array  # raw uint32 key data, so Orbax saves it as a plain array
+    nonfinite_steps: jax.Array
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+    return TrainState(
+        step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
+        rng=jax.random.key_data(jax.random.key(seed)), nonfinite_steps=jnp.zeros((), jnp.int32),
+    )  # fmt: skip
+
+
+def weighted_cross_entropy(logits_BC, labels_B, weights_B):
+    """Mean cross-entropy over rows with weight 1 (padding rows have weight 0)."""
+    losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B)
+    return jnp.sum(jnp.where(weights_B > 0, losses_B * weights_B, 0.0)) / jnp.maximum(jnp.sum(weights_B), 1.0)
+
+
+def classifier_loss(params, config: ModelConfig, batch, key):
+    logits_BC = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True)
+    loss = weighted_cross_entropy(logits_BC, batch.labels_B, batch.weights_B)
+    correct = jnp.sum((logits_BC.argmax(-1) == batch.labels_B) * batch.weights_B)
+    return loss, correct
+
+
+def all_finite(tree) -> jax.Array:
+    return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
+
+
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
+    """A jitted ``(state, batch) -> (state, metrics)`` for ``loss_fn(params, batch, key) -> (loss, aux)``.
+
+    The input state's buffers are donated.
+    """
+
+    def train_step(state: TrainState, batch):
+        key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
+        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        finite = jnp.isfinite(loss) & all_finite(grads)
+        updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
+        keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
+        state = state.replace(
+            step=state.step + 1,
+            params=keep_if_finite(params, state.params),
+            opt_state=keep_if_finite(opt_state, state.opt_state),
+            nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
+        )
+        return state, {"loss": loss, "aux": aux, "finite": finite, "grad_norm": optax.global_norm(grads)}
+
+    return jax.jit(train_step, donate_argnums=0)
+
+
+def make_eval_step(config: ModelConfig):
+    """A jitted ``(params, batch) -> (loss_sum, correct, count)`` in evaluation mode."""
+
+    def eval_step(params, batch):
+        logits_BC = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B)
+        loss_sum = weighted_cross_entropy(logits_BC, batch.labels_B, batch.weights_B) * jnp.sum(batch.weights_B)
+        correct = jnp.sum((logits_BC.argmax(-1) == batch.labels_B) * batch.weights_B)
+        return loss_sum, correct, jnp.sum(batch.weights_B)
+
+    return jax.jit(eval_step)
+
+
+def evaluate(eval_step, params, batches) -> dict:
+    """Loss and accuracy over a list of batches (padding rows excluded)."""
+    totals = np.zeros(3)
+    for batch in batches:
+        totals += np.array([float(v) for v in eval_step(params, batch)])
+    loss_sum, correct, count = totals
+    return {"loss": loss_sum / max(count, 1), "accuracy": correct / max(count, 1), "count": int(count)}
+
+
+def params_sha256(params) -> str:
+    """SHA-256 of the parameters' bytes, leaves in ``jax.tree`` order (sorted dict keys)."""
+    digest = hashlib.sha256()
+    for leaf in jax.tree.leaves(params):
+        digest.update(np.ascontiguousarray(np.asarray(leaf)).tobytes())
+    return digest.hexdigest()

@@ -1,0 +1,315 @@
+"""Tests for lstm_jax.data, against the real datasets in ../shared/data."""
+
+import os
+
+os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported: Hub lookups fail fast
+os.environ["HF_HUB_OFFLINE"] = "1"
+
+import collections
+from pathlib import Path
+
+import datasets
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from lstm_jax import data
+
+DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    # Another test module may have imported `datasets` before the variables above were set.
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)
+
+
+@pytest.fixture(scope="module")
+def sst2():
+    return data.load_text_splits(str(DATA / "sst2"))
+
+
+@pytest.fixture(scope="module")
+def imdb():
+    return data.load_text_splits(str(DATA / "imdb"))
+
+
+def write_split(folder: Path, split: str, columns: dict, schema: pa.Schema | None = None) -> Path:
+    """Writes one parquet split file (raw pyarrow, so invalid data can be written too)."""
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns, schema=schema), folder / f"{split}.parquet")
+    return folder
+
+
+def tiny_folder(tmp_path: Path, **splits) -> str:
+    """A folder with `split=(texts, labels)` parquet files in columns text / label."""
+    for split, (texts, labels) in splits.items():
+        write_split(tmp_path, split, {"text": texts, "label": pa.array(labels, pa.int64())})
+    return str(tmp_path)
+
+
+TRAIN = (["good", "bad", "fine", "awful", "great", "poor"] * 2, [1, 0, 1, 0, 1, 0] * 2)
+
+
+# --------------------------------------------------------------------------- loading
+
+
+def test_sst2_splits_schema_and_classes(sst2):
+    assert (len(sst2.train), len(sst2.validation), len(sst2.test)) == (67_349, 872, 1_821)
+    assert sst2.num_classes == 2
+    assert sst2.label_names == ("negative", "positive")
+    assert sst2.notes == ()
+    for split in (sst2.train, sst2.validation, sst2.test):
+        assert split.column_names == ["text", "label"]
+        assert split.features["text"].dtype == "string"
+        assert split.features["label"].dtype == "int64"
+    assert sst2.train[0]["text"].startswith("hide new secretions")
+    assert np.bincount(data.labels_of(sst2.validation)).tolist() == [428, 444]
+
+
+def test_imdb_carves_validation_without_overlap(imdb):
+    assert len(imdb.validation) == 2_500
+    assert len(imdb.train) + len(imdb.validation) == 25_000
+    assert len(imdb.test) == 25_000
+    assert any("carved 10% (2500 rows)" in note and "seed 0" in note for note in imdb.notes)
+    raw = datasets.load_dataset(str(DATA / "imdb"))["train"]
+    original = collections.Counter(raw["text"][:])
+    # Duplicate reviews exist, so compare multisets: the carve is an exact partition.
+    assert collections.Counter(data.texts_of(imdb.train)) + collections.Counter(
+        data.texts_of(imdb.validation)) == original
+    labels_val = data.labels_of(imdb.validation)
+    assert 1_100 < labels_val.sum() < 1_400  # a random carve, not the first (all-negative) rows
+
+
+def test_imdb_carve_depends_on_seed_only(imdb):
+    again = data.load_text_splits(str(DATA / "imdb"), seed=0)
+    other = data.load_text_splits(str(DATA / "imdb"), seed=1)
+    assert data.texts_of(again.validation) == data.texts_of(imdb.validation)
+    assert data.texts_of(other.validation) != data.texts_of(imdb.validation)
+    assert len(other.validation) == 2_500
+
+
+def test_folder_without_train_split_is_an_error():
+    with pytest.raises(data.DataError, match="no train split"):
+        data.load_text_splits(str(DATA / "ag_news"))
+
+
+def test_column_override_and_missing_columns(tmp_path):
+    folder = write_split(tmp_path, "train", {"body": TRAIN[0], "stars": TRAIN[1]})
+    splits = data.load_text_splits(str(folder), text_column="body", label_column="stars")
+    assert splits.train.column_names == ["text", "label"]
+    assert len(splits.train) + len(splits.validation) == 12
+    with pytest.raises(data.DataError, match=r"columns: \['body', 'stars'\].*--text-column"):
+        data.load_text_splits(str(folder))
+    with pytest.raises(data.DataError, match="--label-column"):
+        data.load_text_splits(str(folder), text_column="body")
+    with pytest.raises(data.DataError, match="no column 'title'.*'body', 'stars'"):
+        data.load_text_splits(str(folder), text_column="title", label_column="stars")
+
+
+def test_hub_id_offline_is_one_line_pointing_to_a_local_folder():
+    for name, hub_id in (("stanfordnlp/sst2", "stanfordnlp/sst2"), ("imdb", "stanfordnlp/imdb")):
+        with pytest.raises(data.DataError) as info:
+            data.load_text_splits(name)
+        message = str(info.value)
+        assert f"could not load '{hub_id}' from the Hugging Face Hub" in message
+        assert "local folder" in message and "\n" not in message
+
+
+def test_missing_local_folder(tmp_path):
+    for path in (str(tmp_path / "nope"), "./no/such/folder"):
+        with pytest.raises(data.DataError, match="does not exist"):
+            data.load_text_splits(path)
+
+
+def test_labels_out_of_range_negative_or_strings(tmp_path):
+    folder = tiny_folder(tmp_path / "big", train=TRAIN, validation=(["x", "y", "z"], [0, 2, 2]))
+    with pytest.raises(data.DataError, match="'validation' has 2 labels >= num_classes=2"):
+        data.load_text_splits(folder)
+    folder = tiny_folder(tmp_path / "neg", train=(TRAIN[0], [0, -2, 1, -3, 1, 0] * 2))
+    with pytest.raises(data.DataError, match="'train' has 4 negative labels"):
+        data.load_text_splits(folder)
+    folder = write_split(tmp_path / "str", "train", {"text": TRAIN[0], "label": ["pos", "neg"] * 6})
+    with pytest.raises(data.DataError, match="type string"):
+        data.load_text_splits(str(folder))
+
+
+def test_class_label_bounds_the_labels(tmp_path):
+    features = datasets.Features({"text": datasets.Value("string"),
+                                  "label": datasets.ClassLabel(names=["no", "yes"])})
+    schema = datasets.Dataset.from_dict({"text": ["a"], "label": [0]}, features=features).data.table.schema
+    folder = write_split(tmp_path / "ok", "train", {"text": TRAIN[0], "label": TRAIN[1]}, schema)
+    assert data.load_text_splits(str(folder)).label_names == ("no", "yes")
+    folder = write_split(tmp_path / "bad", "train",
+                         {"text": TRAIN[0], "label": [0, 1, 2, 0, 1, 0] * 2}, schema)
+    with pytest.raises(data.DataError, match="'train' has 2 labels >= num_classes=2"):
+        data.load_text_splits(str(folder))
+
+
+def test_unlabelled_test_split_is_dropped_and_partial_minus_one_rows_removed(tmp_path):
+    folder = tiny_folder(tmp_path, train=TRAIN, validation=(["a", "b", "c"], [0, -1, 1]),
+                         test=(["p", "q"], [-1, -1]))
+    splits = data.load_text_splits(folder)
+    assert splits.test is None
+    assert any("test: all 2 labels are -1" in note for note in splits.notes)
+    assert data.texts_of(splits.validation) == ["a", "c"]
+    assert any("validation: removed 1 unlabelled" in note for note in splits.notes)
+    assert len(splits.train) == 12
+
+
+def test_missing_text_is_empty_and_counted_and_non_string_text_is_an_error(tmp_path):
+    folder = tiny_folder(tmp_path / "none", train=(["a", None] * 6, TRAIN[1]))
+    splits = data.load_text_splits(folder, val_fraction=0.5)
+    assert any("train: 6 missing texts read as empty" in note for note in splits.notes)
+    assert sorted(data.texts_of(splits.train) + data.texts_of(splits.validation)) == [""] * 6 + ["a"] * 6
+    folder = write_split(tmp_path / "int", "train", {"text": list(range(12)), "label": TRAIN[1]})
+    with pytest.raises(data.DataError, match="not string"):
+        data.load_text_splits(str(folder))
+    with pytest.raises(data.DataError, match="val_fraction"):
+        data.load_text_splits(str(DATA / "sst2"), val_fraction=1.0)
+
+
+# ------------------------------------------------------------------------- tokeniser
+
+
+def test_tokenizer_normalises_and_maps_unknown_words(tmp_path):
+    tok = data.train_tokenizer(["The film was GREAT.<br />Really<br/>great!", "the plot, the end"])
+    assert tok.token_to_id("[PAD]") == data.PAD_ID and tok.token_to_id("[UNK]") == data.UNK_ID
+    assert tok.encode("GREAT great").ids == [tok.token_to_id("great")] * 2
+    assert tok.encode("The<BR />end<br>plot").tokens == ["the", "end", "plot"]
+    assert "<" not in tok.get_vocab() and "br" not in tok.get_vocab()
+    assert tok.encode("the zebra").ids == [tok.token_to_id("the"), data.UNK_ID]
+    path = tmp_path / "tokenizer.json"
+    data.save_tokenizer(tok, path)
+    texts = ["Great plot!", "unknown words here", ""]
+    assert [e.ids for e in data.load_tokenizer(path).encode_batch(texts)] == [
+        e.ids for e in tok.encode_batch(texts)]
+    with pytest.raises(data.DataError, match="missing.json"):
+        data.load_tokenizer(tmp_path / "missing.json")
+
+
+def test_tokenizer_vocab_cap_and_bad_input():
+    texts = [" ".join(f"w{i}" for i in range(k)) for k in range(1, 50)]
+    tok = data.train_tokenizer(texts, vocab_size=10)
+    assert tok.get_vocab_size() == 10
+    assert tok.token_to_id("w0") is not None  # the most frequent words are kept
+    assert data.train_tokenizer(["a a b"], min_freq=2).get_vocab_size() == 3
+    with pytest.raises(data.DataError, match="vocab_size"):
+        data.train_tokenizer(texts, vocab_size=2)
+    with pytest.raises(data.DataError, match="must be strings"):
+        data.train_tokenizer(["ok", 3])
+
+
+# -------------------------------------------------------------------------- encoding
+
+
+def test_encode_counts_truncation_and_empty_texts():
+    tok = data.train_tokenizer(["a b c d e"])
+    texts = ["", "a", "a b c d e", "a b c d e a", " ".join(["b"] * 12), "<br />", "zzz"]
+    enc = data.encode(tok, texts, max_len=5)
+    assert len(enc) == 7
+    assert enc.lengths_N.tolist() == [1, 1, 5, 5, 5, 1, 1]
+    assert enc.num_truncated == 2 and enc.num_empty == 2
+    assert enc.row(0).tolist() == [data.UNK_ID] and enc.row(6).tolist() == [data.UNK_ID]
+    assert enc.row(3).tolist() == [tok.token_to_id(w) for w in "abcde"]
+    assert enc.ids_flat.dtype == np.int32
+    with pytest.raises(data.DataError, match="max_len"):
+        data.encode(tok, texts, max_len=0)
+
+
+# ------------------------------------------------------------------ bucketing, batching
+
+
+def test_bucket_lengths_are_few_ascending_multiples_of_8():
+    lengths = np.random.default_rng(0).integers(1, 700, size=5_000)
+    for max_len in (256, 100, 1_000):
+        buckets = data.bucket_lengths(lengths, max_len=max_len)
+        assert 1 <= len(buckets) <= 8
+        assert list(buckets) == sorted(set(buckets))
+        assert all(b % 8 == 0 or b == max_len for b in buckets)
+        assert max(buckets) <= max_len and max(buckets) >= min(lengths.max(), max_len)
+    assert data.bucket_lengths(lengths, max_len=100)[-1] == 100
+    assert data.bucket_lengths([3, 3, 3], max_len=50) == (8,)
+    assert len(data.bucket_lengths(lengths, max_len=1_000, num_buckets=3)) == 3
+
+
+def synthetic(lengths_N):
+    """Encoded rows whose every token is `row index + 2`, so batches reveal their rows."""
+    lengths_N = np.asarray(lengths_N)
+    ids_flat = np.repeat(np.arange(len(lengths_N), dtype=np.int32) + 2, lengths_N)
+    offsets = np.concatenate([[0], np.cumsum(lengths_N)])
+    return data.Encoded(ids_flat, offsets, num_truncated=0, num_empty=0)
+
+
+def rows_of(batch):
+    """Row indices of the real rows of a batch, after checking tokens and padding."""
+    real = batch.weights_B == 1
+    assert set(np.unique(batch.weights_B)) <= {0.0, 1.0}
+    assert np.all(batch.lengths_B[~real] == 0) and np.all(batch.tokens_BT[~real] == data.PAD_ID)
+    inside = np.arange(batch.tokens_BT.shape[1]) < batch.lengths_B[:, None]
+    assert np.all(batch.tokens_BT[~inside] == data.PAD_ID)
+    rows = batch.tokens_BT[real, 0] - 2
+    assert np.all(batch.tokens_BT[inside] == np.repeat(batch.tokens_BT[:, 0], batch.lengths_B))
+    return rows
+
+
+def test_epoch_batches_cover_every_example_once_with_static_shapes():
+    lengths = np.minimum(np.random.default_rng(1).integers(1, 90, size=1_003), 64)  # as encode cuts
+    labels = np.arange(1_003) % 3
+    encoded, buckets = synthetic(lengths), data.bucket_lengths(lengths, max_len=64)
+    batches = data.epoch_batches(encoded, labels, batch_size=32, buckets=buckets, seed=0, epoch=0)
+    rows = np.concatenate([rows_of(b) for b in batches])
+    assert sorted(rows.tolist()) == list(range(1_003))
+    assert len({b.tokens_BT.shape for b in batches}) <= len(buckets)
+    assert all(b.tokens_BT.shape[0] == 32 and b.tokens_BT.dtype == np.int32 for b in batches)
+    for b in batches:
+        real_rows = rows_of(b)
+        assert np.array_equal(b.labels_B[b.weights_B == 1], labels[real_rows])
+        assert np.array_equal(b.lengths_B[b.weights_B == 1], lengths[real_rows])
+        assert b.tokens_BT.shape[1] == buckets[np.searchsorted(buckets, b.lengths_B.max())]
+
+
+def test_epoch_batches_are_deterministic_per_seed_and_epoch():
+    lengths = np.random.default_rng(2).integers(1, 60, size=500)
+    encoded, labels = synthetic(lengths), np.zeros(500, int)
+    buckets = data.bucket_lengths(lengths, max_len=64)
+
+    def order(seed, epoch, shuffle=True):
+        batches = data.epoch_batches(encoded, labels, batch_size=16, buckets=buckets,
+                                     seed=seed, epoch=epoch, shuffle=shuffle)
+        return [rows_of(b).tolist() for b in batches]
+
+    assert order(0, 3) == order(0, 3)
+    assert order(0, 3) != order(0, 4)
+    assert order(0, 3) != order(1, 3)
+    stable = order(0, 0, shuffle=False)
+    assert stable == order(5, 9, shuffle=False)
+    assert all(rows == sorted(rows) for rows in stable)
+
+
+def test_epoch_batches_batch_size_larger_than_dataset_and_bad_input():
+    lengths = np.array([3, 9, 17, 2, 30])
+    encoded, buckets = synthetic(lengths), (8, 16, 32)
+    batches = data.epoch_batches(encoded, np.ones(5), batch_size=64, buckets=buckets, seed=0, epoch=0)
+    assert len(batches) == 3 and sum(b.weights_B.sum() for b in batches) == 5
+    assert {b.tokens_BT.shape for b in batches} == {(64, 8), (64, 16), (64, 32)}
+    with pytest.raises(data.DataError, match="exceeds the largest bucket"):
+        data.epoch_batches(encoded, np.ones(5), batch_size=4, buckets=(8, 16), seed=0, epoch=0)
+    with pytest.raises(data.DataError, match="one label per text"):
+        data.epoch_batches(encoded, np.ones(4), batch_size=4, buckets=buckets, seed=0, epoch=0)
+    with pytest.raises(data.DataError, match="batch_size"):
+        data.epoch_batches(encoded, np.ones(5), batch_size=0, buckets=buckets, seed=0, epoch=0)
+
+
+def test_sst2_end_to_end_epoch(sst2):
+    tok = data.train_tokenizer(data.texts_of(sst2.train), vocab_size=5_000)
+    encoded = data.encode(tok, data.texts_of(sst2.train), max_len=64)
+    assert len(encoded) == 67_349 and encoded.num_truncated == 0 and encoded.num_empty == 0
+    buckets = data.bucket_lengths(encoded.lengths_N, max_len=64)
+    labels = data.labels_of(sst2.train)
+    batches = data.epoch_batches(encoded, labels, batch_size=64, buckets=buckets, seed=0, epoch=0)
+    assert sum(b.weights_B.sum() for b in batches) == 67_349
+    assert sum(b.labels_B[b.weights_B == 1].sum() for b in batches) == labels.sum() == 37_569
+    assert len({b.tokens_BT.shape for b in batches}) <= len(buckets) <= 8
+    assert len(batches) <= 67_349 // 64 + len(buckets)
