@@ -155,8 +155,10 @@ def rnn(
             drop_key = layer_keys[0][3]
             inputs_TE = regularisers.dropout(drop_key, x_TE, dropout, train=train, shared_axes=(0,) if variational else ())
         directions = (layer["fwd"], layer["bwd"]) if is_bidirectional(layer) else (layer,)
-        starts = initial_carries[index] if initial_carries is not None else (None,) * len(directions)
-        starts = starts if is_bidirectional(layer) else (starts,)
+        if initial_carries is None:
+            starts = (None, None)
+        else:
+            starts = initial_carries[index] if is_bidirectional(layer) else (initial_carries[index],)
         outputs, carries = [], []
         for backwards, params, start, (k_weights, k_mask, k_zone, _) in zip((reverse, True), directions, starts, layer_keys):
             params = regularisers.weight_drop(k_weights, params, weight_drop, train=train)

@@ -71,7 +71,7 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
             opt_state=keep_if_finite(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         )
-        return state, {"loss": loss, "aux": aux, "finite": finite, "grad_norm": optax.global_norm(grads)}
+        return state, {"loss": loss, "aux": aux, "finite": finite, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(train_step, donate_argnums=0)
 

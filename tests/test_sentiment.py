@@ -1,0 +1,120 @@
+"""End-to-end tests of ``python -m experiments.sentiment`` on a slice of the real SST-2."""
+
+import json
+import os
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from experiments import sentiment  # noqa: E402
+
+SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+SMALL_MODEL = ["--embed-dim", "32", "--hidden-size", "32", "--head-hidden", "32", "--vocab-size", "4000",
+               "--batch-size", "32", "--warmup-steps", "20", "--no-progress", "--log-every", "10"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def sst2_slice(tmp_path_factory) -> Path:
+    """The first 3,000 training sentences and the full validation set, as a local dataset folder."""
+    folder = tmp_path_factory.mktemp("sst2_slice")
+    pq.write_table(pq.read_table(SST2 / "train.parquet").slice(0, 3000), folder / "train.parquet")
+    pq.write_table(pq.read_table(SST2 / "validation.parquet"), folder / "validation.parquet")
+    pq.write_table(pq.read_table(SST2 / "test.parquet").slice(0, 300), folder / "test.parquet")
+    return folder
+
+
+def run(*args) -> dict:
+    return sentiment.train([str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def trained_run(sst2_slice, tmp_path_factory) -> tuple[Path, dict]:
+    workdir = tmp_path_factory.mktemp("run")
+    results = run("--dataset", sst2_slice, "--workdir", workdir, "--epochs", 3, *SMALL_MODEL)
+    return workdir, results
+
+
+@pytest.mark.slow
+def test_end_to_end_writes_every_output_and_beats_the_majority_class(trained_run):
+    workdir, results = trained_run
+    for name in ("config.json", "tokenizer.json", "metrics.jsonl", "curves.png", "results.json", "run.json"):
+        assert (workdir / name).is_file(), name
+    assert any((workdir / "checkpoints").iterdir()) and any((workdir / "best").iterdir())
+    saved = json.loads((workdir / "results.json").read_text())
+    for key in ("dataset", "val_accuracy", "test_accuracy", "steps", "epochs", "train_seconds", "tokens_per_second",
+                "num_params", "params_sha256", "config"):  # fmt: skip
+        assert key in saved, key
+    majority = 444 / 872  # validation: 428 negative, 444 positive
+    assert saved["val_accuracy"] > majority + 0.05
+    assert saved["test_accuracy"] is not None and 0.0 < saved["test_accuracy"] <= 1.0
+    assert saved["epochs"] == 3 and saved["steps"] % 3 == 0
+    steps_per_epoch = saved["steps"] // 3
+    assert steps_per_epoch >= 3000 // 32
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records if r["split"] == "validation"] == [steps_per_epoch * k for k in (1, 2, 3)]
+
+
+def test_predict_prints_a_label_and_probability(trained_run, capsys):
+    workdir, _ = trained_run
+    texts = ["a gorgeous , witty , seductive movie .", "dull and tedious"]
+    answers = sentiment.predict(["--workdir", str(workdir), *texts])
+    assert len(answers) == 2
+    for label, probability in answers:
+        assert label in ("negative", "positive") and 0.5 <= probability <= 1.0
+    printed = capsys.readouterr().out.splitlines()
+    assert [line.split("\t")[0] for line in printed[-2:]] == [label for label, _ in answers]
+    assert [line.split("\t")[2] for line in printed[-2:]] == texts
+
+
+@pytest.mark.slow
+def test_resume_after_max_steps_matches_an_uninterrupted_run(sst2_slice, tmp_path):
+    args = ["--dataset", sst2_slice, "--epochs", 2, *SMALL_MODEL, "--save-every", 25]
+    whole = run(*args, "--workdir", tmp_path / "whole")
+    first = run(*args, "--workdir", tmp_path / "split", "--max-steps", 37)
+    assert first["steps"] == 37 and first["params_sha256"] != whole["params_sha256"]
+    resumed = run(*args, "--workdir", tmp_path / "split")
+    assert resumed["resumed_from_step"] == 37
+    assert resumed["steps"] == whole["steps"]
+    assert resumed["params_sha256"] == whole["params_sha256"]
+
+
+def test_rerun_with_another_config_names_the_differing_fields(trained_run):
+    workdir, _ = trained_run
+    saved = json.loads((workdir / "config.json").read_text())
+    with pytest.raises(SystemExit, match=r"hidden_size: 32 -> 64.*--restart"):
+        run("--dataset", saved["DataConfig"]["dataset"], "--workdir", workdir, "--epochs", 3, *SMALL_MODEL, "--hidden-size", 64)
+
+
+def test_unreachable_hub_id_says_how_to_pass_a_local_folder(tmp_path):
+    with pytest.raises(SystemExit, match="local folder"):
+        sentiment.main(["--dataset", "nobody/no-such-dataset", "--workdir", str(tmp_path / "w"), "--no-progress"])
+
+
+def test_predict_without_a_run_is_a_clear_error(tmp_path):
+    with pytest.raises(SystemExit, match="no training run"):
+        sentiment.main(["predict", "--workdir", str(tmp_path), "some text"])
+
+
+def test_help_documents_every_config_field(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        sentiment.main(["--help"])
+    assert exit_info.value.code == 0
+    text = capsys.readouterr().out
+    import dataclasses
+
+    for cls in sentiment.CONFIG_CLASSES:
+        for field in dataclasses.fields(cls):
+            assert "--" + field.name.replace("_", "-") in text
+            assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
+
+
+def test_dataset_preset_applies_under_explicit_flags():
+    configs = sentiment.parse_train_args(["--dataset", "../shared/data/imdb", "--epochs", "7"])
+    assert configs["DataConfig"].max_len == sentiment.DATASET_PRESETS["imdb"]["max_len"]
+    assert configs["LoopConfig"].epochs == 7
+    assert sentiment.parse_train_args(["--dataset", "stanfordnlp/imdb"])["DataConfig"].max_len == 400
+    assert sentiment.parse_train_args(["--dataset", "sst2"])["DataConfig"].max_len == sentiment.DataConfig().max_len
