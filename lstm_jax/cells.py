@@ -64,8 +64,8 @@ def _gate_kernels(key, input_size, recurrent_size, hidden_size, num_gates, dtype
     kx, kh = jax.random.split(key)
     w_x = jax.nn.initializers.lecun_normal()(kx, (input_size, num_gates * hidden_size), dtype)
     orthogonal = jax.nn.initializers.orthogonal()
-    blocks = [orthogonal(k, (recurrent_size, hidden_size), dtype) for k in jax.random.split(kh, num_gates)]
-    return {"w_x": w_x, "w_h": jnp.concatenate(blocks, axis=1)}
+    blocks = [orthogonal(k, (recurrent_size, hidden_size), jnp.float32) for k in jax.random.split(kh, num_gates)]
+    return {"w_x": w_x, "w_h": jnp.concatenate(blocks, axis=1).astype(dtype)}  # QR has no low-precision CPU kernel
 
 
 def _gate_bias(hidden_size, num_gates, forget_gate, forget_bias, dtype):
