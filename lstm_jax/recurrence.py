@@ -65,12 +65,15 @@ def scan_layer(
     if carry is None:
         carry = cell.init_carry(params, x_TE.shape[1:-1])
     valid_T = None if lengths is None else valid_mask(lengths, num_steps)
-    zone_keys_T = jax.random.split(key, num_steps) if train and zoneout > 0.0 else None
+    zoning = regularisers.check_key(key, zoneout, train, "zoneout")
+    zone_keys_T = jax.random.split(key, num_steps) if zoning else None
 
     def step(carry, inputs):
         xp, valid, zone_key = inputs
         new_carry, y = cell.recur(params, carry, xp, h_mask)
-        new_carry = regularisers.zoneout(zone_key, carry, new_carry, zoneout, train=train)
+        if zoneout > 0.0:  # the output is the zoned h (Krueger et al. 2017, eq. 4)
+            new_carry = regularisers.zoneout(zone_key, carry, new_carry, zoneout, train=train)
+            y = new_carry.h
         if valid is not None:
             valid = valid[..., None]
             new_carry = jax.tree.map(lambda new, old: jnp.where(valid, new, old), new_carry, carry)

@@ -17,7 +17,8 @@ def _check_rate(rate: float, name: str) -> None:
         raise ValueError(f"{name} rate must be in [0, 1), got {rate}")
 
 
-def _active(key, rate, train, name):
+def check_key(key, rate: float, train: bool, name: str) -> bool:
+    """Validate a rate; True when the regulariser is active (and then a key is required)."""
     _check_rate(rate, name)
     if train and rate > 0.0 and key is None:
         raise ValueError(f"{name} with rate {rate} in training needs a PRNG key: pass key=jax.random.key(seed)")
@@ -37,7 +38,7 @@ def dropout(key, x: jax.Array, rate: float, *, train: bool = True, shared_axes: 
     Returns:
       ``x`` with units zeroed and survivors scaled by ``1 / (1 - rate)``.
     """
-    if not _active(key, rate, train, "dropout"):
+    if not check_key(key, rate, train, "dropout"):
         return x
     mask_shape = [1 if axis % x.ndim in {a % x.ndim for a in shared_axes} else n for axis, n in enumerate(x.shape)]
     keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
@@ -69,7 +70,7 @@ def word_dropout(key, tokens: jax.Array, rate: float, *, unk_id: int, pad_id: in
     Iyyer et al. 2015, "Deep unordered composition rivals syntactic methods"; Bowman
     et al. 2016. No rescaling: this drops inputs, not activations.
     """
-    if not _active(key, rate, train, "word dropout"):
+    if not check_key(key, rate, train, "word dropout"):
         return tokens
     drop = jax.random.bernoulli(key, rate, tokens.shape) & (tokens != pad_id)
     return jnp.where(drop, jnp.asarray(unk_id, tokens.dtype), tokens)
@@ -81,7 +82,7 @@ def recurrent_mask(key, shape: Sequence[int], rate: float, *, train: bool = True
     Gal & Ghahramani 2016: the same units of ``h`` are dropped at every step of a
     sequence. Returns None when inactive, which the cells read as "no mask".
     """
-    if not _active(key, rate, train, "recurrent dropout"):
+    if not check_key(key, rate, train, "recurrent dropout"):
         return None
     return jax.random.bernoulli(key, 1.0 - rate, shape).astype(dtype) / (1.0 - rate)
 
@@ -97,7 +98,7 @@ def zoneout(key, old, new, rate: float, *, train: bool = True):
         return new
     if not train:
         return jax.tree.map(lambda o, n: rate * o + (1.0 - rate) * n, old, new)
-    _active(key, rate, train, "zoneout")
+    check_key(key, rate, train, "zoneout")
     leaves_old, treedef = jax.tree.flatten(old)
     keys = jax.random.split(key, len(leaves_old))
     mixed = [
@@ -112,6 +113,6 @@ def weight_drop(key, params: dict, rate: float, *, train: bool = True, name: str
 
     One mask for the whole sequence, so the scan still runs one recurrent matrix.
     """
-    if not _active(key, rate, train, "weight drop"):
+    if not check_key(key, rate, train, "weight drop"):
         return params
     return {**params, name: dropout(key, params[name], rate)}
