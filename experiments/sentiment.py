@@ -72,7 +72,7 @@ DATASET_PRESETS = {
 }
 
 # Fields a resumed run may change: they do not alter what was trained so far.
-RESUMABLE_FIELDS = {"max_steps", "log_every", "save_every", "keep", "progress", "skip_nonfinite", "restart", "workdir", "eval_batch_size"}
+RESUMABLE_FIELDS = {"max_steps", "eval_every", "log_every", "save_every", "keep", "progress", "skip_nonfinite", "restart", "workdir", "eval_batch_size"}
 
 
 def preset_name(dataset: str) -> str:
@@ -166,7 +166,7 @@ def train(argv: list[str]) -> dict:
     steps_per_epoch = len(epoch_batches(0))
     optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch)
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
-    state = init_train_state(params, optimizer, run_cfg.seed)
+    state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
     if resuming:
         restored = checkpoints.restore(state)
@@ -181,7 +181,7 @@ def train(argv: list[str]) -> dict:
     (workdir / "run.json").write_text(json.dumps(meta, indent=2))
     val_split = eval_batches("validation")
     eval_step = make_eval_step(model_cfg)
-    train_step = make_train_step(lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer)
+    train_step = make_train_step(lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer, ema_decay=optim_cfg.ema_decay)
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
     state, summary = train_loop(
         state, train_step, epoch_batches, lambda p: evaluate(eval_step, p, val_split), checkpoints, log, loop_cfg,
@@ -189,8 +189,8 @@ def train(argv: list[str]) -> dict:
     )  # fmt: skip
     best = checkpoints.restore(state, which="best")
     best_state = best.state if best else state
-    val = evaluate(eval_step, best_state.params, val_split)
-    test = evaluate(eval_step, best_state.params, eval_batches("test")) if "test" in encoded else None
+    val = evaluate(eval_step, best_state.eval_params, val_split)
+    test = evaluate(eval_step, best_state.eval_params, eval_batches("test")) if "test" in encoded else None
     checkpoints.close()
     save_curves(log.read(), workdir / "curves.png", title=f"{data_cfg.dataset}: {model_cfg.cell}")
     results = {
@@ -221,7 +221,8 @@ def predict(argv: list[str]) -> list[tuple[str, float]]:
     meta = json.loads((workdir / "run.json").read_text())
     tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
     params = init_classifier(jax.random.key(0), model_cfg, meta["vocab_size"], meta["num_classes"])
-    abstract_state = init_train_state(params, make_optimizer(OptimConfig(**saved["OptimConfig"]), 1), 0)
+    optim_cfg = OptimConfig(**saved["OptimConfig"])
+    abstract_state = init_train_state(params, make_optimizer(optim_cfg, 1), 0, ema=optim_cfg.ema_decay > 0)
     checkpoints = RunCheckpoints(workdir)
     restored = checkpoints.restore(abstract_state, which="best") or checkpoints.restore(abstract_state)
     if restored is None:
@@ -230,7 +231,7 @@ def predict(argv: list[str]) -> list[tuple[str, float]]:
     tokens_BT = np.zeros((len(encoded), int(encoded.lengths_N.max())), np.int32)
     for i in range(len(encoded)):
         tokens_BT[i, : encoded.lengths_N[i]] = encoded.row(i)
-    logits = classifier_logits(restored.state.params, model_cfg, jnp.asarray(tokens_BT), jnp.asarray(encoded.lengths_N))
+    logits = classifier_logits(restored.state.eval_params, model_cfg, jnp.asarray(tokens_BT), jnp.asarray(encoded.lengths_N))
     probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
     answers = []
     for text, probs in zip(args.texts, probabilities):

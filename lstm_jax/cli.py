@@ -22,7 +22,7 @@ def add_flags(parser: argparse.ArgumentParser, config_cls, title: str | None = N
     group = parser.add_argument_group(title or config_cls.__name__, config_cls.__doc__)
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata.get('help', '')} (default: {field.default!r})"
+        help_text = f"{field.metadata.get('help', '')} (default: {field.default!r})".replace("%", "%%")
         kind = _flag_type(field)
         if kind is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)

@@ -29,9 +29,10 @@ class NonFiniteError(RuntimeError):
 class LoopConfig:
     """How long to train, and how often to log, evaluate and save."""
 
-    epochs: int = dataclasses.field(default=5, metadata={"help": "training epochs (sets the learning-rate schedule)"})
+    epochs: int = dataclasses.field(default=2, metadata={"help": "training epochs (sets the learning-rate schedule)"})
     max_steps: int = dataclasses.field(default=0, metadata={"help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs"})
     log_every: int = dataclasses.field(default=50, metadata={"help": "write a metrics line every N steps"})
+    eval_every: int = dataclasses.field(default=250, metadata={"help": "also evaluate (and keep the best) every N steps (0: only at epoch ends)"})
     save_every: int = dataclasses.field(default=500, metadata={"help": "checkpoint every N steps (and at every epoch end)"})
     keep: int = dataclasses.field(default=3, metadata={"help": "latest checkpoints to keep (the best one is kept apart)"})
     skip_nonfinite: int = dataclasses.field(default=0, metadata={"help": "tolerate up to N steps with a NaN/Inf loss or gradient by skipping their updates"})
@@ -75,7 +76,7 @@ def train_loop(
       train_step: ``(state, batch) -> (state, metrics)`` with ``loss``, ``aux`` (the
         number of correct rows) and ``finite`` in the metrics.
       epoch_batches: the deterministic batch list of an epoch.
-      evaluate: ``params -> {"loss", "accuracy", ...}`` on the validation split.
+      evaluate: ``params -> {"loss", "accuracy", ...}`` on the validation split (given ``state.eval_params``).
       checkpoints: the run's checkpoint managers.
       log: the metrics log.
       config: the loop settings.
@@ -135,8 +136,8 @@ def train_loop(
                 bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
                 window = dict.fromkeys(window, 0.0)
             end_of_epoch = step % steps_per_epoch == 0
-            if end_of_epoch or step == stop_step:
-                val = evaluate(state.params)
+            if end_of_epoch or step == stop_step or (config.eval_every and step % config.eval_every == 0):
+                val = evaluate(state.eval_params)
                 log.write({"step": step, "epoch": epoch, "split": "validation", **val})
                 bar.write(f"step {step} epoch {epoch}: validation {best_metric} {val[best_metric]:.4f}, loss {val['loss']:.4f}")
                 if val[best_metric] > best:

@@ -79,8 +79,9 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, last_carry, pooling: str, atten
     """Summarise a padded sequence of outputs into one vector per example.
 
     ``last`` uses the final carry of the top layer (for a bidirectional layer, the
-    forward state at the true end and the backward state at the first step). Rows of
-    length 0 (batch padding) pool to zeros.
+    forward state at the true end and the backward state at the first step). ``mean``
+    sums over all steps, so it relies on padded steps of ``y_BTH`` being zero, as
+    :func:`~lstm_jax.recurrence.rnn` emits them. Rows of length 0 (batch padding) pool to zeros.
     """
     valid_BT = jnp.arange(y_BTH.shape[1]) < lengths_B[:, None]
     lowest = jnp.finfo(y_BTH.dtype).min

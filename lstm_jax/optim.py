@@ -26,6 +26,7 @@ class OptimConfig:
     clip_norm: float = dataclasses.field(default=5.0, metadata={"help": "clip gradients to this global norm (0: off)"})
     b1: float = dataclasses.field(default=0.9, metadata={"help": "Adam beta1"})
     b2: float = dataclasses.field(default=0.999, metadata={"help": "Adam beta2"})
+    ema_decay: float = dataclasses.field(default=0.999, metadata={"help": "evaluate an exponential moving average of the weights with this decay (0: off)"})
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

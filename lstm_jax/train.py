@@ -26,13 +26,26 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw uint32 key data, so Orbax saves it as a plain array
     nonfinite_steps: jax.Array
+    ema_params: Any = None  # Polyak average of params, when enabled
+
+    @property
+    def eval_params(self):
+        """The parameters to evaluate and predict with: the average when there is one."""
+        return self.params if self.ema_params is None else self.ema_params
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, seed: int) -> TrainState:
+def init_train_state(params, optimizer: optax.GradientTransformation, seed: int, *, ema: bool = False) -> TrainState:
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
         rng=jax.random.key_data(jax.random.key(seed)), nonfinite_steps=jnp.zeros((), jnp.int32),
+        ema_params=jax.tree.map(jnp.copy, params) if ema else None,
     )  # fmt: skip
+
+
+def ema_update(ema, params, decay: float, step):
+    """Exponential moving average with the warm-up ``min(decay, (1 + t) / (10 + t))`` (Polyak & Juditsky 1992)."""
+    rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+    return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
 def weighted_cross_entropy(logits_BC, labels_B, weights_B):
@@ -52,13 +65,16 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
+def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, ema_decay: float = 0.0):
     """A jitted ``(state, batch) -> (state, metrics)`` for ``loss_fn(params, batch, key) -> (loss, aux)``.
 
+    With ``ema_decay`` > 0, ``state.ema_params`` tracks an average of the parameters.
     The input state's buffers are donated.
     """
 
     def train_step(state: TrainState, batch):
+        if ema_decay > 0.0 and state.ema_params is None:
+            raise ValueError("ema_decay > 0 needs a state with an average: init_train_state(..., ema=True)")
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
         finite = jnp.isfinite(loss) & all_finite(grads)
@@ -71,6 +87,8 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation):
             opt_state=keep_if_finite(opt_state, state.opt_state),
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         )
+        if ema_decay > 0.0:
+            state = state.replace(ema_params=ema_update(state.ema_params, state.params, ema_decay, state.step))
         return state, {"loss": loss, "aux": aux, "finite": finite, "grad_norm": optax.tree.norm(grads)}
 
     return jax.jit(train_step, donate_argnums=0)

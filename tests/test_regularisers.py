@@ -13,22 +13,7 @@ import pytest
 
 from lstm_jax import LSTM, Carry, init_rnn, regularisers, rnn
 
-E, H = 5, 6
-
-
-def random_layers(cell, seed=0, input_size=E, hidden_size=H, **options):
-    """Random parameters in the structure ``init_rnn`` gives, without compiling initialisers."""
-    shapes = jax.eval_shape(lambda k: init_rnn(k, cell, input_size, hidden_size, **options), jax.random.key(0))
-    rng = np.random.default_rng(seed)
-    return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), shapes)
-
-
-def padded_batch(lengths, num_steps, seed=1, input_size=E):
-    rng = np.random.default_rng(seed)
-    x = rng.normal(size=(len(lengths), num_steps, input_size)).astype(np.float32)
-    for b, n in enumerate(lengths):
-        x[b, n:] = 1e3 * rng.normal(size=x[b, n:].shape)
-    return x
+from rnn_fixtures import E, H, padded_batch, random_layers  # noqa: E402
 
 
 _JIT_RECUR = jax.jit(LSTM.recur)

@@ -14,7 +14,7 @@ from experiments import sentiment  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 SMALL_MODEL = ["--embed-dim", "32", "--hidden-size", "32", "--head-hidden", "32", "--vocab-size", "4000",
-               "--batch-size", "32", "--warmup-steps", "20", "--no-progress", "--log-every", "10"]  # fmt: skip
+               "--batch-size", "32", "--warmup-steps", "20", "--no-progress", "--log-every", "10", "--eval-every", "0"]  # fmt: skip
 
 
 @pytest.fixture(scope="module")

@@ -1,0 +1,210 @@
+"""Tests for lstm_jax.checkpoint: Orbax round trips, retention, damaged checkpoints, best-by-metric.
+
+Damage is done to the files Orbax writes for a step (``<step>/state/...`` holds the
+arrays in an OCDBT database under ``d/`` folders, ``<step>/meta/metadata`` the JSON),
+the way a full disk or a killed copy would leave them.
+"""
+
+import gc
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, config_differences
+from lstm_jax.optim import OptimConfig, make_optimizer
+from lstm_jax.train import init_train_state
+
+OPTIMIZER = make_optimizer(OptimConfig(warmup_steps=0), total_steps=10)
+UPDATE = jax.jit(OPTIMIZER.update)
+# a failed restore leaves TensorStore futures behind that are reported when collected, in whichever test runs then
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+
+
+def make_state(value: float, seed: int = 0, ema: bool = True):
+    """A TrainState whose every float leaf depends on ``value`` (params, Adam moments, EMA)."""
+    params = {
+        "rnn": [{"w_h": jnp.arange(6.0).reshape(3, 2) + value, "b": jnp.full((2,), value)}],
+        "head": {"w": jnp.eye(2) * value},
+    }
+    state = init_train_state(params, OPTIMIZER, seed, ema=ema)
+    grads = jax.tree.map(lambda p: jnp.sin(p + value), params)
+    _, opt_state = UPDATE(grads, state.opt_state, params)
+    return state.replace(
+        opt_state=opt_state,
+        step=jnp.asarray(int(value), jnp.int32),
+        nonfinite_steps=jnp.asarray(2, jnp.int32),
+        ema_params=jax.tree.map(lambda p: p * 0.5, params) if ema else None,
+    )
+
+
+def assert_states_equal(a, b):
+    assert jax.tree.structure(a) == jax.tree.structure(b)
+    for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+        x, y = np.asarray(x), np.asarray(y)
+        assert x.dtype == y.dtype and x.shape == y.shape
+        np.testing.assert_array_equal(x, y)
+
+
+@pytest.fixture
+def checkpoints(tmp_path):
+    managers = []
+
+    def open_(**kwargs):
+        kwargs.setdefault("async_save", False)
+        managers.append(RunCheckpoints(tmp_path, **kwargs))
+        return managers[-1]
+
+    yield open_
+    for manager in managers:
+        manager.close()
+    gc.collect()  # report what a failed restore left behind here, under this module's filter
+
+
+def meta_for(step):
+    return {
+        "step": step,
+        "epoch": 1,
+        "val": {"accuracy": 0.5 + step / 100, "loss": None},
+        "buckets": [8, 16],
+        "name": "ß",
+    }
+
+
+def test_round_trip_is_bit_exact_across_reopen(checkpoints, tmp_path):
+    state = make_state(3.0)
+    run = checkpoints(async_save=True)
+    run.save(3, state, meta_for(3))
+    run.wait()
+    reopened = checkpoints()
+    restored = reopened.restore(make_state(0.0))  # the template's values must not leak into the result
+    assert restored.step == 3 and restored.skipped == []
+    assert restored.meta == meta_for(3)
+    assert_states_equal(restored.state, state)
+    assert np.asarray(restored.state.rng).dtype == np.uint32
+
+
+def test_round_trip_without_ema(checkpoints):
+    run = checkpoints()
+    run.save(1, make_state(1.0, ema=False), {})
+    restored = run.restore(make_state(0.0, ema=False))
+    assert restored.state.ema_params is None
+    assert_states_equal(restored.state, make_state(1.0, ema=False))
+
+
+def test_restore_of_an_empty_workdir_is_none(checkpoints):
+    run = checkpoints()
+    assert run.restore(make_state(0.0)) is None
+    assert run.restore(make_state(0.0), which="best") is None
+    assert run.best_meta() is None
+
+
+def test_keeps_only_the_latest_k(checkpoints, tmp_path):
+    run = checkpoints(keep=2)
+    for step in (1, 2, 3, 4):
+        run.save(step, make_state(float(step)), meta_for(step))
+    assert sorted(run.latest.all_steps()) == [3, 4]
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir() if p.name.isdigit()) == ["3", "4"]
+    restored = run.restore(make_state(0.0))
+    assert restored.step == 4
+    assert_states_equal(restored.state, make_state(4.0))
+
+
+def test_saving_an_existing_step_again_keeps_the_first(checkpoints):
+    run = checkpoints()
+    run.save(2, make_state(2.0), meta_for(2))
+    run.save(2, make_state(7.0), {"other": True})
+    restored = run.restore(make_state(0.0))
+    assert restored.meta == meta_for(2)
+    assert_states_equal(restored.state, make_state(2.0))
+
+
+def truncate_arrays(step_dir: Path):
+    files = [
+        f
+        for f in (step_dir / "state").rglob("*")
+        if f.is_file() and "d" in f.relative_to(step_dir / "state").parts[:-1]
+    ]
+    assert files, "Orbax wrote no array data files where expected"
+    for f in files:
+        f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 3])
+
+
+def garble_meta(step_dir: Path):
+    target = step_dir / "meta" / "metadata"
+    assert target.is_file()
+    target.write_text('{"step": 3, "val"')
+
+
+def halve_every_file(step_dir: Path):
+    for f in step_dir.rglob("*"):
+        if f.is_file():
+            f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
+
+
+@pytest.mark.parametrize("damage", [truncate_arrays, garble_meta, halve_every_file])
+def test_damaged_newest_checkpoint_is_skipped_and_reported(damage, checkpoints, tmp_path):
+    run = checkpoints()
+    for step in (1, 2, 3):
+        run.save(step, make_state(float(step)), meta_for(step))
+    run.close()
+    damage(tmp_path / "checkpoints" / "3")
+    restored = checkpoints().restore(make_state(0.0))
+    assert restored.step == 2
+    assert restored.meta == meta_for(2)
+    assert_states_equal(restored.state, make_state(2.0))
+    assert len(restored.skipped) == 1 and restored.skipped[0].startswith("step 3: ")
+
+
+def test_all_checkpoints_damaged_is_an_error_that_names_the_fix(checkpoints, tmp_path):
+    run = checkpoints()
+    for step in (1, 2):
+        run.save(step, make_state(float(step)), meta_for(step))
+    run.close()
+    for step in ("1", "2"):
+        truncate_arrays(tmp_path / "checkpoints" / step)
+    with pytest.raises(CheckpointError, match="--restart") as error:
+        checkpoints().restore(make_state(0.0))
+    message = str(error.value)
+    assert "step 2:" in message and "step 1:" in message and str(tmp_path / "checkpoints") in message
+
+
+def test_checkpoint_of_another_shape_is_not_loaded(checkpoints):
+    run = checkpoints()
+    run.save(1, make_state(1.0), meta_for(1))
+    other = make_state(0.0)
+    other = other.replace(params={**other.params, "head": {"w": jnp.zeros((3, 3))}})
+    with pytest.raises(CheckpointError, match="step 1: .*shape"):
+        run.restore(other)
+
+
+def test_best_keeps_the_last_save_best_apart_from_the_latest(checkpoints, tmp_path):
+    run = checkpoints(keep=1)
+    assert run.best_meta() is None
+    run.save_best(5, make_state(5.0), meta_for(5))
+    assert run.best_meta() == meta_for(5)
+    run.save_best(9, make_state(9.0), meta_for(9))
+    for step in (5, 9, 10, 11):
+        run.save(step, make_state(float(step)), meta_for(step))
+    assert run.best_meta() == meta_for(9)
+    assert run.best.all_steps() == [9] and run.latest.all_steps() == [11]
+    best = run.restore(make_state(0.0), which="best")
+    assert best.step == 9 and best.meta == meta_for(9)
+    assert_states_equal(best.state, make_state(9.0))
+    assert run.restore(make_state(0.0)).step == 11
+    assert (tmp_path / "best" / "9").is_dir() and not (tmp_path / "best" / "5").exists()
+
+
+def test_config_differences_lists_nested_leaves():
+    saved = {"ModelConfig": {"hidden_size": 256, "cell": "lstm", "gone": 1}, "lr": 0.1, "same": {"x": [1, 2]}}
+    current = {"ModelConfig": {"hidden_size": 128, "cell": "lstm", "new": True}, "lr": 0.1, "same": {"x": [1, 2]}}
+    assert config_differences(saved, current) == [
+        "ModelConfig.gone: 1 -> None",
+        "ModelConfig.hidden_size: 256 -> 128",
+        "ModelConfig.new: None -> True",
+    ]
+    assert config_differences({"a": {"b": 1}}, {"a": {"b": 2}}) == ["a.b: 1 -> 2"]
+    assert config_differences({"a": {"b": 1}}, {"a": 3}) == ["a: {'b': 1} -> 3"]
+    assert config_differences(current, current) == []

@@ -1,0 +1,314 @@
+"""Tests for lstm_jax.model: pooling and head against NumPy references, padding, modes.
+
+The references take the recurrent outputs ``y`` of ``rnn`` (tested on its own in
+test_recurrence.py) and redo everything after it in NumPy: pooling over the valid
+steps only, then the MLP head. "last" is read from ``y`` too (forward output at the
+true end, backward output at step 0), so it checks the carries the model pools
+without using them. Parameters are random, not the init: the zero attention vector
+``v`` of the init would make attention pooling equal mean pooling and hide a mistake.
+Each distinct config compiles once, so the tests share a handful of configs.
+"""
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lstm_jax.cells import LSTM
+from lstm_jax.model import POOLINGS, ModelConfig, classifier_logits, init_classifier, pool, rnn_width
+from lstm_jax.recurrence import rnn
+from lstm_jax.train import weighted_cross_entropy
+
+V, E, H, HEAD, C = 23, 4, 5, 6, 3
+NO_DROPOUT = {
+    "embed_dropout": 0.0,
+    "word_dropout": 0.0,
+    "input_dropout": 0.0,
+    "layer_dropout": 0.0,
+    "output_dropout": 0.0,
+}
+LENGTHS = np.array([7, 3, 1, 0, 4], np.int32)  # row 3 is batch padding (length 0)
+T = 7
+LABELS = np.array([0, 1, 2, 1, 0], np.int32)
+
+
+def small_config(**overrides) -> ModelConfig:
+    fields = {"embed_dim": E, "hidden_size": H, "head_hidden": HEAD, "bidirectional": True, "pooling": "attention"}
+    fields.update(NO_DROPOUT)
+    return ModelConfig(**{**fields, **overrides})
+
+
+def random_params(config: ModelConfig, seed=0, num_classes=C):
+    """Parameters in the structure of ``init_classifier``, every leaf random (no initialiser is compiled)."""
+    shapes = jax.eval_shape(lambda k: init_classifier(k, config, V, num_classes), jax.random.key(0))
+    rng = np.random.default_rng(seed)
+    return jax.tree.map(lambda s: jnp.asarray(0.5 * rng.standard_normal(s.shape), s.dtype), shapes)
+
+
+def padded_tokens(lengths, num_steps, seed=1):
+    """Token ids in [2, V) on valid steps and PAD (0) after them."""
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(2, V, size=(len(lengths), num_steps)).astype(np.int32)
+    tokens[np.arange(num_steps)[None, :] >= np.asarray(lengths)[:, None]] = 0
+    return tokens
+
+
+@functools.partial(jax.jit, static_argnames=("config", "train"))
+def logits_fn(params, config, tokens, lengths, key=None, train=False):
+    return classifier_logits(params, config, tokens, lengths, key=key, train=train)
+
+
+@jax.jit
+def lstm_outputs(params, tokens, lengths):
+    """The recurrent outputs and final carries the model pools (an LSTM stack, evaluation mode)."""
+    return rnn(LSTM, params["rnn"], params["embed"][tokens], lengths)
+
+
+def ref_pool(y_BTH, lengths, pooling, attention=None, bidirectional=True):
+    """Pooling in NumPy float64, a loop over the valid steps of each row; zeros for empty rows."""
+    y_BTH = np.asarray(y_BTH, np.float64)
+    width = y_BTH.shape[-1]
+    out = np.zeros((len(lengths), width))
+    for b, n in enumerate(lengths):
+        if n == 0:
+            continue
+        valid = y_BTH[b, :n]
+        if pooling == "mean":
+            out[b] = valid.mean(0)
+        elif pooling == "max":
+            out[b] = valid.max(0)
+        elif pooling == "last":
+            half = width // 2
+            out[b] = np.concatenate([valid[n - 1, :half], valid[0, half:]]) if bidirectional else valid[n - 1]
+        else:
+            w, bias, v = (np.asarray(attention[k], np.float64) for k in ("w", "b", "v"))
+            scores = np.tanh(valid @ w + bias) @ v
+            weights = np.exp(scores - scores.max())
+            out[b] = (weights / weights.sum()) @ valid
+    return out
+
+
+def ref_head(features, head):
+    head = jax.tree.map(lambda a: np.asarray(a, np.float64), head)
+    if "hidden" in head:
+        features = np.maximum(features @ head["hidden"]["w"] + head["hidden"]["b"], 0.0)
+    return features @ head["out"]["w"] + head["out"]["b"]
+
+
+def ref_loss(logits, labels, weights):
+    logits = np.asarray(logits, np.float64)
+    log_probs = logits - logits.max(1, keepdims=True)
+    log_probs -= np.log(np.exp(log_probs).sum(1, keepdims=True))
+    rows = weights > 0
+    return -log_probs[rows, labels[rows]].mean()
+
+
+# --------------------------------------------------------------------------- pooling
+
+
+@pytest.fixture(scope="module")
+def bidirectional_outputs():
+    """Random attention-model params, and ``y`` / final carries of its bidirectional LSTM on a padded batch."""
+    config = small_config()
+    params = random_params(config)
+    tokens = padded_tokens(LENGTHS, T)
+    y, carries = lstm_outputs(params, tokens, LENGTHS)
+    return config, params, tokens, y, carries
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_pool_matches_numpy_over_valid_steps_only(pooling, bidirectional_outputs):
+    _, params, _, y, carries = bidirectional_outputs
+    assert np.all(np.asarray(y)[np.arange(T)[None, :] >= LENGTHS[:, None]] == 0.0)  # what a leaky pooling would read
+    pooled = pool(y, jnp.asarray(LENGTHS), carries[-1], pooling, params.get("attention"))
+    expected = ref_pool(y, LENGTHS, pooling, params["attention"])
+    assert pooled.shape == (len(LENGTHS), 2 * H)
+    np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
+    np.testing.assert_array_equal(pooled[LENGTHS == 0], 0.0)
+
+
+@pytest.mark.parametrize("pooling", POOLINGS)
+def test_pool_gradient_is_finite_and_zero_on_padding(pooling, bidirectional_outputs):
+    """d(pooled)/dy vanishes on length-0 rows (and on padded steps, but for mean), and is never NaN."""
+    _, params, _, y, carries = bidirectional_outputs
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((len(LENGTHS), 2 * H)), jnp.float32)
+
+    def pooled_dot(y, attention):
+        return jnp.sum(pool(y, jnp.asarray(LENGTHS), carries[-1], pooling, attention) * cotangent)
+
+    grad_y, grad_attention = jax.grad(pooled_dot, argnums=(0, 1))(y, params["attention"])
+    assert np.all(np.isfinite(grad_y)) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad_attention))
+    padded = np.arange(T)[None, :] >= LENGTHS[:, None]
+    np.testing.assert_array_equal(np.asarray(grad_y)[LENGTHS == 0], 0.0)
+    if pooling != "mean":  # mean sums every step and relies on rnn's zeros at padded steps (checked above)
+        np.testing.assert_array_equal(np.asarray(grad_y)[padded], 0.0)
+    if pooling != "last":  # "last" reads the carries, not y
+        assert np.any(np.asarray(grad_y)[~padded] != 0.0)
+
+
+def test_last_pooling_of_a_unidirectional_stack_uses_the_top_layer_at_the_true_end():
+    config = small_config(pooling="last", bidirectional=False, num_layers=2, head_hidden=0)
+    params = random_params(config, seed=5)
+    tokens = padded_tokens(LENGTHS, T)
+    y, carries = lstm_outputs(params, tokens, LENGTHS)
+    np.testing.assert_allclose(
+        pool(y, jnp.asarray(LENGTHS), carries[-1], "last"), ref_pool(y, LENGTHS, "last", bidirectional=False), atol=1e-6
+    )
+    # end to end, with the linear head (head_hidden=0)
+    assert set(params["head"]) == {"out"} and params["head"]["out"]["w"].shape == (H, C)
+    expected = ref_head(ref_pool(y, LENGTHS, "last", bidirectional=False), params["head"])
+    np.testing.assert_allclose(logits_fn(params, config, tokens, LENGTHS), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_logits_match_numpy_pooling_and_mlp_head(bidirectional_outputs):
+    config, params, tokens, y, _ = bidirectional_outputs
+    expected = ref_head(ref_pool(y, LENGTHS, "attention", params["attention"]), params["head"])
+    actual = np.asarray(logits_fn(params, config, tokens, LENGTHS))
+    assert actual.shape == (len(LENGTHS), C)
+    np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_max_pooling_of_all_negative_outputs_is_not_a_padding_zero():
+    """Max over valid steps must not see the zeros the padded steps hold (tanh outputs can all be < 0)."""
+    y = -1.0 - np.random.default_rng(0).random((len(LENGTHS), T, 3)).astype(np.float32)
+    y[np.arange(T)[None, :] >= LENGTHS[:, None]] = 0.0
+    pooled = np.asarray(pool(jnp.asarray(y), jnp.asarray(LENGTHS), None, "max"))
+    assert np.all(pooled[LENGTHS > 0] < -1.0)
+    np.testing.assert_array_equal(pooled, ref_pool(y, LENGTHS, "max").astype(np.float32))
+
+
+def test_empty_rows_give_finite_gradients_and_contribute_nothing(bidirectional_outputs):
+    """Batch padding (length 0, weight 0) must not poison the loss or its gradient, whatever its tokens."""
+    config, params, tokens, _, _ = bidirectional_outputs
+    weights = (LENGTHS > 0).astype(np.float32)
+
+    @jax.jit
+    def value_and_grad(params, tokens, labels):
+        loss = lambda p: weighted_cross_entropy(classifier_logits(p, config, tokens, LENGTHS), labels, weights)
+        return jax.value_and_grad(loss)(params)
+
+    value, grads = value_and_grad(params, tokens, LABELS)
+    logits = logits_fn(params, config, tokens, LENGTHS)
+    assert np.all(np.isfinite(logits))
+    np.testing.assert_allclose(float(value), ref_loss(logits, LABELS, weights), rtol=1e-5)
+    for path, leaf in jax.tree_util.tree_leaves_with_path(grads):
+        assert np.all(np.isfinite(leaf)), jax.tree_util.keystr(path)
+    garbage_tokens, garbage_labels = tokens.copy(), LABELS.copy()
+    garbage_tokens[LENGTHS == 0] = np.arange(2, 2 + T) % V
+    garbage_labels[LENGTHS == 0] = 2
+    value_garbage, grads_garbage = value_and_grad(params, garbage_tokens, garbage_labels)
+    assert float(value_garbage) == float(value)
+    for a, b in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_garbage)):
+        np.testing.assert_array_equal(a, b)
+
+
+def test_logits_are_padding_invariant(bidirectional_outputs):
+    """The same tokens padded to 7 or to 24 steps give the same logits (both directions start right)."""
+    config, params, tokens, _, _ = bidirectional_outputs
+    long = np.zeros((len(LENGTHS), 24), np.int32)
+    long[:, :T] = tokens
+    np.testing.assert_allclose(
+        logits_fn(params, config, tokens, LENGTHS), logits_fn(params, config, long, LENGTHS), rtol=1e-5, atol=1e-6
+    )
+
+
+# --------------------------------------------------------------------------- modes
+
+
+# every regulariser the model applies itself; zoneout and weight drop are keyed inside rnn (test_regularisers.py)
+DROPPY = small_config(
+    embed_dropout=0.2, word_dropout=0.2, input_dropout=0.3, layer_dropout=0.3, output_dropout=0.3,
+    recurrent_dropout=0.2, num_layers=2, bidirectional=False, pooling="mean",
+)  # fmt: skip
+
+
+def test_eval_mode_is_deterministic_and_ignores_the_key():
+    params = random_params(DROPPY)
+    tokens = padded_tokens(LENGTHS, T)
+    without = np.asarray(logits_fn(params, DROPPY, tokens, LENGTHS))
+    for seed in (0, 1):
+        np.testing.assert_array_equal(logits_fn(params, DROPPY, tokens, LENGTHS, key=jax.random.key(seed)), without)
+
+
+def test_train_mode_depends_on_the_key():
+    params = random_params(DROPPY)
+    tokens = padded_tokens(LENGTHS, T)
+    a, a_again, b = (
+        np.asarray(logits_fn(params, DROPPY, tokens, LENGTHS, key=jax.random.key(s), train=True)) for s in (0, 0, 1)
+    )
+    evaluation = np.asarray(logits_fn(params, DROPPY, tokens, LENGTHS))
+    np.testing.assert_array_equal(a, a_again)
+    assert np.all(np.isfinite(a)) and np.all(np.isfinite(b))
+    valid = LENGTHS > 0
+    assert not np.allclose(a[valid], b[valid])
+    assert not np.allclose(a[valid], evaluation[valid])
+
+
+def test_train_mode_without_dropout_equals_eval_mode(bidirectional_outputs):
+    config, params, tokens, _, _ = bidirectional_outputs
+    np.testing.assert_allclose(
+        logits_fn(params, config, tokens, LENGTHS, key=jax.random.key(5), train=True),
+        logits_fn(params, config, tokens, LENGTHS),
+        rtol=1e-6, atol=1e-6,
+    )  # fmt: skip
+
+
+def test_train_mode_with_dropout_needs_a_key():
+    config = small_config(output_dropout=0.5)
+    params = random_params(config)
+    run = lambda p: classifier_logits(p, config, padded_tokens(LENGTHS, T), LENGTHS, train=True)
+    with pytest.raises(ValueError, match="needs a PRNG key"):
+        jax.eval_shape(run, params)
+
+
+# --------------------------------------------------------------------------- config and params
+
+
+def test_config_rejects_unknown_cell_and_pooling_listing_the_choices():
+    with pytest.raises(ValueError, match="unknown cell 'lsmt'.*lstm, peephole, cifg, layer_norm, lstmp, gru, rnn"):
+        ModelConfig(cell="lsmt")
+    with pytest.raises(ValueError, match="unknown pooling 'min'.*last, mean, max, attention"):
+        ModelConfig(pooling="min")
+
+
+def test_config_is_hashable_and_compares_by_value():
+    assert hash(small_config()) == hash(small_config())
+    assert small_config() == small_config() and small_config() != small_config(pooling="mean")
+
+
+@pytest.mark.parametrize(
+    "cell,bidirectional,pooling,head_hidden,width",
+    [
+        ("lstm", True, "attention", HEAD, 2 * H),
+        ("gru", False, "max", HEAD, H),
+        ("lstmp", True, "last", 0, 2 * (H // 2)),
+    ],
+)
+def test_param_shapes(cell, bidirectional, pooling, head_hidden, width):
+    config = small_config(
+        cell=cell, bidirectional=bidirectional, pooling=pooling, head_hidden=head_hidden, num_layers=2
+    )
+    shapes = jax.eval_shape(lambda k: init_classifier(k, config, V, C), jax.random.key(0))
+    assert shapes["embed"].shape == (V, E)
+    assert len(shapes["rnn"]) == 2
+    gates = {"lstm": 4, "gru": 3, "lstmp": 4}[cell]
+    for index, layer in enumerate(shapes["rnn"]):
+        directions = (layer["fwd"], layer["bwd"]) if bidirectional else (layer,)
+        assert (set(layer) == {"fwd", "bwd"}) == bidirectional
+        for direction in directions:
+            assert direction["w_x"].shape == (E if index == 0 else width, gates * H)
+            assert direction["w_h"].shape == (width // (2 if bidirectional else 1), gates * H)
+    assert rnn_width(shapes["rnn"]) == width
+    assert ("attention" in shapes) == (pooling == "attention")
+    if pooling == "attention":
+        assert shapes["attention"]["w"].shape == (width, width)
+        assert shapes["attention"]["b"].shape == (width,)
+        assert shapes["attention"]["v"].shape == (width,)
+    if head_hidden:
+        assert shapes["head"]["hidden"]["w"].shape == (width, head_hidden)
+        assert shapes["head"]["out"]["w"].shape == (head_hidden, C)
+    else:
+        assert set(shapes["head"]) == {"out"} and shapes["head"]["out"]["w"].shape == (width, C)
+    assert shapes["head"]["out"]["b"].shape == (C,)

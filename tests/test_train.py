@@ -1,0 +1,261 @@
+"""Tests for lstm_jax.train: the loss, the jitted train step, EMA, evaluation and hashing.
+
+Most train-step properties are checked with a tiny least-squares ``loss_fn`` whose
+batch can make the loss NaN or only the gradient non-finite, so that the step's
+bookkeeping is visible without compiling a recurrent model. The classifier itself
+is trained for a few steps on one fixed batch. The train step donates its input
+state, so every state that is used again is copied first.
+"""
+
+import hashlib
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lstm_jax.data import Batch
+from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
+from lstm_jax.optim import OptimConfig, make_optimizer
+from lstm_jax.train import (
+    classifier_loss,
+    evaluate,
+    init_train_state,
+    make_eval_step,
+    make_train_step,
+    params_sha256,
+    weighted_cross_entropy,
+)
+
+
+def copy(tree):
+    return jax.tree.map(jnp.copy, tree)
+
+
+def trees_equal(a, b) -> bool:
+    if jax.tree.structure(a) != jax.tree.structure(b):
+        return False
+    return all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)))
+
+
+def log_softmax(logits):
+    logits = np.asarray(logits, np.float64)
+    shifted = logits - logits.max(-1, keepdims=True)
+    return shifted - np.log(np.exp(shifted).sum(-1, keepdims=True))
+
+
+# --------------------------------------------------------------------------- the loss
+
+
+def test_weighted_cross_entropy_matches_numpy_and_ignores_zero_weight_rows():
+    rng = np.random.default_rng(0)
+    logits = rng.normal(size=(6, 4)).astype(np.float32) * 3
+    labels = np.array([0, 3, 1, 2, 2, 0], np.int32)
+    weights = np.array([1, 1, 0, 1, 0, 1], np.float32)
+    logits[2] = np.nan  # a padding row's garbage must not leak
+    logits[4] = 1e30
+    rows = weights > 0
+    expected = -log_softmax(logits[rows])[np.arange(rows.sum()), labels[rows]].mean()
+    np.testing.assert_allclose(float(weighted_cross_entropy(logits, labels, weights)), expected, rtol=1e-6)
+
+
+def test_weighted_cross_entropy_of_an_all_padding_batch_is_zero_with_zero_gradient():
+    logits = jnp.asarray(np.random.default_rng(1).normal(size=(3, 2)), jnp.float32)
+    labels, weights = jnp.array([0, 1, 1]), jnp.zeros(3)
+    value, grad = jax.jit(jax.value_and_grad(weighted_cross_entropy))(logits, labels, weights)
+    assert float(value) == 0.0
+    np.testing.assert_array_equal(grad, 0.0)
+
+
+# --------------------------------------------------------------------------- the train step, on a tiny loss
+
+
+def tiny_loss(params, batch, key):
+    """Least squares scaled by ``batch["scale"]`` (NaN makes the loss NaN); at ``w[0, 0] == kink`` only the
+    gradient is non-finite (0 * d sqrt(|x|)/dx at 0). The aux output is a draw from the step's key."""
+    mse = jnp.mean((batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2)
+    loss = batch["scale"] * mse + 0.0 * jnp.sqrt(jnp.abs(params["w"][0, 0] - batch["kink"]))
+    return loss, jax.random.uniform(key)
+
+
+def tiny_batch(seed=0, scale=1.0, kink=100.0):
+    rng = np.random.default_rng(seed)
+    return {"x": rng.normal(size=(8, 3)).astype(np.float32), "y": rng.normal(size=(8, 2)).astype(np.float32),
+            "scale": np.float32(scale), "kink": np.float32(kink)}  # fmt: skip
+
+
+TINY_PARAMS = {"w": jnp.asarray(np.random.default_rng(9).normal(size=(3, 2)), jnp.float32), "b": jnp.zeros(2)}
+TINY_OPTIMIZER = make_optimizer(OptimConfig(learning_rate=0.05, warmup_steps=0, schedule="constant"), total_steps=100)
+TINY_STEP = make_train_step(tiny_loss, TINY_OPTIMIZER)
+
+
+def tiny_state(seed=0, **kwargs):
+    return init_train_state(copy(TINY_PARAMS), TINY_OPTIMIZER, seed, **kwargs)
+
+
+def test_step_metrics_and_bookkeeping():
+    state = tiny_state(seed=3)
+    batch = tiny_batch()
+    expected_loss = np.mean((batch["x"] @ np.asarray(TINY_PARAMS["w"]) - batch["y"]) ** 2)
+    rng_before = np.asarray(state.rng)
+    grads = jax.grad(lambda p: tiny_loss(p, batch, jax.random.key(0))[0])(TINY_PARAMS)
+    state, metrics = TINY_STEP(state, batch)
+    np.testing.assert_allclose(float(metrics["loss"]), expected_loss, rtol=1e-5)
+    np.testing.assert_allclose(
+        float(metrics["grad_norm"]), np.sqrt(sum(np.sum(np.square(g)) for g in jax.tree.leaves(grads))), rtol=1e-5
+    )
+    assert bool(metrics["finite"]) and int(state.step) == 1 and int(state.nonfinite_steps) == 0
+    np.testing.assert_array_equal(state.rng, rng_before)  # the base key is kept; steps fold in their index
+    assert not trees_equal(state.params, TINY_PARAMS)
+
+
+def test_step_keys_are_fold_in_of_seed_and_step():
+    """A resumed run draws what an uninterrupted one does: the key of step t is fold_in(key(seed), t)."""
+    state = tiny_state(seed=7)
+    draws = []
+    for _ in range(3):
+        state, metrics = TINY_STEP(state, tiny_batch())
+        draws.append(float(metrics["aux"]))
+    expected = [float(jax.random.uniform(jax.random.fold_in(jax.random.key(7), t))) for t in range(3)]
+    assert draws == expected
+
+
+@pytest.mark.parametrize("bad", ["nan_loss", "nonfinite_gradient_only"])
+def test_nonfinite_step_is_skipped_and_counted(bad):
+    state = tiny_state()
+    state, _ = TINY_STEP(state, tiny_batch(seed=0))
+    before = copy(state)
+    bad_batch = (
+        tiny_batch(seed=1, scale=np.nan)
+        if bad == "nan_loss"
+        else tiny_batch(seed=1, kink=float(state.params["w"][0, 0]))
+    )
+    state, metrics = TINY_STEP(state, bad_batch)
+    assert not bool(metrics["finite"])
+    assert np.isfinite(float(metrics["loss"])) == (bad == "nonfinite_gradient_only")
+    assert trees_equal(state.params, before.params)
+    assert trees_equal(state.opt_state, before.opt_state)
+    assert int(state.step) == 2 and int(state.nonfinite_steps) == 1
+    # the skipped batch leaves no trace: the next good step is the one a run without it would take
+    state, metrics = TINY_STEP(state, tiny_batch(seed=2))
+    assert bool(metrics["finite"]) and int(state.nonfinite_steps) == 1
+    clean = tiny_state()
+    for seed in (0, 2):
+        clean, _ = TINY_STEP(clean, tiny_batch(seed=seed))
+    assert trees_equal(state.params, clean.params)
+    assert trees_equal(state.opt_state, clean.opt_state)
+
+
+def test_ema_matches_hand_computed_average():
+    decay = 0.9
+    step = make_train_step(tiny_loss, TINY_OPTIMIZER, ema_decay=decay)
+    state = tiny_state(ema=True)
+    assert trees_equal(state.ema_params, state.params) and state.eval_params is state.ema_params
+    ema = jax.tree.map(lambda a: np.asarray(a, np.float64), TINY_PARAMS)
+    for t in (1, 2, 3):  # t = number of updates so far, the step counter after the update
+        state, _ = step(state, tiny_batch(seed=t))
+        rate = min(decay, (1 + t) / (10 + t))
+        ema = jax.tree.map(lambda e, p, r=rate: r * e + (1 - r) * np.asarray(p, np.float64), ema, state.params)
+    for actual, expected in zip(jax.tree.leaves(state.ema_params), jax.tree.leaves(ema)):
+        np.testing.assert_allclose(actual, expected, rtol=1e-6, atol=1e-7)
+    assert not trees_equal(state.ema_params, state.params)
+    assert state.eval_params is state.ema_params
+
+
+def test_without_ema_eval_params_are_the_params():
+    state, _ = TINY_STEP(tiny_state(), tiny_batch())
+    assert state.ema_params is None and state.eval_params is state.params
+
+
+# --------------------------------------------------------------------------- the classifier
+
+CONFIG = ModelConfig(cell="lstm", embed_dim=8, hidden_size=8, bidirectional=False, pooling="mean", head_hidden=0,
+                     embed_dropout=0.1, input_dropout=0.1, layer_dropout=0.0, output_dropout=0.1)  # fmt: skip
+VOCAB, CLASSES = 30, 3
+
+
+def classifier_batch(lengths, num_steps, seed=0):
+    rng = np.random.default_rng(seed)
+    lengths = np.asarray(lengths, np.int32)
+    tokens = rng.integers(2, VOCAB, size=(len(lengths), num_steps)).astype(np.int32)
+    tokens[np.arange(num_steps)[None, :] >= lengths[:, None]] = 0
+    labels = rng.integers(0, CLASSES, size=len(lengths)).astype(np.int32)
+    return Batch(tokens, lengths, labels, (lengths > 0).astype(np.float32))
+
+
+@pytest.fixture(scope="module")
+def classifier():
+    shapes = jax.eval_shape(lambda k: init_classifier(k, CONFIG, VOCAB, CLASSES), jax.random.key(0))
+    rng = np.random.default_rng(0)  # random parameters without compiling the initialisers
+    params = jax.tree.map(lambda s: jnp.asarray(0.3 * rng.standard_normal(s.shape), s.dtype), shapes)
+    optimizer = make_optimizer(OptimConfig(learning_rate=0.02, warmup_steps=0, schedule="constant"), total_steps=100)
+    step = make_train_step(lambda p, batch, key: classifier_loss(p, CONFIG, batch, key), optimizer)
+    batch = classifier_batch([6, 5, 4, 6, 2, 3, 1, 0], 6)
+    return params, optimizer, step, batch
+
+
+def test_classifier_loss_decreases_on_a_fixed_batch(classifier):
+    params, optimizer, step, batch = classifier
+    state = init_train_state(copy(params), optimizer, seed=0)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        assert bool(metrics["finite"])
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-5:]) < 0.5 * losses[0], losses  # with dropout on, so a mean over the last steps
+    assert int(state.step) == 30 and int(state.nonfinite_steps) == 0
+
+
+def test_same_state_and_batch_give_identical_bits_and_the_seed_matters(classifier):
+    params, optimizer, step, batch = classifier
+    state = init_train_state(copy(params), optimizer, seed=0)
+    results = [step(copy(state), batch) for _ in range(2)]
+    (a, metrics_a), (b, metrics_b) = results
+    assert params_sha256(a.params) == params_sha256(b.params)
+    assert trees_equal(a.opt_state, b.opt_state) and float(metrics_a["loss"]) == float(metrics_b["loss"])
+    other_seed, _ = step(init_train_state(copy(params), optimizer, seed=1), batch)  # other dropout masks
+    assert params_sha256(other_seed.params) != params_sha256(a.params)
+
+
+def test_evaluate_counts_against_numpy(classifier):
+    params, _, _, _ = classifier
+    batches = [classifier_batch([6, 5, 1, 3, 0, 0], 6, seed=1), classifier_batch([9, 2, 7, 8, 4, 0], 9, seed=2)]
+    logits_fn = jax.jit(classifier_logits, static_argnums=1)
+    correct = count = loss_sum = 0.0
+    for batch in batches:
+        logits = np.asarray(logits_fn(params, CONFIG, batch.tokens_BT, batch.lengths_B))
+        rows = batch.weights_B > 0
+        correct += np.sum(logits[rows].argmax(-1) == batch.labels_B[rows])
+        loss_sum += -log_softmax(logits[rows])[np.arange(rows.sum()), batch.labels_B[rows]].sum()
+        count += rows.sum()
+    result = evaluate(make_eval_step(CONFIG), params, batches)
+    assert result["count"] == count == 9
+    assert result["accuracy"] == pytest.approx(correct / count, abs=1e-9)
+    assert result["loss"] == pytest.approx(loss_sum / count, rel=1e-5)
+
+
+def test_evaluate_of_no_batches_is_empty():
+    assert evaluate(None, None, []) == {"loss": 0.0, "accuracy": 0.0, "count": 0}
+
+
+# --------------------------------------------------------------------------- hashing
+
+
+def test_params_sha256_is_the_hash_of_leaf_bytes_in_sorted_key_order():
+    params = {"z": np.arange(3, dtype=np.float32), "a": {"k": np.ones((2, 2), np.float32)}}
+    expected = hashlib.sha256(
+        np.ones((2, 2), np.float32).tobytes() + np.arange(3, dtype=np.float32).tobytes()
+    ).hexdigest()
+    assert params_sha256(params) == expected
+    assert params_sha256(params) == params_sha256({"a": params["a"], "z": params["z"]})  # insertion order is irrelevant
+    assert params_sha256(jax.tree.map(jnp.asarray, params)) == expected  # device arrays hash the same
+    assert params_sha256(params) == params_sha256(params)
+
+
+def test_params_sha256_sees_a_one_ulp_change():
+    params = {"w": np.linspace(-1, 1, 12, dtype=np.float32).reshape(3, 4), "b": np.zeros(4, np.float32)}
+    changed = {"w": params["w"].copy(), "b": params["b"]}
+    changed["w"][1, 2] = np.nextafter(changed["w"][1, 2], np.float32(np.inf))
+    assert params_sha256(changed) != params_sha256(params)
+    swapped = {"w": params["w"][::-1].copy(), "b": params["b"]}
+    assert params_sha256(swapped) != params_sha256(params)
