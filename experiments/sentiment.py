@@ -151,7 +151,7 @@ def train(argv: list[str]) -> dict:
     workdir = Path(run_cfg.workdir)
     resuming = prepare_workdir(workdir, configs)
     splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
-    (train_enc, train_labels), (val_enc, val_labels) = encoded["train"], encoded["validation"]
+    (train_enc, train_labels), (val_enc, _) = encoded["train"], encoded["validation"]
     vocab_size = tokenizer.get_vocab_size()
     print(f"data: {len(train_enc)} train / {len(val_enc)} validation / {len(encoded['test'][0]) if 'test' in encoded else 0} test, "
           f"{splits.num_classes} classes, vocabulary {vocab_size}, buckets {buckets}")  # fmt: skip

@@ -54,10 +54,15 @@ def weighted_cross_entropy(logits_BC, labels_B, weights_B):
     return jnp.sum(jnp.where(weights_B > 0, losses_B * weights_B, 0.0)) / jnp.maximum(jnp.sum(weights_B), 1.0)
 
 
+def weighted_correct(logits_BC, labels_B, weights_B):
+    """Number of real (weight 1) rows whose arg-max class is the label."""
+    return jnp.sum((logits_BC.argmax(-1) == labels_B) * weights_B)
+
+
 def classifier_loss(params, config: ModelConfig, batch, key):
     logits_BC = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True)
     loss = weighted_cross_entropy(logits_BC, batch.labels_B, batch.weights_B)
-    correct = jnp.sum((logits_BC.argmax(-1) == batch.labels_B) * batch.weights_B)
+    correct = weighted_correct(logits_BC, batch.labels_B, batch.weights_B)
     return loss, correct
 
 
@@ -100,7 +105,7 @@ def make_eval_step(config: ModelConfig):
     def eval_step(params, batch):
         logits_BC = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B)
         loss_sum = weighted_cross_entropy(logits_BC, batch.labels_B, batch.weights_B) * jnp.sum(batch.weights_B)
-        correct = jnp.sum((logits_BC.argmax(-1) == batch.labels_B) * batch.weights_B)
+        correct = weighted_correct(logits_BC, batch.labels_B, batch.weights_B)
         return loss_sum, correct, jnp.sum(batch.weights_B)
 
     return jax.jit(eval_step)

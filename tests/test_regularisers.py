@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from lstm_jax import LSTM, Carry, init_rnn, regularisers, rnn
+from lstm_jax import LSTM, Carry, regularisers, rnn
 
-from rnn_fixtures import E, H, padded_batch, random_layers  # noqa: E402
+from rnn_fixtures import E, padded_batch, random_layers  # noqa: E402
 
 
 _JIT_RECUR = jax.jit(LSTM.recur)
