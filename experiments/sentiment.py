@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax import cli, data
-from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, config_differences
+from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, config_differences, has_checkpoints
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, save_curves, train_loop
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
 from lstm_jax.optim import OptimConfig, make_optimizer
@@ -71,6 +71,10 @@ DATASET_PRESETS = {
     "ag_news": {"max_len": 64, "epochs": 3},
 }
 
+# The least value of each numeric flag that has one, checked before anything is read or written.
+FLAG_MINIMUMS = {"max_len": 1, "batch_size": 1, "eval_batch_size": 1, "num_buckets": 1, "vocab_size": 3, "epochs": 1,
+                 "log_every": 1, "save_every": 1, "keep": 1, "max_steps": 0, "eval_every": 0, "skip_nonfinite": 0}  # fmt: skip
+
 # Fields a resumed run may change: they do not alter what was trained so far.
 RESUMABLE_FIELDS = {"max_steps", "eval_every", "log_every", "save_every", "keep", "progress", "skip_nonfinite", "restart", "workdir", "eval_batch_size"}
 
@@ -92,7 +96,14 @@ def parse_train_args(argv: list[str]) -> dict:
     for name, value in DATASET_PRESETS.get(preset_name(args.dataset), {}).items():
         if name not in explicit:
             setattr(args, name, value)
-    return {cls.__name__: cli.from_args(cls, args) for cls in CONFIG_CLASSES}
+    too_small = [f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}"
+                 for name, least in FLAG_MINIMUMS.items() if getattr(args, name) < least]  # fmt: skip
+    if too_small:
+        parser.error("; ".join(too_small))
+    try:
+        return {cls.__name__: cli.from_args(cls, args) for cls in CONFIG_CLASSES}
+    except ValueError as error:  # a config's own check, e.g. an unknown --cell
+        parser.error(str(error))
 
 
 def config_dict(configs: dict) -> dict:
@@ -100,7 +111,10 @@ def config_dict(configs: dict) -> dict:
 
 
 def prepare_workdir(workdir: Path, configs: dict) -> bool:
-    """Check (or start) the run directory; True when there is a run to resume."""
+    """Check (or create) the run directory; True when it holds a run to resume.
+
+    Nothing is written here but the folder: ``config.json`` is written once the data has loaded.
+    """
     config_path = workdir / "config.json"
     if configs["RunConfig"].restart and workdir.exists() and any(workdir.iterdir()):
         backup = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
@@ -115,26 +129,31 @@ def prepare_workdir(workdir: Path, configs: dict) -> bool:
         raise SystemExit(f"error: cannot create workdir {workdir}: {error.strerror}; pass a writable --workdir") from None
     current = config_dict(configs)
     if config_path.exists():
-        saved = json.loads(config_path.read_text())
+        try:
+            saved = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SystemExit(f"error: {config_path} is damaged ({error}); restore it, or pass --restart to start over") from None
         differences = [d for d in config_differences(saved, current) if d.split(": ")[0].split(".")[-1] not in RESUMABLE_FIELDS]
         if differences:
             raise SystemExit(f"error: {workdir} holds a run with another config ({'; '.join(differences)}); use another --workdir or pass --restart")
         return True
-    config_path.write_text(json.dumps(current, indent=2))
+    if has_checkpoints(workdir):
+        raise SystemExit(f"error: {workdir} has checkpoints but no config.json; restore that file, or pass --restart to start over")
     return False
 
 
 def load_data(cfg: DataConfig, workdir: Path, seed: int):
-    """Splits, tokenizer (trained on train and saved, or reused), encodings and buckets."""
+    """Splits, tokenizer (the run's own, or trained on train but not yet saved), encodings and buckets."""
     splits = data.load_text_splits(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, val_fraction=cfg.val_fraction, seed=seed)
     for note in splits.notes:
         print(f"note: {note}")
     tokenizer_path = workdir / "tokenizer.json"
     if tokenizer_path.exists():
         tokenizer = data.load_tokenizer(tokenizer_path)
+    elif has_checkpoints(workdir):
+        raise data.DataError(f"{workdir} has checkpoints but no tokenizer.json; restore that file, or pass --restart to start over")
     else:
         tokenizer = data.train_tokenizer(data.texts_of(splits.train), vocab_size=cfg.vocab_size, min_freq=cfg.min_freq)
-        data.save_tokenizer(tokenizer, tokenizer_path)
     named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
     encoded = {name: (data.encode(tokenizer, data.texts_of(split), max_len=cfg.max_len), data.labels_of(split)) for name, split in named.items() if split is not None}
     for name, (enc, _) in encoded.items():
@@ -151,6 +170,10 @@ def train(argv: list[str]) -> dict:
     workdir = Path(run_cfg.workdir)
     resuming = prepare_workdir(workdir, configs)
     splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
+    if not resuming:  # the config first: a tokenizer.json is only ever reused under its own config
+        atomic_write_text(workdir / "config.json", json.dumps(config_dict(configs), indent=2))
+    if not (workdir / "tokenizer.json").exists():
+        data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
     (train_enc, train_labels), (val_enc, _) = encoded["train"], encoded["validation"]
     vocab_size = tokenizer.get_vocab_size()
     print(f"data: {len(train_enc)} train / {len(val_enc)} validation / {len(encoded['test'][0]) if 'test' in encoded else 0} test, "
@@ -168,17 +191,19 @@ def train(argv: list[str]) -> dict:
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
     state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
+    skipped_checkpoints = []
     if resuming:
         restored = checkpoints.restore(state)
         for skipped in restored.skipped if restored else []:
             print(f"warning: skipped damaged checkpoint {skipped}")
         if restored:
+            skipped_checkpoints = restored.skipped
             state = restored.state
             print(f"resumed from step {restored.step} in {workdir}")
     start_step = int(state.step)
     meta = {"dataset": data_cfg.dataset, "num_classes": splits.num_classes, "label_names": list(splits.label_names),
             "vocab_size": vocab_size, "buckets": list(buckets)}  # fmt: skip
-    (workdir / "run.json").write_text(json.dumps(meta, indent=2))
+    atomic_write_text(workdir / "run.json", json.dumps(meta, indent=2))
     val_split = eval_batches("validation")
     eval_step = make_eval_step(model_cfg)
     train_step = make_train_step(lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer, ema_decay=optim_cfg.ema_decay)
@@ -201,9 +226,10 @@ def train(argv: list[str]) -> dict:
         "nonfinite_steps": int(state.nonfinite_steps), "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
         "params_sha256": params_sha256(state.params), "buckets": list(buckets),
         "truncated": {name: enc.num_truncated for name, (enc, _) in encoded.items()}, "config": config_dict(configs),
+        "empty_texts": {name: enc.num_empty for name, (enc, _) in encoded.items()}, "skipped_checkpoints": skipped_checkpoints,
         "jax_backend": jax.default_backend(),
     }  # fmt: skip
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(f"validation accuracy {val['accuracy']:.4f}, test accuracy {test['accuracy'] if test else float('nan'):.4f}; results in {workdir / 'results.json'}")
     return results
 
@@ -219,6 +245,8 @@ def predict(argv: list[str]) -> list[tuple[str, float]]:
     saved = json.loads((workdir / "config.json").read_text())
     model_cfg, data_cfg = ModelConfig(**saved["ModelConfig"]), DataConfig(**saved["DataConfig"])
     meta = json.loads((workdir / "run.json").read_text())
+    if not (workdir / "tokenizer.json").exists():
+        raise SystemExit(f"error: {workdir} has no tokenizer.json, so its checkpoints cannot read text; restore that file from a copy of the run")
     tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
     params = init_classifier(jax.random.key(0), model_cfg, meta["vocab_size"], meta["num_classes"])
     optim_cfg = OptimConfig(**saved["OptimConfig"])
@@ -251,6 +279,8 @@ def main(argv: list[str] | None = None) -> None:
             train(argv)
     except (data.DataError, CheckpointError, NonFiniteError) as error:
         raise SystemExit(f"error: {error}") from None
+    except OSError as error:  # e.g. a full disk or a read-only folder, met outside the checks above
+        raise SystemExit(f"error: {error.strerror or error}: {error.filename}; free disk space or fix permissions there, or pass another --workdir") from None
 
 
 if __name__ == "__main__":

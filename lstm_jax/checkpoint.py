@@ -4,14 +4,20 @@
 epoch); ``<workdir>/best`` keeps the single best save by a metric. Each save holds
 the train state (a pytree of arrays) and a JSON ``meta`` dict (data position,
 config, metrics). Restoring walks back from the newest step and skips damaged
-checkpoints, reporting each one.
+checkpoints, reporting each one. Saves are asynchronous: a save killed half-way
+leaves only an Orbax temporary folder, which restore ignores and the next start
+removes. A save that fails (full disk, no permission) is a ``CheckpointError``
+naming the folder.
 """
 
 import dataclasses
+import os
 from pathlib import Path
 from typing import Any
 
 import orbax.checkpoint as ocp
+
+from lstm_jax.faults import kill_point
 
 
 class CheckpointError(RuntimeError):
@@ -27,7 +33,9 @@ class Restored:
 
 
 def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save, create=True)
+    options = ocp.CheckpointManagerOptions(
+        max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
+    )
     return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
 
 
@@ -43,13 +51,23 @@ class RunCheckpoints:
     def _args(state, meta):
         return ocp.args.Composite(state=ocp.args.StandardSave(state), meta=ocp.args.JsonSave(meta))
 
+    def _save(self, manager: ocp.CheckpointManager, step: int, state, meta: dict) -> None:
+        if step in manager.all_steps():
+            return
+        try:
+            manager.save(step, args=self._args(state, meta), force=True)
+        except Exception as error:  # Orbax and TensorStore wrap OS errors in their own types
+            raise _write_error(manager, error) from error
+
     def save(self, step: int, state, meta: dict) -> None:
-        if step not in self.latest.all_steps():
-            self.latest.save(step, args=self._args(state, meta), force=True)
+        """Start saving ``state`` as latest checkpoint ``step`` (a no-op if it exists)."""
+        self._save(self.latest, step, state, meta)
+        kill_point("save", step)
 
     def save_best(self, step: int, state, meta: dict) -> None:
-        if step not in self.best.all_steps():
-            self.best.save(step, args=self._args(state, meta), force=True)
+        """Start saving ``state`` as the best checkpoint, replacing the previous best."""
+        self._save(self.best, step, state, meta)
+        kill_point("best", step)
 
     def best_meta(self) -> dict | None:
         step = self.best.latest_step()
@@ -81,12 +99,45 @@ class RunCheckpoints:
         return None
 
     def wait(self) -> None:
-        self.latest.wait_until_finished()
-        self.best.wait_until_finished()
+        """Block until every started save is on disk."""
+        for manager in (self.latest, self.best):
+            try:
+                manager.wait_until_finished()
+            except Exception as error:
+                raise _write_error(manager, error) from error
 
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _write_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointError:
+    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    return CheckpointError(
+        f"could not write a checkpoint to {manager.directory} ({reason}); "
+        "free disk space or fix its permissions, or pass another --workdir, then rerun to resume"
+    )
+
+
+def has_checkpoints(workdir) -> bool:
+    """Whether ``workdir`` holds a finished latest or best checkpoint (Orbax names them by step)."""
+    return any(
+        entry.is_dir() and entry.name.isdigit()
+        for folder in (Path(workdir) / "checkpoints", Path(workdir) / "best")
+        if folder.is_dir()
+        for entry in folder.iterdir()
+    )
+
+
+def atomic_write_text(path, text: str) -> None:
+    """Write ``path`` so that a kill at any moment leaves the old or the new content, never a part."""
+    path = Path(path)
+    partial = path.with_name(f".{path.name}.partial")
+    with partial.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(partial, path)
 
 
 def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str]:

@@ -69,8 +69,7 @@ def _load_raw(dataset: str) -> datasets.DatasetDict:
         try:
             return datasets.load_dataset(dataset)
         except Exception as err:
-            raise DataError(f"could not read local folder '{dataset}' ({_short(err)}); "
-                            "it should hold train/validation/test files (parquet, csv, json)") from err
+            raise _folder_error(dataset, err) from err
     looks_local = dataset.startswith((".", os.sep, "~")) or dataset.count("/") > 1 or (
         os.altsep is not None and os.altsep in dataset)
     if looks_local:
@@ -81,6 +80,21 @@ def _load_raw(dataset: str) -> datasets.DatasetDict:
     except Exception as err:
         raise DataError(f"could not load '{hub_id}' from the Hugging Face Hub ({_short(err)}); "
                         "with no network, pass a local folder: --dataset path/to/folder") from err
+
+
+def _folder_error(folder: str, err: Exception) -> DataError:
+    """The one-line `DataError` for a local folder that `datasets` could not read."""
+    chain = [err]
+    while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
+        chain.append(chain[-1].__cause__ or chain[-1].__context__)
+    undecodable = next((e for e in chain if isinstance(e, UnicodeDecodeError)), None)
+    if undecodable is not None:
+        return DataError(f"a file in '{folder}' is not UTF-8 ({undecodable.reason} at byte {undecodable.start}); "
+                         "re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 in.csv > out.csv")
+    if "corresponds to no data" in str(err):
+        return DataError(f"a split file in '{folder}' has no rows ({_short(err)}); add rows or delete that file")
+    return DataError(f"could not read local folder '{folder}' ({_short(err)}); "
+                     "it should hold train/validation/test files (parquet, csv, json)")
 
 
 def _short(err: Exception, limit: int = 160) -> str:
@@ -106,8 +120,16 @@ def _text_array(split: datasets.Dataset, column: str, split_name: str) -> tuple[
     texts = split.with_format("arrow")[column]
     if not (pa.types.is_string(texts.type) or pa.types.is_large_string(texts.type)):
         raise DataError(f"text column '{column}' of split '{split_name}' has type {texts.type}, "
-                        "not string; pick another with --text-column")
+                        "not string; make every value a string, or pick another column with --text-column")
     return pc.fill_null(texts, ""), texts.null_count
+
+
+# C0/C1 controls except tab, newline and carriage return, and invisible format characters (Cf)
+CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\p{Cf}]"
+
+
+def _count_with_control_characters(texts: pa.ChunkedArray) -> int:
+    return int(pc.sum(pc.match_substring_regex(texts, CONTROL_CHARACTERS)).as_py() or 0)
 
 
 def _label_array(split: datasets.Dataset, column: str, split_name: str) -> np.ndarray:
@@ -152,6 +174,9 @@ def _clean_split(split: datasets.Dataset, name: str, text_col: str, label_col: s
     _check_label_range(labels, num_classes, name)
     if num_null:
         notes.append(f"{name}: {num_null} missing texts read as empty strings")
+    num_control = _count_with_control_characters(texts)
+    if num_control:
+        notes.append(f"{name}: {num_control} texts contain control or invisible characters; the tokenizer reads them as spaces")
     unlabelled = labels == UNLABELLED
     if name != "train" and len(labels) and unlabelled.all():
         notes.append(f"{name}: all {len(labels)} labels are -1 (unlabelled); split not used")
@@ -159,7 +184,19 @@ def _clean_split(split: datasets.Dataset, name: str, text_col: str, label_col: s
     if unlabelled.any():
         notes.append(f"{name}: removed {int(unlabelled.sum())} unlabelled rows (label -1)")
         texts, labels = texts.filter(pa.array(~unlabelled)), labels[~unlabelled]
+    _check_classes_present(labels, num_classes, name, notes)
     return pa.table({"text": texts, "label": pa.array(labels, pa.int64())})
+
+
+def _check_classes_present(labels: np.ndarray, num_classes: int, split_name: str, notes: list[str]) -> None:
+    """Train needs two classes or more; a split without some class gets a note."""
+    present = np.unique(labels)
+    if split_name == "train" and len(present) < 2:
+        raise DataError(f"split 'train' has examples of {len(present)} class(es) only ({present.tolist()}); "
+                        "a classifier needs at least 2: add examples of the other classes")
+    missing = sorted(set(range(num_classes)) - set(present.tolist()))
+    if len(labels) and missing:
+        notes.append(f"{split_name}: no examples of class(es) {missing} out of {num_classes}")
 
 
 def _carve(table: pa.Table, val_fraction: float, seed: int) -> tuple[pa.Table, pa.Table]:
@@ -215,9 +252,11 @@ def load_text_splits(dataset: str, *, text_column: str | None = None,
     validation = tables.get(val_name) if val_name else None
     if validation is None or validation.num_rows == 0:
         train, validation = _carve(train, val_fraction, seed)
-        notes.append(f"no validation split: carved {val_fraction * 100:g}% ({validation.num_rows} rows) "
+        notes.append(f"no {'rows in the ' if val_name else ''}validation split: carved {val_fraction * 100:g}% ({validation.num_rows} rows) "
                      f"of train with seed {seed}")
     test = tables.get("test")
+    if test is not None and test.num_rows == 0:
+        notes.append("test: the split has no rows; not used")
     return TextSplits(
         train=datasets.Dataset(train), validation=datasets.Dataset(validation),
         test=datasets.Dataset(test) if test is not None and test.num_rows else None,
@@ -261,6 +300,7 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
     tok = Tokenizer(models.WordLevel(unk_token=UNK))
     tok.normalizer = normalizers.Sequence([
         normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " "),
+        normalizers.Replace(Regex(CONTROL_CHARACTERS), " "),
         normalizers.NFKC(),
         normalizers.Lowercase(),
     ])
@@ -269,12 +309,17 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
                                         special_tokens=[PAD, UNK], show_progress=False)
     tok.train_from_iterator(_as_texts(texts), trainer=trainer)
     assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(UNK) == UNK_ID
+    if tok.get_vocab_size() <= 2:
+        raise DataError("the training texts contain no words (all empty, or only spaces and control characters); "
+                        "check --text-column")
     return tok
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
-    """Writes the tokeniser as one JSON file."""
-    tok.save(os.fspath(path))
+    """Writes the tokeniser as one JSON file, atomically (a killed write leaves no partial file)."""
+    partial = f"{os.fspath(path)}.partial"
+    tok.save(partial)
+    os.replace(partial, path)
 
 
 def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
@@ -282,7 +327,11 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     if not os.path.isfile(path):
         raise DataError(f"tokenizer file '{os.fspath(path)}' does not exist; "
                         "train one with train_tokenizer and save_tokenizer")
-    return Tokenizer.from_file(os.fspath(path))
+    try:
+        return Tokenizer.from_file(os.fspath(path))
+    except Exception as err:
+        raise DataError(f"tokenizer file '{os.fspath(path)}' is damaged ({_short(err)}); "
+                        "restore it from a backup, or train and save a new one") from err
 
 
 # -------------------------------------------------------------------------- encoding

@@ -18,7 +18,8 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from lstm_jax.checkpoint import RunCheckpoints
+from lstm_jax.checkpoint import RunCheckpoints, atomic_write_text
+from lstm_jax.faults import kill_point
 
 
 class NonFiniteError(RuntimeError):
@@ -46,7 +47,7 @@ class MetricsLog:
         self.path = path
         lines = path.read_text().splitlines() if path.exists() else []
         kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
-        path.write_text("".join(line + "\n" for line in kept))
+        atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
         with self.path.open("a") as f:
@@ -100,55 +101,59 @@ def train_loop(
     compiled_shapes = set()  # the first step of each batch shape compiles; keep it out of tokens/s
     window = {"loss": 0.0, "correct": 0.0, "rows": 0.0}
     bar = tqdm(total=stop_step, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
-    while step < stop_step:
-        epoch, first = divmod(step, steps_per_epoch)
-        batches = epoch_batches(epoch)
-        for batch in batches[first:]:
-            started = time.perf_counter()
-            state, metrics = train_step(state, batch)
-            loss, finite = float(metrics["loss"]), bool(metrics["finite"])
-            shape = jax.tree.map(np.shape, batch)
-            if shape in compiled_shapes:
-                seconds += time.perf_counter() - started
-                tokens += tokens_in(batch)
-            compiled_shapes.add(shape)
-            step += 1
-            bar.update(1)
-            if not finite:
-                bad = int(state.nonfinite_steps)
-                if bad > config.skip_nonfinite:
-                    bar.close()
-                    latest = checkpoints.latest.latest_step()
-                    raise NonFiniteError(
-                        f"non-finite loss or gradient at step {step} ({bad} so far, --skip-nonfinite {config.skip_nonfinite}); "
-                        f"the last good checkpoint (step {latest}) is kept; lower the learning rate or raise --skip-nonfinite"
-                    )
-            else:
-                rows = float(np.sum(batch.weights_B))
-                window["loss"] += loss * rows
-                window["correct"] += float(metrics["aux"])
-                window["rows"] += rows
-            if step % config.log_every == 0 or step == stop_step:
-                rows = max(window["rows"], 1.0)
-                record = {"step": step, "epoch": epoch, "split": "train", "loss": window["loss"] / rows,
-                          "accuracy": window["correct"] / rows, "tokens_per_second": tokens / max(seconds, 1e-9)}  # fmt: skip
-                log.write(record)
-                bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
-                window = dict.fromkeys(window, 0.0)
-            end_of_epoch = step % steps_per_epoch == 0
-            if end_of_epoch or step == stop_step or (config.eval_every and step % config.eval_every == 0):
-                val = evaluate(state.eval_params)
-                log.write({"step": step, "epoch": epoch, "split": "validation", **val})
-                bar.write(f"step {step} epoch {epoch}: validation {best_metric} {val[best_metric]:.4f}, loss {val['loss']:.4f}")
-                if val[best_metric] > best:
-                    best = val[best_metric]
-                    checkpoints.save_best(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
-            if end_of_epoch or step == stop_step or step % config.save_every == 0:
-                checkpoints.save(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
-            if step == stop_step:
-                break
-    bar.close()
-    checkpoints.wait()
+    try:
+        while step < stop_step:
+            epoch, first = divmod(step, steps_per_epoch)
+            batches = epoch_batches(epoch)
+            for batch in batches[first:]:
+                started = time.perf_counter()
+                state, metrics = train_step(state, batch)
+                kill_point("step", step + 1)  # while the step may still be computing: dispatch is asynchronous
+                loss, finite = float(metrics["loss"]), bool(metrics["finite"])
+                shape = jax.tree.map(np.shape, batch)
+                if shape in compiled_shapes:
+                    seconds += time.perf_counter() - started
+                    tokens += tokens_in(batch)
+                compiled_shapes.add(shape)
+                step += 1
+                bar.update(1)
+                if not finite:
+                    bad = int(state.nonfinite_steps)
+                    if bad > config.skip_nonfinite:
+                        latest = checkpoints.latest.latest_step()
+                        kept = "no checkpoint was saved before it" if latest is None else f"the last good checkpoint (step {latest}) is kept"
+                        raise NonFiniteError(
+                            f"non-finite loss or gradient at step {step} ({bad} so far, --skip-nonfinite {config.skip_nonfinite}); "
+                            f"{kept}; lower the learning rate or raise --skip-nonfinite"
+                        )
+                else:
+                    rows = float(np.sum(batch.weights_B))
+                    window["loss"] += loss * rows
+                    window["correct"] += float(metrics["aux"])
+                    window["rows"] += rows
+                if step % config.log_every == 0 or step == stop_step:
+                    rows = max(window["rows"], 1.0)
+                    record = {"step": step, "epoch": epoch, "split": "train", "loss": window["loss"] / rows,
+                              "accuracy": window["correct"] / rows, "tokens_per_second": tokens / max(seconds, 1e-9)}  # fmt: skip
+                    log.write(record)
+                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                    window = dict.fromkeys(window, 0.0)
+                end_of_epoch = step % steps_per_epoch == 0
+                if end_of_epoch or step == stop_step or (config.eval_every and step % config.eval_every == 0):
+                    val = evaluate(state.eval_params)
+                    log.write({"step": step, "epoch": epoch, "split": "validation", **val})
+                    kill_point("eval", step)
+                    bar.write(f"step {step} epoch {epoch}: validation {best_metric} {val[best_metric]:.4f}, loss {val['loss']:.4f}")
+                    if val[best_metric] > best:
+                        best = val[best_metric]
+                        checkpoints.save_best(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
+                if end_of_epoch or step == stop_step or step % config.save_every == 0:
+                    checkpoints.save(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
+                if step == stop_step:
+                    break
+    finally:  # also on an error, so the last good checkpoint is never left half-written
+        bar.close()
+        checkpoints.wait()
     summary = {"train_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9), "last_val": val,
                "steps": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
     return state, summary
