@@ -4,7 +4,9 @@
 epoch); ``<workdir>/best`` keeps the single best save by a metric. Each save holds
 the train state (a pytree of arrays) and a JSON ``meta`` dict (data position,
 config, metrics). Restoring walks back from the newest step and skips damaged
-checkpoints, reporting each one. Saves are asynchronous: a save killed half-way
+checkpoints, reporting each one. Each save records the SHA-256 of its arrays, and a
+restore whose arrays hash differently is damaged too: Orbax reads flipped bytes
+inside an array file without complaint. Saves are asynchronous: a save killed half-way
 leaves only an Orbax temporary folder, which restore ignores and the next start
 removes. A save that fails (full disk, no permission) is a ``CheckpointError``
 naming the folder.
@@ -18,6 +20,9 @@ from typing import Any
 import orbax.checkpoint as ocp
 
 from lstm_jax.faults import kill_point
+from lstm_jax.train import params_sha256
+
+CHECKSUM_KEY = "state_sha256"  # kept in the saved meta, never shown to callers
 
 
 class CheckpointError(RuntimeError):
@@ -55,7 +60,7 @@ class RunCheckpoints:
         if step in manager.all_steps():
             return
         try:
-            manager.save(step, args=self._args(state, meta), force=True)
+            manager.save(step, args=self._args(state, {**meta, CHECKSUM_KEY: params_sha256(state)}), force=True)
         except Exception as error:  # Orbax and TensorStore wrap OS errors in their own types
             raise _write_error(manager, error) from error
 
@@ -70,8 +75,16 @@ class RunCheckpoints:
         kill_point("best", step)
 
     def best_meta(self) -> dict | None:
+        """The meta of the best checkpoint; None if there is none or it cannot be read (a new best replaces it)."""
         step = self.best.latest_step()
-        return None if step is None else self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"]
+        if step is None:
+            return None
+        try:
+            meta = dict(self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+        except Exception:  # damaged: restore(which="best") reports why
+            return None
+        meta.pop(CHECKSUM_KEY, None)
+        return meta
 
     def restore(self, abstract_state, *, which: str = "latest") -> Restored | None:
         """The newest readable checkpoint of ``which`` ("latest" or "best"), or None if there is none.
@@ -90,7 +103,12 @@ class RunCheckpoints:
             except Exception as error:  # a damaged checkpoint can fail in many ways inside Orbax and TensorStore
                 skipped.append(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
                 continue
-            return Restored(restored["state"], restored["meta"], step, skipped)
+            meta = dict(restored["meta"])
+            saved_sha256 = meta.pop(CHECKSUM_KEY, None)
+            if saved_sha256 is not None and saved_sha256 != params_sha256(restored["state"]):
+                skipped.append(f"step {step}: checksum mismatch: the arrays on disk changed after they were saved")
+                continue
+            return Restored(restored["state"], meta, step, skipped)
         if skipped:
             raise CheckpointError(
                 f"no readable checkpoint in {manager.directory} ({'; '.join(skipped)}); "

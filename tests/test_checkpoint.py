@@ -144,18 +144,46 @@ def halve_every_file(step_dir: Path):
             f.write_bytes(f.read_bytes()[: len(f.read_bytes()) // 2])
 
 
-@pytest.mark.parametrize("damage", [truncate_arrays, garble_meta, halve_every_file])
+def delete_array_file(step_dir: Path):
+    largest_array_file(step_dir).unlink()
+
+
+def zero_bytes_in_arrays(step_dir: Path):
+    """Zeroes 16 bytes inside the array data; Orbax alone reads such a file without complaint."""
+    target = largest_array_file(step_dir)
+    content = bytearray(target.read_bytes())
+    middle = len(content) // 2
+    content[middle : middle + 16] = bytes(16)
+    target.write_bytes(bytes(content))
+
+
+def largest_array_file(step_dir: Path) -> Path:
+    files = [f for f in (step_dir / "state").rglob("*") if f.is_file() and f.parent.name == "d"]
+    assert files, "Orbax wrote no array data files where expected"
+    return max(files, key=lambda f: f.stat().st_size)
+
+
+def make_big_state(value: float):
+    """A state with an incompressible 64k-float leaf, so damage hits raw array bytes."""
+    state = make_state(value, ema=False)
+    noise = np.random.default_rng(int(value)).standard_normal(1 << 16).astype(np.float32)
+    return state.replace(params={**state.params, "embed": jnp.asarray(noise)})
+
+
+@pytest.mark.parametrize("damage", [truncate_arrays, garble_meta, halve_every_file, delete_array_file, zero_bytes_in_arrays])
 def test_damaged_newest_checkpoint_is_skipped_and_reported(damage, checkpoints, tmp_path):
     run = checkpoints()
     for step in (1, 2, 3):
-        run.save(step, make_state(float(step)), meta_for(step))
+        run.save(step, make_big_state(float(step)), meta_for(step))
     run.close()
     damage(tmp_path / "checkpoints" / "3")
-    restored = checkpoints().restore(make_state(0.0))
+    restored = checkpoints().restore(make_big_state(0.0))
     assert restored.step == 2
     assert restored.meta == meta_for(2)
-    assert_states_equal(restored.state, make_state(2.0))
+    assert_states_equal(restored.state, make_big_state(2.0))
     assert len(restored.skipped) == 1 and restored.skipped[0].startswith("step 3: ")
+    if damage is zero_bytes_in_arrays:
+        assert "checksum mismatch" in restored.skipped[0]
 
 
 def test_all_checkpoints_damaged_is_an_error_that_names_the_fix(checkpoints, tmp_path):
