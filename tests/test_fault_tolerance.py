@@ -1,0 +1,130 @@
+"""A killed run resumes to the same bits: ``python -m experiments.sentiment`` under SIGKILL.
+
+Each run is a real subprocess on a slice of SST-2 with a tiny model. The kills are
+deterministic: ``LSTM_JAX_KILL_AT="<point>:<step>"`` (see :mod:`lstm_jax.faults`)
+makes the process SIGKILL itself at that exact point. One workdir goes through
+every kill point in turn, then a damaged newest checkpoint, then runs to the end;
+its ``params_sha256`` and metrics must equal those of a run never killed.
+
+The subprocesses share a JAX persistent compilation cache (a temporary folder), so
+only the first one compiles; a cached executable is the same program, bit for bit.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import pytest
+
+from lstm_jax.faults import KILL_AT_ENV
+
+REPO = Path(__file__).resolve().parents[1]
+SST2 = REPO.parent / "shared" / "data" / "sst2"
+# 640 train rows / 32 = 20 steps per epoch, 40 in all; saves at 10, 20, 30, 40; evaluations at 15, 20, 30, 40
+TINY_RUN = ["--embed-dim", "16", "--hidden-size", "16", "--head-hidden", "0", "--no-bidirectional", "--vocab-size", "2000",
+            "--max-len", "48", "--num-buckets", "1", "--batch-size", "32", "--warmup-steps", "5", "--epochs", "2",
+            "--log-every", "5", "--eval-every", "15", "--save-every", "10", "--no-progress"]  # fmt: skip
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def sst2_slice(tmp_path_factory) -> Path:
+    folder = tmp_path_factory.mktemp("sst2_640")
+    pq.write_table(pq.read_table(SST2 / "train.parquet").slice(0, 640), folder / "train.parquet")
+    pq.write_table(pq.read_table(SST2 / "validation.parquet").slice(0, 200), folder / "validation.parquet")
+    return folder
+
+
+@pytest.fixture(scope="module")
+def train_process(sst2_slice, tmp_path_factory):
+    """``(workdir, kill_at=None, *flags) -> CompletedProcess`` of one training run."""
+    env = {k: v for k, v in os.environ.items() if k != KILL_AT_ENV}
+    env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
+               JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
+               JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
+
+    def run(workdir: Path, kill_at: str | None = None, *flags) -> subprocess.CompletedProcess:
+        command = [sys.executable, "-m", "experiments.sentiment", "--dataset", str(sst2_slice), "--workdir", str(workdir),
+                   *TINY_RUN, *flags]  # fmt: skip
+        return subprocess.run(command, cwd=REPO, env={**env, **({KILL_AT_ENV: kill_at} if kill_at else {})},
+                              capture_output=True, text=True, timeout=600)  # fmt: skip
+
+    return run
+
+
+def results_of(process: subprocess.CompletedProcess, workdir: Path) -> dict:
+    assert process.returncode == 0, process.stdout + process.stderr
+    return json.loads((workdir / "results.json").read_text())
+
+
+def metrics_without_timing(workdir: Path) -> list[dict]:
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    return [{k: v for k, v in record.items() if k != "tokens_per_second"} for record in records]
+
+
+def finished_steps(folder: Path) -> list[int]:
+    return sorted(int(p.name) for p in folder.iterdir() if p.name.isdigit()) if folder.is_dir() else []
+
+
+@pytest.fixture(scope="module")
+def reference(train_process, tmp_path_factory) -> tuple[Path, dict]:
+    """A run that is never killed."""
+    workdir = tmp_path_factory.mktemp("reference")
+    return workdir, results_of(train_process(workdir), workdir)
+
+
+def truncate_array_files(step_dir: Path) -> None:
+    for f in (step_dir / "state").rglob("*"):
+        if f.is_file() and f.parent.name == "d":
+            f.write_bytes(f.read_bytes()[: f.stat().st_size // 3])
+
+
+def test_sigkill_at_every_point_then_damage_resumes_to_the_same_bits(train_process, reference, tmp_path):
+    ref_dir, ref = reference
+    assert ref["steps"] == 40 and ref["skipped_checkpoints"] == []
+    workdir = tmp_path / "killed"
+
+    def killed_at(point: str, step: int) -> None:
+        process = train_process(workdir, f"{point}:{step}")
+        assert process.returncode == -signal.SIGKILL, f"not killed at {point}:{step}\n{process.stdout}{process.stderr}"
+        assert not (workdir / "results.json").exists()
+
+    # Saves are asynchronous, so a kill may also catch an earlier save still being written: the checks
+    # below hold either way. Orbax waits for the previous save before it starts the next one.
+    killed_at("step", 7)  # mid-step, before the first checkpoint: nothing on disk to resume from
+    assert finished_steps(workdir / "checkpoints") == []
+    killed_at("save", 10)  # inside the asynchronous save of step 10
+    assert finished_steps(workdir / "checkpoints") == []
+    killed_at("eval", 15)  # after the validation line was logged, before the best checkpoint
+    assert set(finished_steps(workdir / "checkpoints")) <= {10} and finished_steps(workdir / "best") == []
+    assert json.loads((workdir / "metrics.jsonl").read_text().splitlines()[-1])["step"] == 15
+    killed_at("best", 15)  # inside the asynchronous save of the best checkpoint
+    assert finished_steps(workdir / "best") == []
+    killed_at("save", 40)  # inside the save of the final checkpoint
+    finished = finished_steps(workdir / "checkpoints")
+    assert 40 not in finished and finished[-2:] == [20, 30], finished
+    truncate_array_files(workdir / "checkpoints" / "30")  # and the newest finished checkpoint is damaged
+
+    process = train_process(workdir)
+    results = results_of(process, workdir)
+    assert "warning: skipped damaged checkpoint step 30: " in process.stdout
+    assert "resumed from step 20" in process.stdout
+    assert results["resumed_from_step"] == 20 and results["skipped_checkpoints"][0].startswith("step 30: ")
+    assert results["params_sha256"] == ref["params_sha256"]
+    for key in ("steps", "best_step", "val_accuracy", "final_val_accuracy", "nonfinite_steps"):
+        assert results[key] == ref[key], key
+    assert metrics_without_timing(workdir) == metrics_without_timing(ref_dir)
+    assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp"))  # leftovers were cleaned up
+
+
+def test_same_seed_gives_the_same_bits_and_another_seed_does_not(train_process, reference, tmp_path):
+    _, ref = reference
+    again = results_of(train_process(tmp_path / "again"), tmp_path / "again")
+    assert again["params_sha256"] == ref["params_sha256"] and again["resumed_from_step"] == 0
+    other = results_of(train_process(tmp_path / "seed1", None, "--seed", "1"), tmp_path / "seed1")
+    assert other["params_sha256"] != ref["params_sha256"]
