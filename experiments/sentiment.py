@@ -178,6 +178,8 @@ def train(argv: list[str]) -> dict:
     vocab_size = tokenizer.get_vocab_size()
     print(f"data: {len(train_enc)} train / {len(val_enc)} validation / {len(encoded['test'][0]) if 'test' in encoded else 0} test, "
           f"{splits.num_classes} classes, vocabulary {vocab_size}, buckets {buckets}")  # fmt: skip
+    if data_cfg.batch_size > len(train_enc):
+        print(f"note: --batch-size {data_cfg.batch_size} exceeds the {len(train_enc)} training texts; each step is one padded batch")
 
     def epoch_batches(epoch):
         return data.epoch_batches(train_enc, train_labels, batch_size=data_cfg.batch_size, buckets=buckets, seed=run_cfg.seed, epoch=epoch)

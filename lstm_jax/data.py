@@ -79,7 +79,8 @@ def _load_raw(dataset: str) -> datasets.DatasetDict:
         return datasets.load_dataset(hub_id)
     except Exception as err:
         raise DataError(f"could not load '{hub_id}' from the Hugging Face Hub ({_short(err)}); "
-                        "with no network, pass a local folder: --dataset path/to/folder") from err
+                        f"check the name (presets: {', '.join(PRESETS)}), or with no network "
+                        "pass a local folder: --dataset path/to/folder") from err
 
 
 def _folder_error(folder: str, err: Exception) -> DataError:

@@ -4,7 +4,9 @@ Each run is a real subprocess on a slice of SST-2 with a tiny model. The kills a
 deterministic: ``LSTM_JAX_KILL_AT="<point>:<step>"`` (see :mod:`lstm_jax.faults`)
 makes the process SIGKILL itself at that exact point. One workdir goes through
 every kill point in turn, then a damaged newest checkpoint, then runs to the end;
-its ``params_sha256`` and metrics must equal those of a run never killed.
+its ``params_sha256`` and metrics must equal those of a run never killed. The
+numerical-fault test runs in this process, with a loss that is NaN on every
+batch holding a marker word.
 
 The subprocesses share a JAX persistent compilation cache (a temporary folder), so
 only the first one compiles; a cached executable is the same program, bit for bit.
@@ -17,10 +19,18 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
+import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from lstm_jax.faults import KILL_AT_ENV
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from experiments import sentiment  # noqa: E402
+from lstm_jax import data  # noqa: E402
+from lstm_jax.faults import KILL_AT_ENV  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -128,3 +138,73 @@ def test_same_seed_gives_the_same_bits_and_another_seed_does_not(train_process, 
     assert again["params_sha256"] == ref["params_sha256"] and again["resumed_from_step"] == 0
     other = results_of(train_process(tmp_path / "seed1", None, "--seed", "1"), tmp_path / "seed1")
     assert other["params_sha256"] != ref["params_sha256"]
+
+
+# --------------------------------------------------------------------------- numerical faults
+
+POISON = "zzpoison"  # a word whose batches get a NaN loss
+
+
+@pytest.fixture
+def poisoned_slice(sst2_slice, tmp_path) -> Path:
+    """The slice with POISON appended to three training sentences."""
+    table = pq.read_table(sst2_slice / "train.parquet")
+    sentences = table.column("sentence").to_pylist()
+    for row in (2, 54, 3):  # in batches 12, 13 and 16 of epoch 0 with seed 0: after the save at step 10
+        sentences[row] += f" {POISON}"
+    folder = tmp_path / "poisoned"
+    folder.mkdir()
+    pq.write_table(table.set_column(table.schema.get_field_index("sentence"), "sentence", pa.array(sentences)),
+                   folder / "train.parquet")  # fmt: skip
+    (folder / "validation.parquet").symlink_to(sst2_slice / "validation.parquet")
+    return folder
+
+
+def poison_loss(monkeypatch, workdir: Path) -> None:
+    """Make the experiment's loss NaN on every batch that holds the POISON word."""
+    real_loss = sentiment.classifier_loss
+
+    def loss(params, config, batch, key):
+        poison_id = data.load_tokenizer(workdir / "tokenizer.json").token_to_id(POISON)  # read once, at trace time
+        value, correct = real_loss(params, config, batch, key)
+        return jnp.where(jnp.any(batch.tokens_BT == poison_id), jnp.nan, value), correct
+
+    monkeypatch.setattr(sentiment, "classifier_loss", loss)
+
+
+def poisoned_steps(folder: Path, workdir: Path) -> list[int]:
+    """The 1-based steps whose batch holds POISON, from the data pipeline alone."""
+    tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
+    poison_id = tokenizer.token_to_id(POISON)
+    assert poison_id not in (None, data.UNK_ID)
+    splits = data.load_text_splits(str(folder))
+    encoded = data.encode(tokenizer, data.texts_of(splits.train), max_len=48)
+    buckets = json.loads((workdir / "run.json").read_text())["buckets"]
+    steps, step = [], 0
+    for epoch in (0, 1):
+        for batch in data.epoch_batches(encoded, data.labels_of(splits.train), batch_size=32, buckets=buckets, seed=0, epoch=epoch):
+            step += 1
+            if np.any(batch.tokens_BT[batch.weights_B > 0] == poison_id):
+                steps.append(step)
+    return steps
+
+
+def test_nan_loss_stops_at_its_step_keeps_the_last_good_checkpoint_and_skip_nonfinite_counts(poisoned_slice, tmp_path, monkeypatch, capsys):
+    workdir = tmp_path / "nan"
+    poison_loss(monkeypatch, workdir)
+    argv = ["--dataset", str(poisoned_slice), "--workdir", str(workdir), *TINY_RUN]
+    with pytest.raises(SystemExit) as stopped:
+        sentiment.main(argv)
+    bad_steps = poisoned_steps(poisoned_slice, workdir)
+    first_bad, last_good = bad_steps[0], (bad_steps[0] - 1) // 10 * 10  # saves fall on multiples of 10
+    assert len(bad_steps) >= 3 and last_good >= 10, bad_steps  # the data is fixed: a checkpoint precedes the NaN
+    message = str(stopped.value.code)
+    assert message.startswith(f"error: non-finite loss or gradient at step {first_bad} (1 so far, --skip-nonfinite 0)")
+    assert f"the last good checkpoint (step {last_good}) is kept" in message and "\n" not in message
+    assert not (workdir / "results.json").exists()
+    assert finished_steps(workdir / "checkpoints")[-1] == last_good
+
+    results = sentiment.train([*argv, "--skip-nonfinite", str(len(bad_steps))])  # a resumable flag: same run, resumed
+    assert f"resumed from step {last_good}" in capsys.readouterr().out
+    assert results["steps"] == 40 and results["nonfinite_steps"] == len(bad_steps)
+    assert json.loads((workdir / "results.json").read_text())["nonfinite_steps"] == len(bad_steps)
