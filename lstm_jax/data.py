@@ -88,14 +88,17 @@ def _folder_error(folder: str, err: Exception) -> DataError:
     chain = [err]
     while chain[-1].__cause__ is not None or chain[-1].__context__ is not None:
         chain.append(chain[-1].__cause__ or chain[-1].__context__)
-    undecodable = next((e for e in chain if isinstance(e, UnicodeDecodeError)), None)
-    if undecodable is not None:
-        return DataError(f"a file in '{folder}' is not UTF-8 ({undecodable.reason} at byte {undecodable.start}); "
+    root = chain[-1]  # `datasets` wraps the telling error in a generic one
+    if any(isinstance(e, UnicodeDecodeError) or "Invalid UTF8" in str(e) for e in chain):
+        return DataError(f"a file in '{folder}' is not UTF-8 ({_short(root)}); "
                          "re-encode it as UTF-8, e.g. iconv -f latin1 -t utf-8 in.csv > out.csv")
-    if "corresponds to no data" in str(err):
-        return DataError(f"a split file in '{folder}' has no rows ({_short(err)}); add rows or delete that file")
-    return DataError(f"could not read local folder '{folder}' ({_short(err)}); "
-                     "it should hold train/validation/test files (parquet, csv, json)")
+    if "column names don't match" in str(root):
+        return DataError(f"the split files in '{folder}' have different columns ({_short(root)}); "
+                         "give every split the same column names")
+    if "corresponds to no data" in str(root) or "BatchSize must be greater than 0" in str(root):
+        return DataError(f"a split file in '{folder}' has no rows ({_short(root)}); add rows or delete that file")
+    return DataError(f"could not read local folder '{folder}' ({_short(root)}); it should hold train/validation/test "
+                     "files (parquet, csv, json) with the same columns, each of one type")
 
 
 def _short(err: Exception, limit: int = 160) -> str:

@@ -1,0 +1,261 @@
+"""Bad input to ``python -m experiments.sentiment``: each case is a one-line error naming the fix,
+or is counted and reported; never a traceback or a silent drop.
+
+The README's Troubleshooting table lists the same cases. Errors are checked through
+``sentiment.main`` (what the command runs); they all happen before anything is
+compiled. The accepted cases are trained on once, in one small messy dataset.
+"""
+
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+import datasets  # noqa: E402
+import orbax.checkpoint as ocp  # noqa: E402
+
+from experiments import sentiment  # noqa: E402
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--embed-dim", "8", "--hidden-size", "8", "--head-hidden", "0", "--no-bidirectional", "--max-len", "32",
+        "--num-buckets", "1", "--batch-size", "64", "--epochs", "2", "--eval-every", "0", "--warmup-steps", "1",
+        "--no-progress"]  # fmt: skip
+GOOD_TEXTS = [f"{word} film number {i}" for i, word in enumerate(["good", "bad", "great", "awful"] * 10)]
+GOOD_LABELS = [1, 0, 1, 0] * 10
+
+
+@pytest.fixture(autouse=True)
+def _offline(monkeypatch):
+    monkeypatch.setattr(datasets.config, "HF_HUB_OFFLINE", True)  # in case `datasets` was imported before the variables
+
+
+def write_parquet(folder: Path, split: str, columns: dict) -> Path:
+    folder.mkdir(parents=True, exist_ok=True)
+    pq.write_table(pa.table(columns), folder / f"{split}.parquet")
+    return folder
+
+
+def good_folder(folder: Path, **replace) -> Path:
+    """train (40 rows) and validation (8 rows) parquet files, with any split's columns replaced."""
+    splits = {"train": {"text": GOOD_TEXTS, "label": GOOD_LABELS}, "validation": {"text": GOOD_TEXTS[:8], "label": GOOD_LABELS[:8]}}
+    for split, columns in {**splits, **replace}.items():
+        write_parquet(folder, split, columns)
+    return folder
+
+
+def renamed_columns(folder: Path, text: str, label: str) -> Path:
+    """The good data with its columns renamed in every split."""
+    return good_folder(folder, train={text: GOOD_TEXTS, label: GOOD_LABELS}, validation={text: GOOD_TEXTS[:8], label: GOOD_LABELS[:8]})
+
+
+def one_line_error(argv) -> str:
+    with pytest.raises(SystemExit) as info:
+        sentiment.main([str(a) for a in argv])
+    message = info.value.code
+    assert isinstance(message, str) and message.startswith("error: ") and "\n" not in message, message
+    return message
+
+
+def run_args(folder, workdir, *flags) -> list[str]:
+    return [str(a) for a in ("--dataset", folder, "--workdir", workdir, *TINY, *flags)]
+
+
+def csv_folder(folder: Path, **files: bytes) -> Path:
+    folder.mkdir(parents=True)
+    for split, content in files.items():
+        (folder / f"{split}.csv").write_bytes(content)
+    return folder
+
+
+# Each case: (name, builds the dataset folder or argument from tmp_path, a regex the error must match)
+ERROR_CASES = [
+    ("dataset name that does not exist", lambda tmp: "no_such_dataset", r"could not load 'no_such_dataset'.*presets: sst2.*local folder"),
+    ("local folder that does not exist", lambda tmp: tmp / "nowhere", r"does not exist; pass an existing folder"),
+    ("Hub id when offline", lambda tmp: "stanfordnlp/sst2", r"from the Hugging Face Hub.*pass a local folder"),
+    ("missing text column", lambda tmp: renamed_columns(tmp, "body", "label"), r"no column one of .*'sentence'.*pass --text-column NAME"),
+    ("missing label column", lambda tmp: renamed_columns(tmp, "text", "stars"), r"no column one of .*'label'.*pass --label-column NAME"),
+    ("splits with different columns", lambda tmp: good_folder(tmp, train={"body": GOOD_TEXTS, "label": GOOD_LABELS}), r"have different columns.*same column names"),
+    ("non-string text", lambda tmp: good_folder(tmp, train={"text": list(range(40)), "label": GOOD_LABELS}, validation={"text": [1, 2], "label": [0, 1]}), r"type int64, not string; make every value a string"),
+    ("text of another type in one split", lambda tmp: good_folder(tmp, train={"text": list(range(40)), "label": GOOD_LABELS}), r"Failed to parse string.*the same columns, each of one type"),
+    ("string labels", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": ["pos", "neg"] * 20}), r"type string; labels must be integer class ids 0..C-1"),
+    ("negative labels", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": [1, -2, 0, 1] * 10}), r"'train' has 10 negative labels"),
+    ("labels outside the class range", lambda tmp: good_folder(tmp, validation={"text": ["a", "b"], "label": [0, 5]}), r"'validation' has 1 labels >= num_classes=2"),
+    ("empty split file", lambda tmp: csv_folder(tmp, train=b"text,label\ngood,1\nbad,0\n", validation=b"text,label\n"), r"split file .* has no rows.*add rows or delete that file"),
+    ("empty train split", lambda tmp: good_folder(tmp, train={"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), r"split file .* has no rows.*add rows or delete that file"),
+    ("train split with one class only", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": [1] * 40}), r"'train' has examples of 1 class\(es\) only \(\[1\]\).*add examples"),
+    ("every training text tokenises to nothing", lambda tmp: good_folder(tmp, train={"text": ["", " \x00 ", "\u200b"] * 13 + [""], "label": GOOD_LABELS}), r"contain no words"),
+    ("file that is not UTF-8", lambda tmp: csv_folder(tmp, train=b"text,label\ngood,1\ncaf\xe9 bad,0\n"), r"is not UTF-8 .*re-encode it as UTF-8"),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize("name, build, expected", ERROR_CASES, ids=[case[0] for case in ERROR_CASES])
+def test_bad_data_is_a_one_line_error_naming_the_fix(name, build, expected, tmp_path):
+    message = one_line_error(run_args(build(tmp_path / "data"), tmp_path / "run"))
+    assert re.search(expected, message), message
+    assert not (tmp_path / "run" / "config.json").exists()  # a corrected rerun is not refused as another config
+
+
+@pytest.mark.parametrize("flag", ["--max-len", "--batch-size", "--epochs", "--log-every"])
+def test_zero_for_a_size_flag_is_a_usage_error_naming_the_flag(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        sentiment.main(run_args(good_folder(tmp_path / "data"), tmp_path / "run", flag, "0"))
+    assert info.value.code == 2
+    assert f"error: {flag} must be >= 1, got 0" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_the_command_prints_one_error_line_and_no_traceback(tmp_path):
+    folder = renamed_columns(tmp_path / "data", "body", "label")
+    env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
+    process = subprocess.run([sys.executable, "-m", "experiments.sentiment", *map(str, run_args(folder, tmp_path / "run"))],
+                             cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert process.returncode == 1
+    error_lines = [line for line in process.stderr.splitlines() if "examples/s" not in line and line.strip()]
+    assert error_lines == [next(line for line in error_lines if line.startswith("error: no column"))], process.stderr
+    assert "Traceback" not in process.stderr
+
+
+# --------------------------------------------------------------------------- counted and reported
+
+LONG_TEXT = " ".join(["long"] * 120_000)
+
+
+@pytest.fixture(scope="module")
+def messy_run(tmp_path_factory):
+    """A run on data with every accepted oddity: ``(workdir, results, printed output)``."""
+    texts = GOOD_TEXTS[:34] + [None, "", " \x00\x07 ", "good\x1bfilm\u200b here", LONG_TEXT, "bad film"]
+    folder = tmp_path_factory.mktemp("messy")
+    write_parquet(folder, "train", {"text": texts, "label": GOOD_LABELS[:40]})
+    write_parquet(folder, "validation", {"text": GOOD_TEXTS[:10], "label": [1, -1, 1, -1, 1, 1, 1, 1, 1, 1]})  # one class only
+    write_parquet(folder, "test", {"text": GOOD_TEXTS[:4], "label": [-1] * 4})  # hidden labels
+    workdir = tmp_path_factory.mktemp("messy_run")
+    import contextlib
+    import io
+
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        results = sentiment.train([str(a) for a in run_args(folder, workdir)])
+    return workdir, results, printed.getvalue()
+
+
+@pytest.mark.slow
+def test_accepted_oddities_are_counted_and_reported(messy_run):
+    workdir, results, printed = messy_run
+    expected_notes = [
+        "note: train: 1 missing texts read as empty strings",  # None
+        "note: train: 2 texts contain control or invisible characters; the tokenizer reads them as spaces",
+        "note: validation: removed 2 unlabelled rows (label -1)",
+        "note: validation: no examples of class(es) [0] out of 2",
+        "note: test: all 4 labels are -1 (unlabelled); split not used",
+        "note: train: 1 of 40 texts cut to --max-len 32; 3 empty texts kept as [UNK]",  # None, "", control-only
+        "note: --batch-size 64 exceeds the 40 training texts; each step is one padded batch",
+    ]
+    for note in expected_notes:
+        assert note in printed, f"{note!r} not in:\n{printed}"
+    assert results["truncated"] == {"train": 1, "validation": 0} and results["empty_texts"] == {"train": 3, "validation": 0}
+    assert results["steps"] == 2 and results["test_accuracy"] is None
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["count"] for r in records if r["split"] == "validation"] == [8, 8]  # every labelled row evaluated
+
+
+@pytest.mark.slow
+def test_predict_reads_empty_and_control_character_texts(messy_run):
+    workdir, _, _ = messy_run
+    answers = sentiment.predict(["--workdir", str(workdir), "", "\x00\x07", LONG_TEXT])
+    assert len(answers) == 3 and all(0.5 <= probability <= 1.0 for _, probability in answers)
+
+
+# --------------------------------------------------------------------------- run directories
+
+
+def copy_of(workdir: Path, tmp_path: Path) -> Path:
+    return Path(shutil.copytree(workdir, tmp_path / "copy"))
+
+
+def saved_argv(workdir: Path, *flags) -> list[str]:
+    config = json.loads((workdir / "config.json").read_text())
+    return run_args(config["DataConfig"]["dataset"], workdir, *flags)
+
+
+@pytest.mark.slow
+def test_predict_on_a_workdir_without_checkpoints(messy_run, tmp_path):
+    workdir = copy_of(messy_run[0], tmp_path)
+    shutil.rmtree(workdir / "checkpoints")
+    shutil.rmtree(workdir / "best")
+    assert "has no checkpoint yet" in one_line_error(["predict", "--workdir", workdir, "fine"])
+    assert "holds no training run" in one_line_error(["predict", "--workdir", tmp_path / "empty", "fine"])
+
+
+@pytest.mark.slow
+def test_missing_tokenizer_is_named_for_predict_and_for_resuming(messy_run, tmp_path):
+    workdir = copy_of(messy_run[0], tmp_path)
+    (workdir / "tokenizer.json").unlink()
+    assert "has no tokenizer.json" in one_line_error(["predict", "--workdir", workdir, "fine"])
+    message = one_line_error(saved_argv(workdir))
+    assert "has checkpoints but no tokenizer.json; restore that file, or pass --restart" in message
+
+
+@pytest.mark.slow
+def test_damaged_tokenizer_is_named(messy_run, tmp_path):
+    workdir = copy_of(messy_run[0], tmp_path)
+    (workdir / "tokenizer.json").write_text('{"version": "1.0", "trunc')
+    assert "tokenizer.json' is damaged" in one_line_error(["predict", "--workdir", workdir, "fine"])
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flags, fields",
+    [(["--cell", "gru"], ["ModelConfig.cell: 'lstm' -> 'gru'"]),
+     (["--vocab-size", "500"], ["DataConfig.vocab_size: 20000 -> 500"]),
+     (["--hidden-size", "16", "--cell", "peephole"], ["ModelConfig.cell: 'lstm' -> 'peephole'", "ModelConfig.hidden_size: 8 -> 16"])],
+)  # fmt: skip
+def test_config_mismatch_names_every_differing_field(messy_run, flags, fields):
+    workdir = messy_run[0]
+    message = one_line_error(saved_argv(workdir, *flags))
+    assert f"error: {workdir} holds a run with another config ({'; '.join(fields)}); use another --workdir or pass --restart" == message
+
+
+@pytest.mark.slow
+def test_no_intact_checkpoint_is_an_error_until_restart(messy_run, tmp_path, capsys):
+    workdir = copy_of(messy_run[0], tmp_path)
+    for step_dir in (workdir / "checkpoints").iterdir():
+        for f in step_dir.rglob("*"):
+            if f.is_file() and f.parent.name == "d":
+                f.write_bytes(b"\x00garbage")
+    message = one_line_error(saved_argv(workdir))
+    assert "no readable checkpoint in" in message and "pass --restart to start from scratch" in message
+    results = sentiment.train(saved_argv(workdir, "--restart"))
+    assert results["resumed_from_step"] == 0 and results["steps"] == 2
+    assert "--restart: moved the previous run to" in capsys.readouterr().out
+    assert len(list(workdir.glob("previous-*/checkpoints"))) == 1  # the damaged run is kept aside, not deleted
+
+
+def test_unwritable_workdir_names_the_path(tmp_path):
+    blocker = tmp_path / "a_file"
+    blocker.write_text("not a folder")
+    message = one_line_error(run_args(good_folder(tmp_path / "data"), blocker / "run"))
+    assert f"cannot create workdir {blocker / 'run'}" in message and "pass a writable --workdir" in message
+
+
+@pytest.mark.slow
+def test_full_disk_during_a_checkpoint_names_the_folder(messy_run, tmp_path, monkeypatch):
+    """Simulated: Orbax's save raises ENOSPC, as it would on a full disk (a real full disk is not made here)."""
+
+    def no_space(self, *args, **kwargs):
+        raise OSError(28, "No space left on device", str(self.directory))
+
+    monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
+    workdir = tmp_path / "run"
+    message = one_line_error(saved_argv(messy_run[0]) [:2] + ["--workdir", workdir] + saved_argv(messy_run[0])[4:])
+    assert f"could not write a checkpoint to {(workdir / 'checkpoints').absolute()}" in message
+    assert "No space left on device" in message and "free disk space" in message
