@@ -27,6 +27,8 @@ import orbax.checkpoint as ocp  # noqa: E402
 from experiments import sentiment  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
+# a failed restore leaves TensorStore futures behind that are reported when collected (see test_checkpoint.py)
+pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
 TINY = ["--embed-dim", "8", "--hidden-size", "8", "--head-hidden", "0", "--no-bidirectional", "--max-len", "32",
         "--num-buckets", "1", "--batch-size", "64", "--epochs", "2", "--eval-every", "0", "--warmup-steps", "1",
         "--no-progress"]  # fmt: skip
@@ -182,9 +184,10 @@ def copy_of(workdir: Path, tmp_path: Path) -> Path:
     return Path(shutil.copytree(workdir, tmp_path / "copy"))
 
 
-def saved_argv(workdir: Path, *flags) -> list[str]:
+def saved_argv(workdir: Path, *flags, into: Path | None = None) -> list[str]:
+    """The arguments of the run in ``workdir`` (with ``flags`` added), writing to ``into`` if given."""
     config = json.loads((workdir / "config.json").read_text())
-    return run_args(config["DataConfig"]["dataset"], workdir, *flags)
+    return run_args(config["DataConfig"]["dataset"], into or workdir, *flags)
 
 
 @pytest.mark.slow
@@ -256,6 +259,6 @@ def test_full_disk_during_a_checkpoint_names_the_folder(messy_run, tmp_path, mon
 
     monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
     workdir = tmp_path / "run"
-    message = one_line_error(saved_argv(messy_run[0]) [:2] + ["--workdir", workdir] + saved_argv(messy_run[0])[4:])
-    assert f"could not write a checkpoint to {(workdir / 'checkpoints').absolute()}" in message
+    message = one_line_error(saved_argv(messy_run[0], into=workdir))
+    assert re.match(rf"error: could not write a checkpoint to {workdir.absolute()}/(best|checkpoints) \(OSError", message)
     assert "No space left on device" in message and "free disk space" in message
