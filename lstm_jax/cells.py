@@ -20,6 +20,8 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from lstm_jax import fused
+
 Params = dict[str, jax.Array]
 
 
@@ -39,12 +41,17 @@ class Cell(NamedTuple):
       recur: ``(params, carry, xp_...G, h_mask=None) -> (carry, y)``. ``h_mask``
         multiplies ``carry.h`` where it enters the recurrent matmul (recurrent dropout).
       init_carry: ``(params, batch_shape=()) -> carry`` of zeros.
+      sequence: optional fused kernel for a whole time-major sequence with the
+        signature of :func:`lstm_jax.fused.lstm_sequence`; it must compute what
+        scanning ``recur`` computes. The scan driver uses it when it is set (and no
+        zoneout is asked for); ``cell._replace(sequence=None)`` turns it off.
     """
 
     init: Callable[..., Params]
     project: Callable[[Params, jax.Array], jax.Array]
     recur: Callable[..., tuple[Carry, jax.Array]]
     init_carry: Callable[..., Carry]
+    sequence: Callable[..., tuple[Carry, jax.Array]] | None = None
 
     def step(self, params: Params, carry: Carry, x: jax.Array) -> tuple[Carry, jax.Array]:
         """One time step: ``recur(params, carry, project(params, x))``."""
@@ -130,10 +137,11 @@ def _lstm_recur(params, carry, xp, h_mask=None):
     return Carry(h, c), h
 
 
-LSTM = Cell(_init_gated(4, forget_gate=1), _project, _lstm_recur, _zero_carry(True, 4))
+LSTM = Cell(_init_gated(4, forget_gate=1), _project, _lstm_recur, _zero_carry(True, 4), fused.lstm_sequence)
 """Long short-term memory (Hochreiter & Schmidhuber 1997, with the forget gate of
 Gers et al. 2000). Gates ``i, f, g, o``; parameters match ``flax.linen.OptimizedLSTMCell``
-through :mod:`lstm_jax.interop`."""
+through :mod:`lstm_jax.interop`. Sequences run through the fused kernel
+:func:`lstm_jax.fused.lstm_sequence`."""
 
 
 def _init_peephole(key, input_size, hidden_size, *, forget_bias=1.0, dtype=jnp.float32):

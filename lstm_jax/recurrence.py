@@ -2,7 +2,9 @@
 
 Inside the driver the sequence is time-major, ``x_T...E`` (any batch dimensions,
 or none). The input projection ``cell.project`` runs once over all steps before the
-scan, so the loop body holds only the recurrent matmul and the gating.
+scan, so the loop body holds only the recurrent matmul and the gating. A cell with a
+fused ``sequence`` kernel (the LSTM: :mod:`lstm_jax.fused`) runs through that
+instead, unless zoneout is on.
 
 Padding: with ``lengths``, steps at or beyond a sequence's length leave its carry
 untouched and emit zeros, so the final carry is the one at the true end. Running
@@ -61,10 +63,12 @@ def scan_layer(
       ``(final_carry, y_TH)`` where padded steps of ``y_TH`` are zero.
     """
     num_steps = x_TE.shape[0]
-    xp_TG = cell.project(params, x_TE)
     if carry is None:
         carry = cell.init_carry(params, x_TE.shape[1:-1])
     valid_T = None if lengths is None else valid_mask(lengths, num_steps)
+    if cell.sequence is not None and zoneout == 0.0:
+        return cell.sequence(params, x_TE, carry=carry, valid_T=valid_T, h_mask=h_mask, reverse=reverse, unroll=unroll)
+    xp_TG = cell.project(params, x_TE)
     zoning = regularisers.check_key(key, zoneout, train, "zoneout")
     zone_keys_T = jax.random.split(key, num_steps) if zoning else None
 

@@ -313,7 +313,7 @@ def test_rnn_zoneout_in_training_keeps_or_updates_each_unit():
     kept = []
     for o, s, n in zip(out, start, new):
         o, s, n = np.asarray(o), np.asarray(s), np.asarray(n)
-        is_old, is_new = o == s, np.isclose(o, n, rtol=1e-6, atol=1e-7)
+        is_old, is_new = o == s, np.isclose(o, n, rtol=1e-5, atol=1e-6)  # fused and scanned LSTM sum in different orders
         assert (is_old | is_new).all()
         assert within_sigmas(is_old.mean(), rate, is_old.size)
         kept.append(is_old)

@@ -1,0 +1,382 @@
+"""One training step of the same LSTM classifier in every system, timed side by side.
+
+The model: embedding (V=20000), one LSTM layer, a linear head on the last hidden
+state, cross-entropy and Adam. Every system gets the same shapes and full-length
+sequences. Systems: lstm_jax, Flax linen ``nn.RNN(nn.OptimizedLSTMCell)``, PyTorch
+``nn.LSTM`` (when torch is installed: ``pip install -e ".[bench]"``) and, on GPU,
+``jax.experimental.rnn.lstm`` (cuDNN).
+
+Rounds interleave the systems, so that drift on a shared machine hits all of them
+alike; each number is the median over every timed step of every round. A large
+f32 matmul, timed in the same rounds, gives the GFLOP/s ceiling.
+
+    python -m benchmarks.train_step                      # default shapes for this backend
+    python -m benchmarks.train_step --shape 64,128,128,256 --json out.json
+    python -m benchmarks.train_step --sst2 ../shared/data/sst2   # also one real SST-2 epoch
+"""
+
+import argparse
+import dataclasses
+import json
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lstm_jax as lj
+
+VOCAB = 20_000
+NUM_CLASSES = 2
+CPU_SHAPES = ("64,128,128,256", "16,512,128,256", "128,64,300,512")
+GPU_SHAPES = CPU_SHAPES + ("256,256,256,512", "128,64,300,1024")
+
+
+@dataclasses.dataclass(frozen=True)
+class Shape:
+    batch: int
+    steps: int
+    embed: int
+    hidden: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Shape":
+        try:
+            return cls(*(int(part) for part in text.split(",")))
+        except (TypeError, ValueError):
+            raise SystemExit(f"--shape takes B,T,E,H as four integers, e.g. 64,128,128,256; got {text!r}") from None
+
+    def __str__(self):
+        return f"{self.batch},{self.steps},{self.embed},{self.hidden}"
+
+    def forward_flops(self) -> int:
+        """Matmul FLOPs of one forward pass (the input projection, the recurrence and the head)."""
+        gates = 4 * self.hidden
+        return 2 * self.batch * (self.steps * (self.embed + self.hidden) * gates + self.hidden * NUM_CLASSES)
+
+    def train_flops(self) -> int:
+        """Forward plus backward: the backward pass costs two forward passes of matmuls."""
+        return 3 * self.forward_flops()
+
+
+class System:
+    """A prepared model in one framework: ``train()`` runs one step, ``infer()`` a forward pass; both block."""
+
+    name: str
+    train: Callable[[], None]
+    infer: Callable[[], None]
+
+
+def random_batch(shape: Shape, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    tokens = rng.integers(0, VOCAB, (shape.batch, shape.steps), dtype=np.int32)
+    labels = rng.integers(0, NUM_CLASSES, (shape.batch,), dtype=np.int32)
+    return tokens, labels
+
+
+def _jax_system(name, params, logits_fn, shape):
+    """Adam on ``logits_fn(params, tokens_BT)`` with a jitted, buffer-donating step."""
+    optimizer = optax.adam(1e-3)
+    tokens, labels = (jnp.asarray(a) for a in random_batch(shape))
+
+    def loss_fn(params):
+        logits = logits_fn(params, tokens)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, labels).mean()
+
+    @jax.jit
+    def forward(params):
+        return logits_fn(params, tokens)
+
+    def step(params, opt_state):
+        loss, grads = jax.value_and_grad(loss_fn)(params)
+        updates, opt_state = optimizer.update(grads, opt_state, params)
+        return optax.apply_updates(params, updates), opt_state, loss
+
+    step = jax.jit(step, donate_argnums=(0, 1))
+    state = {"params": params, "opt": optimizer.init(params)}
+
+    def train():
+        state["params"], state["opt"], loss = step(state["params"], state["opt"])
+        loss.block_until_ready()
+
+    system = System()
+    system.name, system.train, system.infer = name, train, lambda: forward(state["params"]).block_until_ready()
+    return system
+
+
+def lstm_jax_system(shape: Shape) -> System:
+    k_embed, k_rnn, k_out = jax.random.split(jax.random.key(0), 3)
+    params = {
+        "embed": jax.random.normal(k_embed, (VOCAB, shape.embed)) * 0.1,
+        "rnn": lj.init_rnn(k_rnn, lj.LSTM, shape.embed, shape.hidden),
+        "out": jax.random.normal(k_out, (shape.hidden, NUM_CLASSES)) * shape.hidden**-0.5,
+    }
+
+    def logits(params, tokens_BT):
+        x_TBE = params["embed"][tokens_BT.T]  # gather straight into time-major: no transpose of activations
+        _, (carry,) = lj.rnn(lj.LSTM, params["rnn"], x_TBE, time_major=True)
+        return carry.h @ params["out"]
+
+    return _jax_system("lstm_jax", params, logits, shape)
+
+
+def flax_system(shape: Shape) -> System:
+    import flax.linen as nn
+
+    class Classifier(nn.Module):
+        @nn.compact
+        def __call__(self, tokens_BT):
+            x_BTE = nn.Embed(VOCAB, shape.embed)(tokens_BT)
+            (_, h_BH), _ = nn.RNN(nn.OptimizedLSTMCell(shape.hidden), return_carry=True)(x_BTE)
+            return nn.Dense(NUM_CLASSES)(h_BH)
+
+    model = Classifier()
+    tokens, _ = random_batch(shape)
+    params = model.init(jax.random.key(0), jnp.asarray(tokens))
+    return _jax_system("flax OptimizedLSTMCell", params, model.apply, shape)
+
+
+def cudnn_jax_system(shape: Shape) -> System:
+    """``jax.experimental.rnn.lstm``: JAX's cuDNN binding (GPU only)."""
+    from jax.experimental import rnn as jrnn
+
+    k_embed, k_rnn, k_out = jax.random.split(jax.random.key(0), 3)
+    weights = jrnn.init_lstm_weight(k_rnn, shape.embed, shape.hidden, 1, False)
+    params = {
+        "embed": jax.random.normal(k_embed, (VOCAB, shape.embed)) * 0.1,
+        "rnn": weights,
+        "out": jax.random.normal(k_out, (shape.hidden, NUM_CLASSES)) * shape.hidden**-0.5,
+    }
+    lengths = jnp.full((shape.batch,), shape.steps, jnp.int32)
+    zeros = jnp.zeros((1, shape.batch, shape.hidden))
+
+    def logits(params, tokens_BT):
+        x_BTE = params["embed"][tokens_BT]
+        _, h_n, _ = jrnn.lstm(x_BTE, zeros, zeros, params["rnn"], lengths, shape.embed, shape.hidden, 1, 0.0, False)
+        return h_n[0] @ params["out"]
+
+    return _jax_system("jax.experimental.rnn (cuDNN)", params, logits, shape)
+
+
+def torch_system(shape: Shape) -> System | None:
+    try:
+        import torch
+    except ImportError:
+        return None
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+
+    class Classifier(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.embed = torch.nn.Embedding(VOCAB, shape.embed)
+            self.lstm = torch.nn.LSTM(shape.embed, shape.hidden, batch_first=True)
+            self.out = torch.nn.Linear(shape.hidden, NUM_CLASSES)
+
+        def forward(self, tokens_BT):
+            _, (h_n, _) = self.lstm(self.embed(tokens_BT))
+            return self.out(h_n[0])
+
+    model = Classifier().to(device)
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-3)
+    tokens, labels = (torch.as_tensor(a, dtype=torch.long, device=device) for a in random_batch(shape))
+    sync = torch.cuda.synchronize if device == "cuda" else lambda: None
+
+    def train():
+        optimizer.zero_grad(set_to_none=True)
+        torch.nn.functional.cross_entropy(model(tokens), labels).backward()
+        optimizer.step()
+        sync()
+
+    def infer():
+        with torch.inference_mode():
+            model(tokens)
+        sync()
+
+    system = System()
+    system.name, system.train, system.infer = f"torch nn.LSTM ({'cuDNN' if device == 'cuda' else 'CPU'})", train, infer
+    return system
+
+
+def matmul_ceiling() -> Callable[[], float]:
+    """A timed 2048^3 f32 matmul in JAX; returns a function giving GFLOP/s of one run."""
+    size = 2048
+    a = jnp.ones((size, size), jnp.float32)
+    matmul = jax.jit(lambda a: a @ a)
+    matmul(a).block_until_ready()
+
+    def measure():
+        start = time.perf_counter()
+        matmul(a).block_until_ready()
+        return 2 * size**3 / (time.perf_counter() - start) / 1e9
+
+    return measure
+
+
+def time_calls(fn: Callable[[], None], count: int) -> list[float]:
+    times = []
+    for _ in range(count):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def build_systems(shape: Shape, on_gpu: bool) -> list[System]:
+    systems = [lstm_jax_system(shape), flax_system(shape)]
+    if on_gpu:
+        systems.append(cudnn_jax_system(shape))
+    peer = torch_system(shape)
+    if peer is not None:
+        systems.append(peer)
+    return systems
+
+
+def bench_shape(shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: bool, ceiling) -> dict:
+    systems = build_systems(shape, on_gpu)
+    for system in systems:
+        for _ in range(warmup):
+            system.train()
+            system.infer()
+    train_times = {s.name: [] for s in systems}
+    infer_times = {s.name: [] for s in systems}
+    ceilings = []
+    for _ in range(rounds):
+        ceilings += [ceiling() for _ in range(3)]
+        for system in systems:
+            train_times[system.name] += time_calls(system.train, steps)
+            infer_times[system.name] += time_calls(system.infer, steps)
+    ceiling_gflops = float(np.median(ceilings))
+    rows = []
+    for system in systems:
+        train_s = float(np.median(train_times[system.name]))
+        infer_s = float(np.median(infer_times[system.name]))
+        rows.append({
+            "system": system.name,
+            "train_ms": 1e3 * train_s,
+            "train_tokens_per_s": shape.batch * shape.steps / train_s,
+            "train_gflops": shape.train_flops() / train_s / 1e9,
+            "infer_ms": 1e3 * infer_s,
+            "infer_tokens_per_s": shape.batch * shape.steps / infer_s,
+            "train_spread_ms": 1e3 * float(np.subtract(*np.percentile(train_times[system.name], [75, 25]))),
+        })  # fmt: skip
+    ours = rows[0]
+    peers = rows[1:]
+    best_train = min(peers, key=lambda r: r["train_ms"])
+    best_infer = min(peers, key=lambda r: r["infer_ms"])
+    for row in rows:
+        row["train_vs_best_peer"] = best_train["train_ms"] / row["train_ms"]
+        row["infer_vs_best_peer"] = best_infer["infer_ms"] / row["infer_ms"]
+        row["train_fraction_of_ceiling"] = row["train_gflops"] / ceiling_gflops
+    return {
+        "shape": str(shape),
+        "ceiling_gflops": ceiling_gflops,
+        "best_train_peer": best_train["system"],
+        "speedup_train": best_train["train_ms"] / ours["train_ms"],
+        "speedup_infer": best_infer["infer_ms"] / ours["infer_ms"],
+        "rows": rows,
+    }
+
+
+def sst2_epoch(path: str) -> dict:
+    """Training throughput of one SST-2 epoch through the real pipeline and the default classifier."""
+    from experiments import sentiment
+    from lstm_jax import data as lj_data
+    from lstm_jax.model import ModelConfig
+    from lstm_jax.optim import OptimConfig, make_optimizer
+    from lstm_jax.train import classifier_loss, init_train_state, make_train_step
+    from lstm_jax.model import init_classifier
+    import functools
+
+    data_config = sentiment.DataConfig(dataset=path)
+    splits, tokenizer, encoded = sentiment.load_data(data_config, workdir=None)
+    model_config = ModelConfig()
+    train = encoded["train"]
+    batches = lj_data.epoch_batches(train, splits.train_labels, data_config.batch_size, data_config.num_buckets, data_config.max_len, seed=0, epoch=0)
+    optimizer = make_optimizer(OptimConfig(), total_steps=len(batches))
+    params = init_classifier(jax.random.key(0), model_config, tokenizer.get_vocab_size(), splits.num_classes)
+    state = init_train_state(params, optimizer, seed=0, ema=True)
+    step = make_train_step(functools.partial(classifier_loss, config=model_config), optimizer, ema_decay=0.999)
+    compile_start = time.perf_counter()
+    for shape in sorted({b.tokens_BT.shape for b in batches}):
+        batch = next(b for b in batches if b.tokens_BT.shape == shape)
+        jax.block_until_ready(step.lower(state, batch).compile())
+    compile_s = time.perf_counter() - compile_start
+    start = time.perf_counter()
+    for batch in batches:
+        state, metrics = step(state, batch)
+    jax.block_until_ready(metrics)
+    seconds = time.perf_counter() - start
+    real_tokens = int(sum(int(b.lengths_B.sum()) for b in batches))
+    padded_tokens = int(sum(b.tokens_BT.size for b in batches))
+    return {
+        "steps": len(batches), "seconds": seconds, "compile_seconds": compile_s,
+        "real_tokens_per_s": real_tokens / seconds, "padded_tokens_per_s": padded_tokens / seconds,
+        "padding_fraction": 1 - real_tokens / padded_tokens,
+    }  # fmt: skip
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def machine_description() -> str:
+    device = jax.devices()[0]
+    if device.platform == "gpu":
+        return device.device_kind
+    import os
+
+    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+
+
+def print_table(result: dict) -> None:
+    print(f"\nshape B,T,E,H = {result['shape']}   matmul ceiling {result['ceiling_gflops']:.0f} GFLOP/s")
+    header = f"{'system':32s} {'train ms':>9s} {'tok/s':>9s} {'vs best':>8s} {'GFLOP/s':>8s} {'%ceil':>6s} {'infer ms':>9s} {'tok/s':>9s} {'vs best':>8s}"
+    print(header)
+    print("-" * len(header))
+    for row in result["rows"]:
+        print(
+            f"{row['system']:32s} {row['train_ms']:9.2f} {row['train_tokens_per_s']:9.0f} {row['train_vs_best_peer']:7.2f}x "
+            f"{row['train_gflops']:8.1f} {100 * row['train_fraction_of_ceiling']:5.0f}% {row['infer_ms']:9.2f} "
+            f"{row['infer_tokens_per_s']:9.0f} {row['infer_vs_best_peer']:7.2f}x"
+        )
+
+
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--shape", action="append", help="B,T,E,H (repeatable); default: the shapes for this backend")
+    parser.add_argument("--steps", type=int, default=20, help="timed steps per system per round")
+    parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the systems")
+    parser.add_argument("--warmup", type=int, default=3, help="untimed steps per system after compiling")
+    parser.add_argument("--json", help="write every number to this file")
+    parser.add_argument("--sst2", help="also time one epoch of the sentiment experiment on this dataset (path or Hub id)")
+    args = parser.parse_args(argv)
+    on_gpu = jax.default_backend() == "gpu"
+    shapes = [Shape.parse(s) for s in (args.shape or (GPU_SHAPES if on_gpu else CPU_SHAPES))]
+    ceiling = matmul_ceiling()
+    report = {"machine": machine_description(), "backend": jax.default_backend(), "commit": git_commit(),
+              "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "results": []}  # fmt: skip
+    print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}")
+    for shape in shapes:
+        result = bench_shape(shape, steps=args.steps, rounds=args.rounds, warmup=args.warmup, on_gpu=on_gpu, ceiling=ceiling)
+        print_table(result)
+        report["results"].append(result)
+    if args.sst2:
+        report["sst2_epoch"] = sst2_epoch(args.sst2)
+        e = report["sst2_epoch"]
+        print(f"\nSST-2 epoch: {e['steps']} steps in {e['seconds']:.1f} s (+{e['compile_seconds']:.1f} s compile), "
+              f"{e['real_tokens_per_s']:.0f} real tokens/s, {100 * e['padding_fraction']:.0f}% padding")  # fmt: skip
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2))
+
+
+if __name__ == "__main__":
+    main()

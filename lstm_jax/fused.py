@@ -1,0 +1,155 @@
+"""A fused LSTM sequence kernel with a hand-written backward pass.
+
+:func:`lstm_sequence` computes exactly what scanning ``cells.LSTM.recur`` computes
+(lengths, reverse, recurrent-dropout mask), but is laid out for speed:
+
+* Each step does one matmul, ``[x_t, h] @ [W_x; W_h]``. On CPU this beats hoisting
+  the input projection out of the loop: the hoisted ``(T, B, 4H)`` pre-activations do
+  not fit in cache, and writing then re-reading them costs more than the small
+  per-step matmul (see ``benchmarks/NOTES.md``).
+* The backward pass is a second scan that carries only ``(dh, dc)`` and does one
+  matmul per step, ``dz_t @ [W_x; W_h]^T``, which yields both ``dx_t`` and ``dh``. The
+  weight gradient is one large matmul over all steps after the loop,
+  ``[X, H_prev]^T dZ``, instead of ``T`` small accumulations inside it. This is the
+  structure of cuDNN's LSTM (Appleyard, Kocisky & Blunsom 2016, "Optimizing
+  performance of recurrent neural networks on GPUs").
+* The forward pass saves the gate activations and the cell states, so the backward
+  pass recomputes no matmul.
+
+Gates are in the order ``i, f, g, o``, as everywhere in :mod:`lstm_jax.cells`. The
+recurrent-dropout mask is a constant: no gradient flows into it.
+"""
+
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+
+
+def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=False, unroll=1):
+    """Run the LSTM over a time-major sequence with any batch dimensions.
+
+    Args:
+      params: LSTM params ``w_x`` (E x 4H), ``w_h`` (H x 4H), ``b`` (4H).
+      x_TE: ``(T, ..., E)``.
+      carry: the initial ``Carry(h, c)``, shapes ``(..., H)``.
+      valid_T: bool ``(T, ...)``, False on padded steps (they keep the carry and emit 0).
+      h_mask: multiplies ``h`` where it enters the recurrent matmul, shape ``(..., H)``.
+      reverse: run from the last step to the first.
+      unroll: ``lax.scan`` unroll factor of both passes.
+
+    Returns:
+      ``(final_carry, y_TH)``, as :func:`lstm_jax.recurrence.scan_layer`.
+    """
+    from lstm_jax.cells import Carry
+
+    num_steps, *batch_shape, input_size = x_TE.shape
+    hidden_size = carry.h.shape[-1]
+    rows = math.prod(batch_shape)
+    x_TNE = x_TE.reshape(num_steps, rows, input_size)
+    h_NH = jnp.broadcast_to(carry.h, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
+    c_NH = jnp.broadcast_to(carry.c, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
+    valid_TN = None if valid_T is None else jnp.broadcast_to(valid_T, (num_steps, *batch_shape)).reshape(num_steps, rows)
+    mask_NH = None if h_mask is None else jnp.broadcast_to(lax.stop_gradient(h_mask), h_NH.shape).reshape(rows, hidden_size)
+    h_NH, c_NH, y_TNH = _lstm_scan(reverse, unroll, params["w_x"], params["w_h"], params["b"], x_TNE, h_NH, c_NH, valid_TN, mask_NH)
+    unflatten = functools.partial(jnp.reshape, shape=(*batch_shape, hidden_size))
+    return Carry(unflatten(h_NH), unflatten(c_NH)), y_TNH.reshape(num_steps, *batch_shape, hidden_size)
+
+
+def _gate_activations(z_NG):
+    i, f, g, o = jnp.split(z_NG, 4, axis=-1)
+    return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
+
+
+def _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
+    """The forward scan; also returns the gate activations and the carried states for the backward pass."""
+    w_KG = jnp.concatenate([w_x, w_h], axis=0)
+
+    def step(carry, inputs):
+        h, c = carry
+        x, valid = inputs
+        h_in = h if mask_NH is None else h * mask_NH
+        i, f, g, o = _gate_activations(jnp.concatenate([x, h_in], axis=-1) @ w_KG + b)
+        c_new = f * c + i * g
+        h_new = o * jnp.tanh(c_new)
+        if valid is not None:
+            keep = valid[:, None]
+            c_new, h_new = jnp.where(keep, c_new, c), jnp.where(keep, h_new, h)
+        return (h_new, c_new), (jnp.concatenate([i, f, g, o], axis=-1), h_new, c_new)
+
+    (h_NH, c_NH), (acts_TNG, h_TNH, c_TNH) = lax.scan(step, (h_NH, c_NH), (x_TNE, valid_TN), reverse=reverse, unroll=unroll)
+    return h_NH, c_NH, acts_TNG, h_TNH, c_TNH
+
+
+def _outputs(h_TNH, valid_TN):
+    return h_TNH if valid_TN is None else jnp.where(valid_TN[..., None], h_TNH, jnp.zeros((), h_TNH.dtype))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
+def _lstm_scan(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
+    h_NH, c_NH, _, h_TNH, _ = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH)
+    return h_NH, c_NH, _outputs(h_TNH, valid_TN)
+
+
+def _lstm_scan_fwd(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH):
+    h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH)
+    saved = (w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH)
+    return (h_NH, c_NH, _outputs(h_TNH, valid_TN)), saved
+
+
+def _previous(series_TNH, initial_NH, reverse):
+    """The state each step started from: the series shifted by one step, against the scan direction."""
+    if reverse:
+        return jnp.concatenate([series_TNH[1:], initial_NH[None]], axis=0)
+    return jnp.concatenate([initial_NH[None], series_TNH[:-1]], axis=0)
+
+
+def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
+    w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH = saved
+    dh_NH, dc_NH, dy_TNH = cotangents
+    input_size = x_TNE.shape[-1]
+    w_GK = jnp.concatenate([w_x, w_h], axis=0).T
+    c_prev_TNH = _previous(c_TNH, c0_NH, reverse)
+
+    def step(carry, inputs):
+        dh, dc = carry
+        dy, acts, c_new, c_prev, valid = inputs
+        i, f, g, o = jnp.split(acts, 4, axis=-1)
+        tanh_c = jnp.tanh(c_new)
+        dh_new = dh + dy
+        if valid is not None:  # a padded step passed the carry through untouched and emitted 0
+            keep = valid[:, None]
+            dh_new, dh_skip = jnp.where(keep, dh_new, 0), jnp.where(keep, 0, dh)
+            dc_in, dc_skip = jnp.where(keep, dc, 0), jnp.where(keep, 0, dc)
+        else:
+            dc_in = dc
+        dc_new = dc_in + dh_new * o * (1 - tanh_c * tanh_c)
+        dz = jnp.concatenate(
+            [dc_new * g * i * (1 - i), dc_new * c_prev * f * (1 - f), dc_new * i * (1 - g * g), dh_new * tanh_c * o * (1 - o)],
+            axis=-1,
+        )
+        dxh = dz @ w_GK
+        dx, dh_prev = dxh[:, :input_size], dxh[:, input_size:]
+        if mask_NH is not None:
+            dh_prev = dh_prev * mask_NH
+        dc_prev = dc_new * f
+        if valid is not None:
+            dh_prev, dc_prev = dh_prev + dh_skip, dc_prev + dc_skip
+        return (dh_prev, dc_prev), (dz, dx)
+
+    inputs = (dy_TNH, acts_TNG, c_TNH, c_prev_TNH, valid_TN)
+    (dh0_NH, dc0_NH), (dz_TNG, dx_TNE) = lax.scan(step, (dh_NH, dc_NH), inputs, reverse=not reverse, unroll=unroll)
+    h_in_TNH = _previous(h_TNH, h0_NH, reverse)
+    if mask_NH is not None:
+        h_in_TNH = h_in_TNH * mask_NH
+    dz_MG = dz_TNG.reshape(-1, dz_TNG.shape[-1])
+    dw_x = x_TNE.reshape(-1, input_size).T @ dz_MG
+    dw_h = h_in_TNH.reshape(-1, h_in_TNH.shape[-1]).T @ dz_MG
+    no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
+    return dw_x, dw_h, dz_MG.sum(0), dx_TNE, dh0_NH, dc0_NH, no_grad(valid_TN), no_grad(mask_NH)
+
+
+_lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)

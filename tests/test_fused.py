@@ -1,0 +1,124 @@
+"""The fused LSTM kernel against the plain scan over ``LSTM.recur`` (values and autodiff gradients).
+
+The float64 finite-difference check in ``test_recurrence.py`` covers the kernel's
+hand-written backward pass independently of autodiff.
+"""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from rnn_fixtures import E, H, padded_batch, random_layers
+
+from lstm_jax import LSTM, Carry, regularisers, scan_layer
+
+SCANNED_LSTM = LSTM._replace(sequence=None)
+LENGTHS = (7, 1, 4, 0, 7)
+
+
+def random_inputs(batch_shape, num_steps=7, seed=0):
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(rng.normal(size=(num_steps, *batch_shape, E)), jnp.float32)
+    carry = Carry(*(jnp.asarray(rng.normal(size=(*batch_shape, H)), jnp.float32) for _ in range(2)))
+    return x, carry
+
+
+def run_both(loss_of_cell):
+    """Value and gradient of the same loss through the fused kernel and through the plain scan."""
+    fused = jax.value_and_grad(loss_of_cell(LSTM), argnums=(0, 1, 2))
+    scanned = jax.value_and_grad(loss_of_cell(SCANNED_LSTM), argnums=(0, 1, 2))
+    return fused, scanned
+
+
+def assert_trees_close(actual, expected, rtol=2e-5, atol=2e-5):
+    for a, e in zip(jax.tree.leaves(actual), jax.tree.leaves(expected), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=rtol, atol=atol)
+
+
+def sequence_loss(cell, **options):
+    """A loss that reads every output and both halves of the final carry, with uneven weights."""
+
+    def loss(params, x, carry):
+        final, y = scan_layer(cell, params, x, carry=carry, **options)
+        weights = jnp.linspace(0.5, 1.5, y.size).reshape(y.shape)
+        return jnp.sum(weights * y) + jnp.sum(jnp.sin(final.h)) + jnp.sum(final.c**2)
+
+    return loss
+
+
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("with_lengths", [False, True])
+def test_fused_matches_scanned_values_and_gradients(reverse, with_lengths):
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((len(LENGTHS),))
+    lengths = jnp.array(LENGTHS) if with_lengths else None
+    fused, scanned = run_both(lambda cell: sequence_loss(cell, lengths=lengths, reverse=reverse))
+    assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
+
+
+def test_fused_outputs_and_final_carry_match_with_padding():
+    params = random_layers(LSTM)[0]
+    x = jnp.moveaxis(jnp.asarray(padded_batch(LENGTHS, 7)), 1, 0)
+    for reverse in (False, True):
+        got = scan_layer(LSTM, params, x, lengths=jnp.array(LENGTHS), reverse=reverse)
+        want = scan_layer(SCANNED_LSTM, params, x, lengths=jnp.array(LENGTHS), reverse=reverse)
+        assert_trees_close(got, want)
+        assert (np.asarray(got[1])[:, 3] == 0).all()  # the length-0 row emits zeros and keeps a zero carry
+        assert (np.asarray(got[0].c)[3] == 0).all()
+
+
+def test_fused_with_recurrent_dropout_mask():
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((len(LENGTHS),))
+    h_mask = regularisers.recurrent_mask(jax.random.key(3), (len(LENGTHS), H), 0.4, train=True)
+    assert (np.asarray(h_mask) == 0).any()
+    fused, scanned = run_both(lambda cell: sequence_loss(cell, lengths=jnp.array(LENGTHS), h_mask=h_mask))
+    assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
+
+
+@pytest.mark.parametrize("batch_shape", [(), (2, 3)])
+def test_fused_any_batch_dimensions(batch_shape):
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs(batch_shape)
+    lengths = jnp.asarray(np.random.default_rng(1).integers(0, 8, batch_shape))
+    fused, scanned = run_both(lambda cell: sequence_loss(cell, lengths=lengths, reverse=True))
+    assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
+
+
+def test_fused_under_vmap_and_jit():
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((4,))
+    lengths = jnp.array([7, 3, 0, 5])
+
+    def one(x_TE, h, c, n):
+        return scan_layer(LSTM, params, x_TE, carry=Carry(h, c), lengths=n)
+
+    mapped = jax.jit(jax.vmap(one, in_axes=(1, 0, 0, 0), out_axes=(0, 1)))(x, carry.h, carry.c, lengths)
+    assert_trees_close(mapped, scan_layer(SCANNED_LSTM, params, x, carry=carry, lengths=lengths))
+
+
+def test_fused_unroll_matches():
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((3,), num_steps=9)
+    fused, _ = run_both(lambda cell: sequence_loss(cell, unroll=4, lengths=jnp.array([9, 2, 5])))
+    _, scanned = run_both(lambda cell: sequence_loss(cell, lengths=jnp.array([9, 2, 5])))
+    assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
+
+
+def test_fused_bfloat16_tracks_float32():
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((5,))
+    low = jax.tree.map(lambda a: a.astype(jnp.bfloat16), (params, x, carry))
+    _, y_low = scan_layer(LSTM, low[0], low[1], carry=low[2])
+    _, y = scan_layer(LSTM, params, x, carry=carry)
+    assert y_low.dtype == jnp.bfloat16
+    np.testing.assert_allclose(np.asarray(y_low, np.float32), np.asarray(y), atol=0.05)
+
+
+def test_zoneout_falls_back_to_the_scan():
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((5,))
+    options = dict(carry=carry, zoneout=0.5, train=False)
+    zoned = scan_layer(LSTM, params, x, **options)
+    assert_trees_close(zoned, scan_layer(SCANNED_LSTM, params, x, **options))
+    assert np.abs(np.asarray(zoned[1]) - np.asarray(scan_layer(LSTM, params, x, carry=carry)[1])).max() > 1e-2
