@@ -90,6 +90,7 @@ ERROR_CASES = [
     ("non-string text", lambda tmp: good_folder(tmp, train={"text": list(range(40)), "label": GOOD_LABELS}, validation={"text": [1, 2], "label": [0, 1]}), r"type int64, not string; make every value a string"),
     ("text of another type in one split", lambda tmp: good_folder(tmp, train={"text": list(range(40)), "label": GOOD_LABELS}), r"Failed to parse string.*the same columns, each of one type"),
     ("string labels", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": ["pos", "neg"] * 20}), r"type string; labels must be integer class ids 0..C-1"),
+    ("float labels", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": [1.0, 0.0] * 20}, validation={"text": ["a", "b"], "label": [0.0, 1.0]}), r"type double; labels must be integer class ids 0..C-1"),
     ("negative labels", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": [1, -2, 0, 1] * 10}), r"'train' has 10 negative labels"),
     ("labels outside the class range", lambda tmp: good_folder(tmp, validation={"text": ["a", "b"], "label": [0, 5]}), r"'validation' has 1 labels >= num_classes=2"),
     ("empty split file", lambda tmp: csv_folder(tmp, train=b"text,label\ngood,1\nbad,0\n", validation=b"text,label\n"), r"split file .* has no rows.*add rows or delete that file"),
@@ -206,6 +207,16 @@ def test_missing_tokenizer_is_named_for_predict_and_for_resuming(messy_run, tmp_
     assert "has no tokenizer.json" in one_line_error(["predict", "--workdir", workdir, "fine"])
     message = one_line_error(saved_argv(workdir))
     assert "has checkpoints but no tokenizer.json; restore that file, or pass --restart" in message
+
+
+@pytest.mark.slow
+def test_missing_or_damaged_config_of_a_run_with_checkpoints(messy_run, tmp_path):
+    workdir = copy_of(messy_run[0], tmp_path)
+    argv = saved_argv(workdir)
+    (workdir / "config.json").write_text('{"DataConfig": {"data')
+    assert re.search(r"config.json is damaged .*; restore it, or pass --restart", one_line_error(argv))
+    (workdir / "config.json").unlink()
+    assert "has checkpoints but no config.json; restore that file, or pass --restart" in one_line_error(argv)
 
 
 @pytest.mark.slow
