@@ -285,19 +285,27 @@ def bench_shape(shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: b
 
 def sst2_epoch(path: str) -> dict:
     """Training throughput of one SST-2 epoch through the real pipeline and the default classifier."""
+    import functools
+
     from experiments import sentiment
     from lstm_jax import data as lj_data
-    from lstm_jax.model import ModelConfig
+    from lstm_jax.model import ModelConfig, init_classifier
     from lstm_jax.optim import OptimConfig, make_optimizer
     from lstm_jax.train import classifier_loss, init_train_state, make_train_step
-    from lstm_jax.model import init_classifier
-    import functools
 
     data_config = sentiment.DataConfig(dataset=path)
     splits, tokenizer, encoded = sentiment.load_data(data_config, workdir=None)
     model_config = ModelConfig()
     train = encoded["train"]
-    batches = lj_data.epoch_batches(train, splits.train_labels, data_config.batch_size, data_config.num_buckets, data_config.max_len, seed=0, epoch=0)
+    batches = lj_data.epoch_batches(
+        train,
+        splits.train_labels,
+        data_config.batch_size,
+        data_config.num_buckets,
+        data_config.max_len,
+        seed=0,
+        epoch=0,
+    )
     optimizer = make_optimizer(OptimConfig(), total_steps=len(batches))
     params = init_classifier(jax.random.key(0), model_config, tokenizer.get_vocab_size(), splits.num_classes)
     state = init_train_state(params, optimizer, seed=0, ema=True)
@@ -323,7 +331,9 @@ def sst2_epoch(path: str) -> dict:
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True, check=True
+        ).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -351,13 +361,17 @@ def print_table(result: dict) -> None:
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--shape", action="append", help="B,T,E,H (repeatable); default: the shapes for this backend")
     parser.add_argument("--steps", type=int, default=20, help="timed steps per system per round")
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the systems")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per system after compiling")
     parser.add_argument("--json", help="write every number to this file")
-    parser.add_argument("--sst2", help="also time one epoch of the sentiment experiment on this dataset (path or Hub id)")
+    parser.add_argument(
+        "--sst2", help="also time one epoch of the sentiment experiment on this dataset (path or Hub id)"
+    )
     args = parser.parse_args(argv)
     on_gpu = jax.default_backend() == "gpu"
     shapes = [Shape.parse(s) for s in (args.shape or (GPU_SHAPES if on_gpu else CPU_SHAPES))]
@@ -366,7 +380,9 @@ def main(argv=None):
               "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "results": []}  # fmt: skip
     print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}")
     for shape in shapes:
-        result = bench_shape(shape, steps=args.steps, rounds=args.rounds, warmup=args.warmup, on_gpu=on_gpu, ceiling=ceiling)
+        result = bench_shape(
+            shape, steps=args.steps, rounds=args.rounds, warmup=args.warmup, on_gpu=on_gpu, ceiling=ceiling
+        )
         print_table(result)
         report["results"].append(result)
     if args.sst2:

@@ -52,9 +52,15 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
     x_TNE = x_TE.reshape(num_steps, rows, input_size)
     h_NH = jnp.broadcast_to(carry.h, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
     c_NH = jnp.broadcast_to(carry.c, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
-    valid_TN = None if valid_T is None else jnp.broadcast_to(valid_T, (num_steps, *batch_shape)).reshape(num_steps, rows)
-    mask_NH = None if h_mask is None else jnp.broadcast_to(lax.stop_gradient(h_mask), h_NH.shape).reshape(rows, hidden_size)
-    h_NH, c_NH, y_TNH = _lstm_scan(reverse, unroll, params["w_x"], params["w_h"], params["b"], x_TNE, h_NH, c_NH, valid_TN, mask_NH)
+    valid_TN = (
+        None if valid_T is None else jnp.broadcast_to(valid_T, (num_steps, *batch_shape)).reshape(num_steps, rows)
+    )
+    mask_NH = (
+        None if h_mask is None else jnp.broadcast_to(lax.stop_gradient(h_mask), h_NH.shape).reshape(rows, hidden_size)
+    )
+    h_NH, c_NH, y_TNH = _lstm_scan(
+        reverse, unroll, params["w_x"], params["w_h"], params["b"], x_TNE, h_NH, c_NH, valid_TN, mask_NH
+    )
     unflatten = functools.partial(jnp.reshape, shape=(*batch_shape, hidden_size))
     return Carry(unflatten(h_NH), unflatten(c_NH)), y_TNH.reshape(num_steps, *batch_shape, hidden_size)
 
@@ -80,7 +86,9 @@ def _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH)
             c_new, h_new = jnp.where(keep, c_new, c), jnp.where(keep, h_new, h)
         return (h_new, c_new), (jnp.concatenate([i, f, g, o], axis=-1), h_new, c_new)
 
-    (h_NH, c_NH), (acts_TNG, h_TNH, c_TNH) = lax.scan(step, (h_NH, c_NH), (x_TNE, valid_TN), reverse=reverse, unroll=unroll)
+    (h_NH, c_NH), (acts_TNG, h_TNH, c_TNH) = lax.scan(
+        step, (h_NH, c_NH), (x_TNE, valid_TN), reverse=reverse, unroll=unroll
+    )
     return h_NH, c_NH, acts_TNG, h_TNH, c_TNH
 
 
@@ -96,7 +104,7 @@ def _lstm_scan(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_N
 
 def _lstm_scan_fwd(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH):
     h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH)
-    saved = (w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH)
+    saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH)
     return (h_NH, c_NH, _outputs(h_TNH, valid_TN)), saved
 
 
@@ -108,7 +116,7 @@ def _previous(series_TNH, initial_NH, reverse):
 
 
 def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
-    w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH = saved
+    w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH = saved
     dh_NH, dc_NH, dy_TNH = cotangents
     input_size = x_TNE.shape[-1]
     w_GK = jnp.concatenate([w_x, w_h], axis=0).T
@@ -128,7 +136,12 @@ def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
             dc_in = dc
         dc_new = dc_in + dh_new * o * (1 - tanh_c * tanh_c)
         dz = jnp.concatenate(
-            [dc_new * g * i * (1 - i), dc_new * c_prev * f * (1 - f), dc_new * i * (1 - g * g), dh_new * tanh_c * o * (1 - o)],
+            [
+                dc_new * g * i * (1 - i),
+                dc_new * c_prev * f * (1 - f),
+                dc_new * i * (1 - g * g),
+                dh_new * tanh_c * o * (1 - o),
+            ],
             axis=-1,
         )
         dxh = dz @ w_GK

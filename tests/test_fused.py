@@ -118,7 +118,7 @@ def test_fused_bfloat16_tracks_float32():
 def test_zoneout_falls_back_to_the_scan():
     params = random_layers(LSTM)[0]
     x, carry = random_inputs((5,))
-    options = dict(carry=carry, zoneout=0.5, train=False)
+    options = {"carry": carry, "zoneout": 0.5, "train": False}
     zoned = scan_layer(LSTM, params, x, **options)
     assert_trees_close(zoned, scan_layer(SCANNED_LSTM, params, x, **options))
     assert np.abs(np.asarray(zoned[1]) - np.asarray(scan_layer(LSTM, params, x, carry=carry)[1])).max() > 1e-2
