@@ -6,6 +6,8 @@ The README's Troubleshooting table lists the same cases. Errors are checked thro
 compiled. The accepted cases are trained on once, in one small messy dataset.
 """
 
+import contextlib
+import io
 import json
 import os
 import re
@@ -21,10 +23,10 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-import datasets  # noqa: E402
-import orbax.checkpoint as ocp  # noqa: E402
+import datasets
+import orbax.checkpoint as ocp
 
-from experiments import sentiment  # noqa: E402
+from experiments import sentiment
 
 REPO = Path(__file__).resolve().parents[1]
 # a failed restore leaves TensorStore futures behind that are reported when collected (see test_checkpoint.py)
@@ -49,7 +51,10 @@ def write_parquet(folder: Path, split: str, columns: dict) -> Path:
 
 def good_folder(folder: Path, **replace) -> Path:
     """train (40 rows) and validation (8 rows) parquet files, with any split's columns replaced."""
-    splits = {"train": {"text": GOOD_TEXTS, "label": GOOD_LABELS}, "validation": {"text": GOOD_TEXTS[:8], "label": GOOD_LABELS[:8]}}
+    splits = {
+        "train": {"text": GOOD_TEXTS, "label": GOOD_LABELS},
+        "validation": {"text": GOOD_TEXTS[:8], "label": GOOD_LABELS[:8]},
+    }
     for split, columns in {**splits, **replace}.items():
         write_parquet(folder, split, columns)
     return folder
@@ -57,7 +62,9 @@ def good_folder(folder: Path, **replace) -> Path:
 
 def renamed_columns(folder: Path, text: str, label: str) -> Path:
     """The good data with its columns renamed in every split."""
-    return good_folder(folder, train={text: GOOD_TEXTS, label: GOOD_LABELS}, validation={text: GOOD_TEXTS[:8], label: GOOD_LABELS[:8]})
+    return good_folder(
+        folder, train={text: GOOD_TEXTS, label: GOOD_LABELS}, validation={text: GOOD_TEXTS[:8], label: GOOD_LABELS[:8]}
+    )
 
 
 def one_line_error(argv) -> str:
@@ -120,7 +127,7 @@ def test_zero_for_a_size_flag_is_a_usage_error_naming_the_flag(flag, tmp_path, c
 def test_the_command_prints_one_error_line_and_no_traceback(tmp_path):
     folder = renamed_columns(tmp_path / "data", "body", "label")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
-    process = subprocess.run([sys.executable, "-m", "experiments.sentiment", *map(str, run_args(folder, tmp_path / "run"))],
+    process = subprocess.run([sys.executable, "-m", "experiments.sentiment", *run_args(folder, tmp_path / "run")], check=False,
                              cwd=REPO, env=env, capture_output=True, text=True, timeout=300)  # fmt: skip
     assert process.returncode == 1
     error_lines = [line for line in process.stderr.splitlines() if "examples/s" not in line and line.strip()]
@@ -139,12 +146,11 @@ def messy_run(tmp_path_factory):
     texts = GOOD_TEXTS[:34] + [None, "", " \x00\x07 ", "good\x1bfilm\u200b here", LONG_TEXT, "bad film"]
     folder = tmp_path_factory.mktemp("messy")
     write_parquet(folder, "train", {"text": texts, "label": GOOD_LABELS[:40]})
-    write_parquet(folder, "validation", {"text": GOOD_TEXTS[:10], "label": [1, -1, 1, -1, 1, 1, 1, 1, 1, 1]})  # one class only
+    write_parquet(
+        folder, "validation", {"text": GOOD_TEXTS[:10], "label": [1, -1, 1, -1, 1, 1, 1, 1, 1, 1]}
+    )  # one class only
     write_parquet(folder, "test", {"text": GOOD_TEXTS[:4], "label": [-1] * 4})  # hidden labels
     workdir = tmp_path_factory.mktemp("messy_run")
-    import contextlib
-    import io
-
     printed = io.StringIO()
     with contextlib.redirect_stdout(printed):
         results = sentiment.train([str(a) for a in run_args(folder, workdir)])
@@ -165,7 +171,10 @@ def test_accepted_oddities_are_counted_and_reported(messy_run):
     ]
     for note in expected_notes:
         assert note in printed, f"{note!r} not in:\n{printed}"
-    assert results["truncated"] == {"train": 1, "validation": 0} and results["empty_texts"] == {"train": 3, "validation": 0}
+    assert results["truncated"] == {"train": 1, "validation": 0} and results["empty_texts"] == {
+        "train": 3,
+        "validation": 0,
+    }
     assert results["steps"] == 2 and results["test_accuracy"] is None
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
     assert [r["count"] for r in records if r["split"] == "validation"] == [8, 8]  # every labelled row evaluated
@@ -236,7 +245,10 @@ def test_damaged_tokenizer_is_named(messy_run, tmp_path):
 def test_config_mismatch_names_every_differing_field(messy_run, flags, fields):
     workdir = messy_run[0]
     message = one_line_error(saved_argv(workdir, *flags))
-    assert f"error: {workdir} holds a run with another config ({'; '.join(fields)}); use another --workdir or pass --restart" == message
+    assert (
+        f"error: {workdir} holds a run with another config ({'; '.join(fields)}); use another --workdir or pass --restart"
+        == message
+    )
 
 
 @pytest.mark.slow
@@ -271,5 +283,7 @@ def test_full_disk_during_a_checkpoint_names_the_folder(messy_run, tmp_path, mon
     monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
     workdir = tmp_path / "run"
     message = one_line_error(saved_argv(messy_run[0], into=workdir))
-    assert re.match(rf"error: could not write a checkpoint to {workdir.absolute()}/(best|checkpoints) \(OSError", message)
+    assert re.match(
+        rf"error: could not write a checkpoint to {workdir.absolute()}/(best|checkpoints) \(OSError", message
+    )
     assert "No space left on device" in message and "free disk space" in message

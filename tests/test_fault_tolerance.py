@@ -28,9 +28,9 @@ import pytest
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from experiments import sentiment  # noqa: E402
-from lstm_jax import data  # noqa: E402
-from lstm_jax.faults import KILL_AT_ENV  # noqa: E402
+from experiments import sentiment
+from lstm_jax import data
+from lstm_jax.faults import KILL_AT_ENV
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -61,7 +61,7 @@ def train_process(sst2_slice, tmp_path_factory):
     def run(workdir: Path, kill_at: str | None = None, *flags) -> subprocess.CompletedProcess:
         command = [sys.executable, "-m", "experiments.sentiment", "--dataset", str(sst2_slice), "--workdir", str(workdir),
                    *TINY_RUN, *flags]  # fmt: skip
-        return subprocess.run(command, cwd=REPO, env={**env, **({KILL_AT_ENV: kill_at} if kill_at else {})},
+        return subprocess.run(command, check=False, cwd=REPO, env={**env, **({KILL_AT_ENV: kill_at} if kill_at else {})},
                               capture_output=True, text=True, timeout=600)  # fmt: skip
 
     return run
@@ -182,14 +182,18 @@ def poisoned_steps(folder: Path, workdir: Path) -> list[int]:
     buckets = json.loads((workdir / "run.json").read_text())["buckets"]
     steps, step = [], 0
     for epoch in (0, 1):
-        for batch in data.epoch_batches(encoded, data.labels_of(splits.train), batch_size=32, buckets=buckets, seed=0, epoch=epoch):
+        for batch in data.epoch_batches(
+            encoded, data.labels_of(splits.train), batch_size=32, buckets=buckets, seed=0, epoch=epoch
+        ):
             step += 1
             if np.any(batch.tokens_BT[batch.weights_B > 0] == poison_id):
                 steps.append(step)
     return steps
 
 
-def test_nan_loss_stops_at_its_step_keeps_the_last_good_checkpoint_and_skip_nonfinite_counts(poisoned_slice, tmp_path, monkeypatch, capsys):
+def test_nan_loss_stops_at_its_step_keeps_the_last_good_checkpoint_and_skip_nonfinite_counts(
+    poisoned_slice, tmp_path, monkeypatch, capsys
+):
     workdir = tmp_path / "nan"
     poison_loss(monkeypatch, workdir)
     argv = ["--dataset", str(poisoned_slice), "--workdir", str(workdir), *TINY_RUN]
