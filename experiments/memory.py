@@ -30,15 +30,16 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
 import numpy as np
 
-from experiments.sentiment import prepare_workdir
+from experiments.sentiment import config_dict, prepare_workdir
 from lstm_jax import cli
 from lstm_jax.cells import CELLS, get_cell
-from lstm_jax.checkpoint import CheckpointError, RunCheckpoints
+from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, save_curves, train_loop
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.tasks import TASKS, get_task, init_task_model, make_task_loss
@@ -115,6 +116,21 @@ def parse_args(argv: list[str]) -> tuple[dict, SweepConfig]:
         parser.error(str(error))
 
 
+class StepBatches(Sequence):
+    """The batches of a range of steps, each drawn only when it is read (slices stay lazy)."""
+
+    def __init__(self, batch_at: Callable[[int], object], steps: range):
+        self.batch_at, self.steps = batch_at, steps
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def __getitem__(self, index):
+        if isinstance(index, slice):
+            return StepBatches(self.batch_at, self.steps[index])
+        return self.batch_at(self.steps[index])
+
+
 def solved_at(records: list[dict], threshold: float) -> dict | None:
     """The first test record whose loss is below ``threshold``, or None."""
     return next((r for r in records if r["split"] == "validation" and r["loss"] < threshold), None)
@@ -126,13 +142,16 @@ def train_one(configs: dict) -> dict:
     task, cell = get_task(task_cfg.task), get_cell(task_cfg.cell)
     workdir = Path(run_cfg.workdir)
     resuming = prepare_workdir(workdir, configs)
+    if not resuming:
+        atomic_write_text(workdir / "config.json", json.dumps(config_dict(configs), indent=2))
     init_key, train_key, test_key = jax.random.split(jax.random.key(task_cfg.seed), 3)
     generate = task.generate
     test = generate(test_key, task_cfg.test_size, task_cfg.T)
-    chunk = run_cfg.eval_every  # an "epoch" of the loop is one evaluation interval; data are keyed by step
+    chunk = run_cfg.save_every  # an "epoch" of the loop is one save interval; data are keyed by step, not epoch
 
     def epoch_batches(epoch):
-        return [generate(jax.random.fold_in(train_key, epoch * chunk + i), task_cfg.batch_size, task_cfg.T) for i in range(chunk)]
+        return StepBatches(lambda step: generate(jax.random.fold_in(train_key, step), task_cfg.batch_size, task_cfg.T),
+                           range(epoch * chunk, (epoch + 1) * chunk))  # fmt: skip
 
     optimizer = make_optimizer(optim_cfg, task_cfg.steps)
     params = init_task_model(init_key, cell, task, task_cfg.hidden_size)
@@ -159,7 +178,7 @@ def train_one(configs: dict) -> dict:
 
     loop_cfg = LoopConfig(
         epochs=math.ceil(task_cfg.steps / chunk), max_steps=min(run_cfg.max_steps or task_cfg.steps, task_cfg.steps),
-        log_every=run_cfg.log_every, eval_every=0, save_every=run_cfg.save_every, keep=run_cfg.keep, progress=run_cfg.progress,
+        log_every=run_cfg.log_every, eval_every=run_cfg.eval_every, save_every=run_cfg.save_every, keep=run_cfg.keep, progress=run_cfg.progress,
     )  # fmt: skip
     meta = {"task": task_cfg.task, "cell": task_cfg.cell, "T": task_cfg.T}
     train_step = make_train_step(loss_fn, optimizer, ema_decay=optim_cfg.ema_decay)
@@ -182,10 +201,10 @@ def train_one(configs: dict) -> dict:
         "best_test_loss": min(r["loss"] for r in records if r["split"] == "validation"),
         "wall_seconds": final["seconds"], "train_seconds": summary["train_seconds"], "resumed_from_step": start_step,
         "nonfinite_steps": int(state.nonfinite_steps), "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
-        "params_sha256": params_sha256(state.params), "config": {name: dataclasses.asdict(c) for name, c in configs.items()},
+        "params_sha256": params_sha256(state.params), "config": config_dict(configs),
         "jax_backend": jax.default_backend(),
     }  # fmt: skip
-    (workdir / "results.json").write_text(json.dumps(results, indent=2))
+    atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(f"{title}: test loss {final['loss']:.4f}, solved (< {threshold:.4g}) at step {results['steps_to_solve']}; results in {workdir / 'results.json'}")
     return results
 

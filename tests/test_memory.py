@@ -1,0 +1,75 @@
+"""End-to-end tests of ``python -m experiments.memory``: learning, outputs, bit-exact resume, the sweep page."""
+
+import json
+
+import pytest
+
+from experiments import memory
+
+SMALL = ["--task", "adding", "--cell", "lstm", "--T", "20", "--hidden-size", "32", "--test-size", "500",
+         "--steps", "200", "--eval-every", "40", "--log-every", "20", "--warmup-steps", "20", "--learning-rate", "5e-3",
+         "--no-progress"]  # fmt: skip
+
+
+def run(workdir, *extra) -> dict:
+    memory.main([*SMALL, "--workdir", str(workdir), *map(str, extra)])
+    return json.loads((workdir / "results.json").read_text())
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(tmp_path_factory):
+    workdir = tmp_path_factory.mktemp("adding")
+    return workdir, run(workdir)
+
+
+@pytest.mark.slow
+def test_short_adding_run_beats_half_the_baseline_and_writes_its_outputs(uninterrupted):
+    workdir, results = uninterrupted
+    for name in ("config.json", "metrics.jsonl", "curves.png", "results.json"):
+        assert (workdir / name).is_file(), name
+    assert any((workdir / "checkpoints").iterdir())
+    assert results["steps"] == 200 and results["baseline_loss"] == pytest.approx(1 / 6)
+    assert results["test_loss"] < results["baseline_loss"] / 2
+    records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
+    tests = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in tests] == [40, 80, 120, 160, 200]
+    assert results["best_test_loss"] == min(r["loss"] for r in tests)
+    solved = next((r for r in tests if r["loss"] < 0.01), None)
+    assert results["steps_to_solve"] == (solved["step"] if solved else None)
+    assert 0 < results["wall_seconds"] and results["test_loss"] == pytest.approx(tests[-1]["loss"])
+
+
+@pytest.mark.slow
+def test_a_stopped_run_resumes_to_the_same_bits(uninterrupted, tmp_path):
+    _, expected = uninterrupted
+    first = run(tmp_path, "--max-steps", 60)  # stops mid-interval, after the save at step 60
+    assert first["steps"] == 60
+    resumed = run(tmp_path, "--save-every", 1000)  # a save setting may change on resume
+    assert resumed["resumed_from_step"] == 60 and resumed["steps"] == 200
+    assert resumed["params_sha256"] == expected["params_sha256"]
+    with pytest.raises(SystemExit, match="another config.*hidden_size: 32 -> 16"):
+        run(tmp_path, "--hidden-size", 16)
+
+
+def test_unknown_names_are_refused_in_one_line(capsys):
+    with pytest.raises(SystemExit):
+        memory.main(["--cell", "lstn"])
+    assert "unknown cell 'lstn'; choose one of lstm," in capsys.readouterr().err
+    with pytest.raises(SystemExit, match="unknown cell 'lst' in --sweep-cells"):
+        memory.main(["--sweep", "--sweep-cells", "lstm,lst"])
+
+
+@pytest.mark.slow
+def test_sweep_writes_a_table_and_a_figure_and_reads_finished_runs_back(tmp_path):
+    argv = ["--sweep", "--sweep-cells", "rnn", "--sweep-lengths", "8,4", "--hidden-size", "8", "--steps", "10",
+            "--eval-every", "5", "--test-size", "64", "--no-progress", "--workdir", str(tmp_path / "runs"),
+            "--results-dir", str(tmp_path / "results")]  # fmt: skip
+    memory.main(argv)
+    page = (tmp_path / "results" / "memory.md").read_text()
+    assert "python -m experiments.memory --sweep --sweep-cells rnn --sweep-lengths 8,4" in page
+    assert "![adding](memory_adding.png)" in page and (tmp_path / "results" / "memory_adding.png").is_file()
+    rows = [line.split("|")[1:3] for line in page.splitlines() if line.startswith("| ") and "rnn" in line]
+    assert [(T.strip(), cell.strip()) for T, cell in rows] == [("8", "rnn"), ("4", "rnn")]
+    first = (tmp_path / "runs" / "adding-T8-rnn" / "results.json").read_text()
+    memory.main(argv)  # finished runs are read back, not trained again
+    assert (tmp_path / "runs" / "adding-T8-rnn" / "results.json").read_text() == first
