@@ -18,6 +18,7 @@ f32 matmul, timed in the same rounds, gives the GFLOP/s ceiling.
 import argparse
 import dataclasses
 import json
+import os
 import platform
 import subprocess
 import time
@@ -285,7 +286,7 @@ def bench_shape(shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: b
 
 def sst2_epoch(path: str) -> dict:
     """Training throughput of one SST-2 epoch through the real pipeline and the default classifier."""
-    import functools
+    import tempfile
 
     from experiments import sentiment
     from lstm_jax import data as lj_data
@@ -293,27 +294,21 @@ def sst2_epoch(path: str) -> dict:
     from lstm_jax.optim import OptimConfig, make_optimizer
     from lstm_jax.train import classifier_loss, init_train_state, make_train_step
 
-    data_config = sentiment.DataConfig(dataset=path)
-    splits, tokenizer, encoded = sentiment.load_data(data_config, workdir=None)
-    model_config = ModelConfig()
-    train = encoded["train"]
-    batches = lj_data.epoch_batches(
-        train,
-        splits.train_labels,
-        data_config.batch_size,
-        data_config.num_buckets,
-        data_config.max_len,
-        seed=0,
-        epoch=0,
-    )
-    optimizer = make_optimizer(OptimConfig(), total_steps=len(batches))
+    data_config, model_config, optim_config = sentiment.DataConfig(dataset=path), ModelConfig(), OptimConfig()
+    with tempfile.TemporaryDirectory() as workdir:
+        splits, tokenizer, encoded, buckets = sentiment.load_data(data_config, Path(workdir), seed=0)
+    tokens, labels = encoded["train"]
+    batches = lj_data.epoch_batches(tokens, labels, batch_size=data_config.batch_size, buckets=buckets, seed=0, epoch=0)
+    optimizer = make_optimizer(optim_config, len(batches))
     params = init_classifier(jax.random.key(0), model_config, tokenizer.get_vocab_size(), splits.num_classes)
-    state = init_train_state(params, optimizer, seed=0, ema=True)
-    step = make_train_step(functools.partial(classifier_loss, config=model_config), optimizer, ema_decay=0.999)
+    state = init_train_state(params, optimizer, 0, ema=True)
+    step = make_train_step(
+        lambda p, batch, key: classifier_loss(p, model_config, batch, key), optimizer, ema_decay=optim_config.ema_decay
+    )
     compile_start = time.perf_counter()
-    for shape in sorted({b.tokens_BT.shape for b in batches}):
-        batch = next(b for b in batches if b.tokens_BT.shape == shape)
-        jax.block_until_ready(step.lower(state, batch).compile())
+    for length in sorted({b.tokens_BT.shape[1] for b in batches}):  # compile every bucket before timing
+        state, metrics = step(state, next(b for b in batches if b.tokens_BT.shape[1] == length))
+    jax.block_until_ready(metrics)
     compile_s = time.perf_counter() - compile_start
     start = time.perf_counter()
     for batch in batches:
@@ -342,13 +337,14 @@ def machine_description() -> str:
     device = jax.devices()[0]
     if device.platform == "gpu":
         return device.device_kind
-    import os
-
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
 def print_table(result: dict) -> None:
-    print(f"\nshape B,T,E,H = {result['shape']}   matmul ceiling {result['ceiling_gflops']:.0f} GFLOP/s")
+    load = "/".join(f"{x:.1f}" for x in result["load_average"])
+    print(
+        f"\nshape B,T,E,H = {result['shape']}   matmul ceiling {result['ceiling_gflops']:.0f} GFLOP/s   load average {load}"
+    )
     header = f"{'system':32s} {'train ms':>9s} {'tok/s':>9s} {'vs best':>8s} {'GFLOP/s':>8s} {'%ceil':>6s} {'infer ms':>9s} {'tok/s':>9s} {'vs best':>8s}"
     print(header)
     print("-" * len(header))
@@ -360,12 +356,40 @@ def print_table(result: dict) -> None:
         )
 
 
+def markdown(report: dict) -> str:
+    """The report as the markdown section that ``benchmarks/RESULTS.md`` keeps per machine."""
+    heading = f"## {report['machine']} ({report['backend']})"
+    when = f"{report['date']}, commit `{report['commit']}`, jax {report['jax']}."
+    lines = [heading, "", when + " Ratios are against the fastest peer in the same run (> 1: lstm_jax is faster).", ""]
+    lines += ["| B,T,E,H | system | train ms | train tok/s | vs best peer | GFLOP/s (% of matmul ceiling) | infer tok/s | vs best peer | load avg |",
+              "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
+    for result in report["results"]:
+        load = "/".join(f"{x:.1f}" for x in result["load_average"])
+        for row in result["rows"]:
+            lines.append(
+                f"| {result['shape']} | {row['system']} | {row['train_ms']:.1f} | {row['train_tokens_per_s']:.0f} | "
+                f"{row['train_vs_best_peer']:.2f}x | {row['train_gflops']:.1f} ({100 * row['train_fraction_of_ceiling']:.0f} %) | "
+                f"{row['infer_tokens_per_s']:.0f} | {row['infer_vs_best_peer']:.2f}x | {load} |"
+            )
+    if "sst2_epoch" in report:
+        e = report["sst2_epoch"]
+        epoch = (
+            f"One SST-2 epoch through the real pipeline (default classifier, bidirectional, E=300, H=256): "
+            f"{e['steps']} steps in {e['seconds']:.0f} s plus {e['compile_seconds']:.0f} s compiling, "
+            f"{e['real_tokens_per_s']:.0f} real tokens/s ({100 * e['padding_fraction']:.0f} % padding)."
+        )
+        lines += ["", epoch]
+    return "\n".join(lines) + "\n"
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     parser.add_argument("--shape", action="append", help="B,T,E,H (repeatable); default: the shapes for this backend")
-    parser.add_argument("--steps", type=int, default=20, help="timed steps per system per round")
+    parser.add_argument(
+        "--steps", type=int, default=10, help="timed steps per system per round (the median is over all rounds)"
+    )
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the systems")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per system after compiling")
     parser.add_argument("--json", help="write every number to this file")
@@ -380,11 +404,17 @@ def main(argv=None):
               "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "results": []}  # fmt: skip
     print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}")
     for shape in shapes:
-        result = bench_shape(
-            shape, steps=args.steps, rounds=args.rounds, warmup=args.warmup, on_gpu=on_gpu, ceiling=ceiling
-        )
+        load_before = os.getloadavg()[0]
+        options = {"steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "on_gpu": on_gpu}
+        result = bench_shape(shape, ceiling=ceiling, **options)
+        result["load_average"] = [
+            load_before,
+            os.getloadavg()[0],
+        ]  # other work on a shared machine skews absolute times
         print_table(result)
         report["results"].append(result)
+        if args.json:  # after every shape, so that a long run leaves partial results
+            Path(args.json).write_text(json.dumps(report, indent=2))
     if args.sst2:
         report["sst2_epoch"] = sst2_epoch(args.sst2)
         e = report["sst2_epoch"]
@@ -392,6 +422,7 @@ def main(argv=None):
               f"{e['real_tokens_per_s']:.0f} real tokens/s, {100 * e['padding_fraction']:.0f}% padding")  # fmt: skip
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2))
+    print("\n" + markdown(report))
 
 
 if __name__ == "__main__":
