@@ -9,6 +9,7 @@ Offline, or on any local folder that ``datasets.load_dataset`` reads::
     python -m experiments.sentiment --dataset ../shared/data/sst2 --workdir runs/sst2
     python -m experiments.sentiment --dataset ../shared/data/imdb --workdir runs/imdb
     python -m experiments.sentiment predict --workdir runs/sst2 "a gorgeous, witty film"
+    python -m experiments.sentiment explain --workdir runs/sst2 "a gorgeous, witty film"  # gate plot
 
 Rerunning with the same ``--workdir`` resumes from the latest checkpoint. The run
 writes ``config.json``, ``tokenizer.json``, ``metrics.jsonl``, ``curves.png``,
@@ -29,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lstm_jax import cli, data
+from lstm_jax import cli, data, gates
 from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, config_differences, has_checkpoints
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, save_curves, train_loop
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
@@ -236,12 +237,8 @@ def train(argv: list[str]) -> dict:
     return results
 
 
-def predict(argv: list[str]) -> list[tuple[str, float]]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment predict", description="Classify texts with a run's best checkpoint.")
-    parser.add_argument("--workdir", required=True, help="a run directory written by training")
-    parser.add_argument("texts", nargs="+", help="texts to classify")
-    args = parser.parse_args(argv)
-    workdir = Path(args.workdir)
+def load_run(workdir: Path):
+    """A trained run's model and data configs, ``run.json``, tokenizer, and best (else latest) evaluation parameters."""
     if not (workdir / "config.json").exists() or not (workdir / "run.json").exists():
         raise SystemExit(f"error: {workdir} holds no training run (no config.json/run.json); train first with --workdir {workdir}")
     saved = json.loads((workdir / "config.json").read_text())
@@ -257,19 +254,53 @@ def predict(argv: list[str]) -> list[tuple[str, float]]:
     restored = checkpoints.restore(abstract_state, which="best") or checkpoints.restore(abstract_state)
     if restored is None:
         raise SystemExit(f"error: {workdir} has no checkpoint yet; let training save one (see --save-every) and retry")
+    checkpoints.close()
+    return model_cfg, data_cfg, meta, tokenizer, restored.state.eval_params
+
+
+def predict(argv: list[str]) -> list[tuple[str, float]]:
+    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment predict", description="Classify texts with a run's best checkpoint.")
+    parser.add_argument("--workdir", required=True, help="a run directory written by training")
+    parser.add_argument("texts", nargs="+", help="texts to classify")
+    args = parser.parse_args(argv)
+    model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
     encoded = data.encode(tokenizer, args.texts, max_len=data_cfg.max_len)
     tokens_BT = np.zeros((len(encoded), int(encoded.lengths_N.max())), np.int32)
     for i in range(len(encoded)):
         tokens_BT[i, : encoded.lengths_N[i]] = encoded.row(i)
-    logits = classifier_logits(restored.state.eval_params, model_cfg, jnp.asarray(tokens_BT), jnp.asarray(encoded.lengths_N))
+    logits = classifier_logits(params, model_cfg, jnp.asarray(tokens_BT), jnp.asarray(encoded.lengths_N))
     probabilities = np.asarray(jax.nn.softmax(logits, axis=-1))
     answers = []
     for text, probs in zip(args.texts, probabilities):
         label = int(probs.argmax())
         answers.append((meta["label_names"][label], float(probs[label])))
         print(f"{meta['label_names'][label]}\t{probs[label]:.3f}\t{text}")
-    checkpoints.close()
     return answers
+
+
+def explain(argv: list[str]):
+    """Plot one layer's mean gates, cell-state norm and the running class probability over a text (``lstm_jax.gates``)."""
+    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment explain", description="Plot the gates and running prediction of a run's best checkpoint over one text.")
+    parser.add_argument("--workdir", required=True, help="a run directory written by training")
+    parser.add_argument("--out", help="the PNG to write (default: <workdir>/explain.png)")
+    parser.add_argument("--layer", type=int, default=0, help="recurrent layer to trace (default: 0)")
+    parser.add_argument("--direction", choices=("fwd", "bwd"), default="fwd", help="direction of a bidirectional layer (default: fwd)")
+    parser.add_argument("text", help="the text to explain")
+    args = parser.parse_args(argv)
+    model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
+    tokens = data.encode(tokenizer, [args.text], max_len=data_cfg.max_len).row(0)
+    try:
+        explanation = gates.explain_classifier(params, model_cfg, tokens, layer=args.layer, direction=args.direction)
+    except ValueError as error:
+        raise SystemExit(f"error: {error}") from None
+    names = meta["label_names"]
+    shown = names.index("positive") if "positive" in names else len(names) - 1
+    out = Path(args.out) if args.out else Path(args.workdir) / "explain.png"
+    words = [tokenizer.id_to_token(int(token)) for token in tokens]
+    title = f"{model_cfg.cell}, layer {args.layer} {args.direction}: {args.text[:60]}"
+    gates.plot_explanation(explanation, words, out, class_index=shown, class_name=names[shown], title=title)
+    print(f"P({names[shown]}) {explanation.probabilities_TC[-1, shown]:.3f} after {len(words)} tokens; figure in {out}")
+    return explanation
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -277,6 +308,8 @@ def main(argv: list[str] | None = None) -> None:
     try:
         if argv and argv[0] == "predict":
             predict(argv[1:])
+        elif argv and argv[0] == "explain":
+            explain(argv[1:])
         else:
             train(argv)
     except (data.DataError, CheckpointError, NonFiniteError) as error:

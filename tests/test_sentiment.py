@@ -4,6 +4,7 @@ import json
 import os
 from pathlib import Path
 
+import numpy as np
 import pyarrow.parquet as pq
 import pytest
 
@@ -68,6 +69,22 @@ def test_predict_prints_a_label_and_probability(trained_run, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in printed[-2:]] == [label for label, _ in answers]
     assert [line.split("\t")[2] for line in printed[-2:]] == texts
+
+
+@pytest.mark.slow
+def test_explain_plots_gates_and_ends_on_the_predicted_probability(trained_run, tmp_path):
+    workdir, _ = trained_run
+    text = "a gorgeous , witty , seductive movie ."
+    explanation = sentiment.explain(["--workdir", str(workdir), "--out", str(tmp_path / "gates.png"), text])
+    assert (tmp_path / "gates.png").stat().st_size > 10_000
+    num_tokens = len(text.split())
+    assert explanation.trace.forget.shape == (num_tokens, 32) and explanation.probabilities_TC.shape == (num_tokens, 2)
+    assert np.all((explanation.trace.input > 0) & (explanation.trace.input < 1))
+    [(label, probability)] = sentiment.predict(["--workdir", str(workdir), text])
+    assert explanation.probabilities_TC[-1].max() == pytest.approx(probability, abs=1e-5)
+    assert label == ("negative", "positive")[int(explanation.probabilities_TC[-1].argmax())]
+    with pytest.raises(SystemExit, match="layer 1 does not exist"):
+        sentiment.main(["explain", "--workdir", str(workdir), "--layer", "1", text])
 
 
 @pytest.mark.slow
