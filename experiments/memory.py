@@ -34,7 +34,6 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import jax
-import numpy as np
 
 from experiments.sentiment import config_dict, prepare_workdir
 from lstm_jax import cli
@@ -54,10 +53,16 @@ class TaskConfig:
 
     task: str = dataclasses.field(default="adding", metadata={"help": "synthetic task: " + ", ".join(TASKS)})
     cell: str = dataclasses.field(default="lstm", metadata={"help": "recurrent cell: " + ", ".join(CELLS)})
-    T: int = dataclasses.field(default=200, metadata={"help": "sequence length (adding) or delay (copy: sequences have T + 20 steps)"})
+    T: int = dataclasses.field(
+        default=200, metadata={"help": "sequence length (adding) or delay (copy: sequences have T + 20 steps)"}
+    )
     hidden_size: int = dataclasses.field(default=64, metadata={"help": "units of the recurrent layer"})
-    batch_size: int = dataclasses.field(default=64, metadata={"help": "training sequences per step, drawn fresh every step"})
-    steps: int = dataclasses.field(default=2000, metadata={"help": "training steps (the learning-rate schedule spans them)"})
+    batch_size: int = dataclasses.field(
+        default=64, metadata={"help": "training sequences per step, drawn fresh every step"}
+    )
+    steps: int = dataclasses.field(
+        default=2000, metadata={"help": "training steps (the learning-rate schedule spans them)"}
+    )
     test_size: int = dataclasses.field(default=1000, metadata={"help": "sequences in the fixed test set"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed for init, training data and test set"})
 
@@ -74,16 +79,29 @@ class MemoryOptimConfig(OptimConfig):
     warmup_steps: int = dataclasses.field(default=100, metadata={"help": "linear warm-up steps from 0"})
     weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "decoupled weight decay on kernels"})
     clip_norm: float = dataclasses.field(default=1.0, metadata={"help": "clip gradients to this global norm (0: off)"})
-    ema_decay: float = dataclasses.field(default=0.0, metadata={"help": "evaluate an exponential moving average of the weights with this decay (0: off)"})
+    ema_decay: float = dataclasses.field(
+        default=0.0, metadata={"help": "evaluate an exponential moving average of the weights with this decay (0: off)"}
+    )
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Where the run lives, and how often it logs, evaluates and saves."""
 
-    workdir: str = dataclasses.field(default="runs/memory", metadata={"help": "run directory (a sweep puts one run per cell and T under it); reruns resume"})
-    restart: bool = dataclasses.field(default=False, metadata={"help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"})
-    max_steps: int = dataclasses.field(default=0, metadata={"help": "stop after this many steps in total (0: --steps); the schedule still spans --steps"})
+    workdir: str = dataclasses.field(
+        default="runs/memory",
+        metadata={"help": "run directory (a sweep puts one run per cell and T under it); reruns resume"},
+    )
+    restart: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"
+        },
+    )
+    max_steps: int = dataclasses.field(
+        default=0,
+        metadata={"help": "stop after this many steps in total (0: --steps); the schedule still spans --steps"},
+    )
     eval_every: int = dataclasses.field(default=100, metadata={"help": "evaluate on the test set every N steps"})
     log_every: int = dataclasses.field(default=50, metadata={"help": "write a train metrics line every N steps"})
     save_every: int = dataclasses.field(default=500, metadata={"help": "checkpoint every N steps"})
@@ -95,10 +113,15 @@ class RunConfig:
 class SweepConfig:
     """The comparison sweep (not part of a run's saved config)."""
 
-    sweep: bool = dataclasses.field(default=False, metadata={"help": "run every --sweep-cells at every --sweep-lengths, then write the results page"})
+    sweep: bool = dataclasses.field(
+        default=False,
+        metadata={"help": "run every --sweep-cells at every --sweep-lengths, then write the results page"},
+    )
     sweep_cells: str = dataclasses.field(default=SWEEP_CELLS, metadata={"help": "comma-separated cells, or 'all'"})
     sweep_lengths: str = dataclasses.field(default="100,200", metadata={"help": "comma-separated values of T"})
-    results_dir: str = dataclasses.field(default="experiments/results", metadata={"help": "where the sweep writes memory.md and its figures"})
+    results_dir: str = dataclasses.field(
+        default="experiments/results", metadata={"help": "where the sweep writes memory.md and its figures"}
+    )
 
 
 RUN_CLASSES = (TaskConfig, MemoryOptimConfig, RunConfig)
@@ -106,7 +129,9 @@ RUN_CLASSES = (TaskConfig, MemoryOptimConfig, RunConfig)
 
 def parse_args(argv: list[str]) -> tuple[dict, SweepConfig]:
     cli.check_unique_flags(*RUN_CLASSES, SweepConfig)
-    parser = argparse.ArgumentParser(prog="python -m experiments.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m experiments.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     for cls in (*RUN_CLASSES, SweepConfig):
         cli.add_flags(parser, cls)
     args = parser.parse_args(argv)
@@ -174,7 +199,11 @@ def train_one(configs: dict) -> dict:
 
     def evaluate(params) -> dict:
         loss, correct = test_loss(params, test)
-        return {"loss": float(loss), "accuracy": float(correct) / task_cfg.test_size, "seconds": seconds_before + time.perf_counter() - started}
+        return {
+            "loss": float(loss),
+            "accuracy": float(correct) / task_cfg.test_size,
+            "seconds": seconds_before + time.perf_counter() - started,
+        }
 
     loop_cfg = LoopConfig(
         epochs=math.ceil(task_cfg.steps / chunk), max_steps=min(run_cfg.max_steps or task_cfg.steps, task_cfg.steps),
@@ -205,7 +234,9 @@ def train_one(configs: dict) -> dict:
         "jax_backend": jax.default_backend(),
     }  # fmt: skip
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
-    print(f"{title}: test loss {final['loss']:.4f}, solved (< {threshold:.4g}) at step {results['steps_to_solve']}; results in {workdir / 'results.json'}")
+    print(
+        f"{title}: test loss {final['loss']:.4f}, solved (< {threshold:.4g}) at step {results['steps_to_solve']}; results in {workdir / 'results.json'}"
+    )
     return results
 
 
@@ -228,7 +259,11 @@ def sweep_runs(configs: dict, sweep: SweepConfig) -> list[dict]:
             run_configs = {**configs, "TaskConfig": task_cfg, "RunConfig": run_cfg}
             done = Path(run_cfg.workdir) / "results.json"
             previous = json.loads(done.read_text()) if done.exists() and not run_cfg.restart else None
-            if previous and previous["steps"] == task_cfg.steps and previous["config"]["TaskConfig"] == dataclasses.asdict(task_cfg):
+            if (
+                previous
+                and previous["steps"] == task_cfg.steps
+                and previous["config"]["TaskConfig"] == dataclasses.asdict(task_cfg)
+            ):
                 print(f"{done}: finished earlier, read back")
                 results = previous
             else:
@@ -277,10 +312,10 @@ def sweep_table(runs: list[dict]) -> str:
 def write_results_page(results_dir: Path) -> Path:
     """Render ``memory.md`` from every sweep summary (``memory_<task>.json``) in ``results_dir``."""
     sections = ["# Long-range memory: adding and copy tasks",
-                "Written by `python -m experiments.memory --sweep`. Test loss is on a fixed held-out draw of "
+                ("Written by `python -m experiments.memory --sweep`. Test loss is on a fixed held-out draw of "
                 "1,000 sequences, evaluated every 100 steps; \"solved\" means below the line in the figure "
                 "(adding: MSE 0.01; copy: a tenth of the baseline). Seconds are wall time on the machine named "
-                "below, compilation and evaluation included."]  # fmt: skip
+                 "below, compilation and evaluation included.")]  # fmt: skip
     for summary_path in sorted(results_dir.glob("memory_*.json")):
         summary = json.loads(summary_path.read_text())
         runs = summary["runs"]
@@ -301,7 +336,13 @@ def run_sweep(configs: dict, sweep: SweepConfig, argv: list[str]) -> Path:
     figure = f"memory_{task}.png"
     plot_sweep(runs, results_dir / figure)
     settings = {k: v for k, v in dataclasses.asdict(configs["TaskConfig"]).items() if k not in ("cell", "T")}
-    settings.update({k: v for k, v in dataclasses.asdict(configs["MemoryOptimConfig"]).items() if k in ("learning_rate", "clip_norm", "schedule")})
+    settings.update(
+        {
+            k: v
+            for k, v in dataclasses.asdict(configs["MemoryOptimConfig"]).items()
+            if k in ("learning_rate", "clip_norm", "schedule")
+        }
+    )
     machine = f"{jax.default_backend()}, {jax.device_count()} device(s), {len(os.sched_getaffinity(0))} CPU cores"
     summary = {"task": task, "command": "python -m experiments.memory " + " ".join(argv), "figure": figure,
                "machine": machine, "settings": settings, "runs": runs}  # fmt: skip

@@ -21,7 +21,18 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lstm_jax.cells import CELLS, CIFG_LSTM, LAYER_NORM_LSTM, LSTM, PEEPHOLE_LSTM, PROJECTED_LSTM, Carry, Cell, _layer_norm, get_cell
+from lstm_jax.cells import (
+    CELLS,
+    CIFG_LSTM,
+    LAYER_NORM_LSTM,
+    LSTM,
+    PEEPHOLE_LSTM,
+    PROJECTED_LSTM,
+    Carry,
+    Cell,
+    _layer_norm,
+    get_cell,
+)
 from lstm_jax.model import ModelConfig, classifier_logits
 from lstm_jax.recurrence import is_bidirectional, rnn
 
@@ -49,7 +60,11 @@ def _lstm_gates(params, carry, xp, new_carry):
 def _peephole_gates(params, carry, xp, new_carry):
     z_i, z_f, _, z_o = _split_gates(params, carry, xp)
     p_i, p_f, p_o = params["w_peep"]
-    return jax.nn.sigmoid(z_i + p_i * carry.c), jax.nn.sigmoid(z_f + p_f * carry.c), jax.nn.sigmoid(z_o + p_o * new_carry.c)
+    return (
+        jax.nn.sigmoid(z_i + p_i * carry.c),
+        jax.nn.sigmoid(z_f + p_f * carry.c),
+        jax.nn.sigmoid(z_o + p_o * new_carry.c),
+    )
 
 
 def _cifg_gates(params, carry, xp, new_carry):
@@ -157,7 +172,15 @@ def _explain(params, config: ModelConfig, tokens_T, layer: int, direction: str):
     return trace, jax.nn.softmax(logits_TC, axis=-1)
 
 
-def plot_explanation(explanation: Explanation, words: list[str], path, *, class_index: int = 1, class_name: str = "positive", title: str = ""):
+def plot_explanation(
+    explanation: Explanation,
+    words: list[str],
+    path,
+    *,
+    class_index: int = 1,
+    class_name: str = "positive",
+    title: str = "",
+):
     """Mean gate values, cell-state norm and running class probability per token, as one PNG."""
     import matplotlib
 

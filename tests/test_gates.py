@@ -21,7 +21,11 @@ def ref_gates(name, p, h, c_prev, x):
         z_f, _, z_o = chunks(x @ p["w_x"] + h @ p["w_h"] + p["b"], 3)
         return 1.0 - sigmoid(z_f), sigmoid(z_f), sigmoid(z_o)
     if name == "layer_norm":
-        z = layer_norm(x @ p["w_x"], p["ln_x_scale"], p["ln_x_bias"], 4) + layer_norm(h @ p["w_h"], p["ln_h_scale"], p["ln_h_bias"], 4) + p["b"]
+        z = (
+            layer_norm(x @ p["w_x"], p["ln_x_scale"], p["ln_x_bias"], 4)
+            + layer_norm(h @ p["w_h"], p["ln_h_scale"], p["ln_h_bias"], 4)
+            + p["b"]
+        )
     else:
         z = x @ p["w_x"] + h @ p["w_h"] + p["b"]
     z_i, z_f, z_g, z_o = chunks(z, 4)
@@ -44,14 +48,18 @@ def test_traced_gates_match_the_equations_and_states_match_the_scan(name):
     p = jax.tree.map(lambda a: np.asarray(a, np.float64), params)
     h, c = np.zeros_like(np.asarray(trace.h[0], np.float64)), np.zeros((2, H))
     for t in range(5):
-        for got, want in zip((trace.input[t], trace.forget[t], trace.output[t]), ref_gates(name, p, h, c, x_TBE[t].astype(np.float64))):
+        for got, want in zip(
+            (trace.input[t], trace.forget[t], trace.output[t]), ref_gates(name, p, h, c, x_TBE[t].astype(np.float64))
+        ):
             np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)
         h, c = np.asarray(trace.h[t], np.float64), np.asarray(trace.c[t], np.float64)
 
 
 def test_cells_without_lstm_gates_are_refused_by_name():
     params = random_layers(lj.GRU)[0]
-    with pytest.raises(ValueError, match=r"defined for the LSTM family \(lstm, peephole, cifg, layer_norm, lstmp\), not gru"):
+    with pytest.raises(
+        ValueError, match=r"defined for the LSTM family \(lstm, peephole, cifg, layer_norm, lstmp\), not gru"
+    ):
         gates.trace_gates(lj.GRU, params, jnp.zeros((3, E)))
 
 
