@@ -5,12 +5,14 @@ arrays in an OCDBT database under ``d/`` folders, ``<step>/meta/metadata`` the J
 the way a full disk or a killed copy would leave them.
 """
 
+import errno
 import gc
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 
 from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, config_differences
@@ -223,6 +225,27 @@ def test_best_keeps_the_last_save_best_apart_from_the_latest(checkpoints, tmp_pa
     assert_states_equal(best.state, make_state(9.0))
     assert run.restore(make_state(0.0)).step == 11
     assert (tmp_path / "best" / "9").is_dir() and not (tmp_path / "best" / "5").exists()
+
+
+@pytest.mark.parametrize("failing", ["save", "wait_until_finished"])
+def test_a_full_disk_is_an_error_naming_the_folder(failing, checkpoints, tmp_path, monkeypatch):
+    """Simulated: Orbax raises ENOSPC when it starts a save, or when an asynchronous one finishes.
+
+    A really full disk is not made here; the error path from Orbax onwards is the same.
+    """
+
+    def no_space(manager, *args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device", str(manager.directory))
+
+    run = checkpoints(async_save=True)
+    monkeypatch.setattr(ocp.CheckpointManager, failing, no_space)
+    with pytest.raises(CheckpointError) as error:
+        run.save(1, make_state(1.0), meta_for(1))
+        run.wait()
+    message = str(error.value)
+    assert message.startswith(f"could not write a checkpoint to {(tmp_path / 'checkpoints').absolute()} (OSError: ")
+    assert "No space left on device" in message and "pass another --workdir" in message and "\n" not in message
+    monkeypatch.undo()
 
 
 def test_config_differences_lists_nested_leaves():
