@@ -30,7 +30,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lstm_jax import cli, data, gates
+from lstm_jax import cli, data, gates, parallel
 from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, config_differences, has_checkpoints
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, save_curves, train_loop
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
@@ -63,7 +63,7 @@ class RunConfig:
     restart: bool = dataclasses.field(default=False, metadata={"help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"})
 
 
-CONFIG_CLASSES = (DataConfig, ModelConfig, OptimConfig, LoopConfig, RunConfig)
+CONFIG_CLASSES = (DataConfig, ModelConfig, OptimConfig, LoopConfig, RunConfig, parallel.MeshConfig)
 
 # Settings that suit a dataset better than the defaults; explicit flags win.
 DATASET_PRESETS = {
@@ -77,7 +77,8 @@ FLAG_MINIMUMS = {"max_len": 1, "batch_size": 1, "eval_batch_size": 1, "num_bucke
                  "log_every": 1, "save_every": 1, "keep": 1, "max_steps": 0, "eval_every": 0, "skip_nonfinite": 0}  # fmt: skip
 
 # Fields a resumed run may change: they do not alter what was trained so far.
-RESUMABLE_FIELDS = {"max_steps", "eval_every", "log_every", "save_every", "keep", "progress", "skip_nonfinite", "restart", "workdir", "eval_batch_size"}
+RESUMABLE_FIELDS = {"max_steps", "eval_every", "log_every", "save_every", "keep", "progress", "skip_nonfinite", "restart", "workdir", "eval_batch_size",
+                    "mesh", "shard_embedding"}  # fmt: skip
 
 
 def preset_name(dataset: str) -> str:
@@ -102,9 +103,13 @@ def parse_train_args(argv: list[str]) -> dict:
     if too_small:
         parser.error("; ".join(too_small))
     try:
-        return {cls.__name__: cli.from_args(cls, args) for cls in CONFIG_CLASSES}
-    except ValueError as error:  # a config's own check, e.g. an unknown --cell
+        configs = {cls.__name__: cli.from_args(cls, args) for cls in CONFIG_CLASSES}
+        mesh = parallel.make_mesh(args.mesh)
+        parallel.check_batch_size(args.batch_size, mesh)
+        parallel.check_batch_size(args.eval_batch_size, mesh, flag="--eval-batch-size")
+    except ValueError as error:  # a config's own check, e.g. an unknown --cell, or a mesh that does not fit
         parser.error(str(error))
+    return configs
 
 
 def config_dict(configs: dict) -> dict:
@@ -167,7 +172,7 @@ def load_data(cfg: DataConfig, workdir: Path, seed: int):
 
 def train(argv: list[str]) -> dict:
     configs = parse_train_args(argv)
-    data_cfg, model_cfg, optim_cfg, loop_cfg, run_cfg = (configs[cls.__name__] for cls in CONFIG_CLASSES)
+    data_cfg, model_cfg, optim_cfg, loop_cfg, run_cfg, mesh_cfg = (configs[cls.__name__] for cls in CONFIG_CLASSES)
     workdir = Path(run_cfg.workdir)
     resuming = prepare_workdir(workdir, configs)
     splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
@@ -193,6 +198,9 @@ def train(argv: list[str]) -> dict:
     optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch)
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
     state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
+    mesh = parallel.make_mesh(mesh_cfg.mesh)
+    state_sharding = parallel.state_sharding(state, mesh, shard_embedding=mesh_cfg.shard_embedding)
+    state = jax.device_put(state, state_sharding)  # a checkpoint restores onto this layout, whatever mesh saved it
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
     skipped_checkpoints = []
     if resuming:
@@ -208,8 +216,18 @@ def train(argv: list[str]) -> dict:
             "vocab_size": vocab_size, "buckets": list(buckets)}  # fmt: skip
     atomic_write_text(workdir / "run.json", json.dumps(meta, indent=2))
     val_split = eval_batches("validation")
-    eval_step = make_eval_step(model_cfg)
-    train_step = make_train_step(lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer, ema_decay=optim_cfg.ema_decay)
+    rows = parallel.batch_sharding(mesh)
+    params_sharding = parallel.state_sharding(state.eval_params, mesh, shard_embedding=mesh_cfg.shard_embedding)
+    eval_on_mesh = make_eval_step(model_cfg, params_sharding=params_sharding, batch_sharding=rows)
+    step_on_mesh = make_train_step(lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer,
+                                   ema_decay=optim_cfg.ema_decay, state_sharding=state_sharding, batch_sharding=rows)  # fmt: skip
+
+    def eval_step(params, batch):
+        return eval_on_mesh(params, parallel.put_batch(batch, mesh))
+
+    def train_step(state, batch):
+        return step_on_mesh(state, parallel.put_batch(batch, mesh))
+
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
     state, summary = train_loop(
         state, train_step, epoch_batches, lambda p: evaluate(eval_step, p, val_split), checkpoints, log, loop_cfg,
@@ -230,7 +248,7 @@ def train(argv: list[str]) -> dict:
         "params_sha256": params_sha256(state.params), "buckets": list(buckets),
         "truncated": {name: enc.num_truncated for name, (enc, _) in encoded.items()}, "config": config_dict(configs),
         "empty_texts": {name: enc.num_empty for name, (enc, _) in encoded.items()}, "skipped_checkpoints": skipped_checkpoints,
-        "jax_backend": jax.default_backend(),
+        "jax_backend": jax.default_backend(), "mesh": dict(mesh.shape),
     }  # fmt: skip
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(f"validation accuracy {val['accuracy']:.4f}, test accuracy {test['accuracy'] if test else float('nan'):.4f}; results in {workdir / 'results.json'}")

@@ -70,11 +70,20 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, *, ema_decay: float = 0.0):
+def make_train_step(
+    loss_fn: Callable,
+    optimizer: optax.GradientTransformation,
+    *,
+    ema_decay: float = 0.0,
+    state_sharding=None,
+    batch_sharding=None,
+):
     """A jitted ``(state, batch) -> (state, metrics)`` for ``loss_fn(params, batch, key) -> (loss, aux)``.
 
     With ``ema_decay`` > 0, ``state.ema_params`` tracks an average of the parameters.
-    The input state's buffers are donated.
+    The input state's buffers are donated. ``state_sharding`` and ``batch_sharding``
+    (see :mod:`lstm_jax.parallel`) pin the layout of the state, in and out, and of
+    the batch on a device mesh; the step itself is unchanged.
     """
 
     def train_step(state: TrainState, batch):
@@ -96,11 +105,18 @@ def make_train_step(loss_fn: Callable, optimizer: optax.GradientTransformation, 
             state = state.replace(ema_params=ema_update(state.ema_params, state.params, ema_decay, state.step))
         return state, {"loss": loss, "aux": aux, "finite": finite, "grad_norm": optax.tree.norm(grads)}
 
-    return jax.jit(train_step, donate_argnums=0)
+    if state_sharding is None and batch_sharding is None:
+        return jax.jit(train_step, donate_argnums=0)
+    return jax.jit(
+        train_step,
+        donate_argnums=0,
+        in_shardings=(state_sharding, batch_sharding),
+        out_shardings=(state_sharding, None),
+    )
 
 
-def make_eval_step(config: ModelConfig):
-    """A jitted ``(params, batch) -> (loss_sum, correct, count)`` in evaluation mode."""
+def make_eval_step(config: ModelConfig, *, params_sharding=None, batch_sharding=None):
+    """A jitted ``(params, batch) -> (loss_sum, correct, count)`` in evaluation mode (shardings as in :func:`make_train_step`)."""
 
     def eval_step(params, batch):
         logits_BC = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B)
@@ -108,7 +124,9 @@ def make_eval_step(config: ModelConfig):
         correct = weighted_correct(logits_BC, batch.labels_B, batch.weights_B)
         return loss_sum, correct, jnp.sum(batch.weights_B)
 
-    return jax.jit(eval_step)
+    if params_sharding is None and batch_sharding is None:
+        return jax.jit(eval_step)
+    return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding))
 
 
 def evaluate(eval_step, params, batches) -> dict:

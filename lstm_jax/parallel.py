@@ -1,0 +1,122 @@
+"""Data parallelism on a ``jax.sharding.Mesh``, for every experiment's training step.
+
+The mesh has two axes: ``data`` splits each batch's rows over devices, and ``model``
+can split the embedding table's vocabulary rows (``shard_embedding``). Everything
+else, parameters and optimiser state included, is replicated. Nothing here
+all-reduces by hand: the train step is one ``jax.jit`` program with these shardings
+on its inputs and outputs, and XLA's SPMD partitioner inserts the gradient
+all-reduce. The global batch size stays what ``--batch-size`` says, whatever the
+mesh, so a run trains the same model on 1 or on N devices.
+
+On several hosts (after ``jax.distributed.initialize()``) every host builds the same
+deterministic batch list and feeds only its own rows of each batch
+(:func:`put_batch`), and Orbax writes and reads the sharded state collectively.
+"""
+
+import dataclasses
+import math
+
+import jax
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+MESH_AXES = ("data", "model")
+
+
+@dataclasses.dataclass(frozen=True)
+class MeshConfig:
+    """How the devices are arranged (the flags ``--mesh`` and ``--shard-embedding``)."""
+
+    mesh: str = dataclasses.field(
+        default="",
+        metadata={"help": "device mesh, e.g. data=4 or data=2,model=2 (default: every device on the data axis)"},
+    )
+    shard_embedding: bool = dataclasses.field(
+        default=False, metadata={"help": "split the embedding table's vocabulary rows over the model axis"}
+    )
+
+
+def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
+    """``"data=2,model=2"`` -> ``{"data": 2, "model": 2}``; a missing axis is inferred, or 1.
+
+    Raises:
+      ValueError: unknown axis, a size that is not a positive integer, or sizes whose
+        product is not ``num_devices``.
+    """
+    sizes = {}
+    for part in filter(None, (p.strip() for p in spec.split(","))):
+        name, _, value = part.partition("=")
+        if name not in MESH_AXES or not value.isdigit() or int(value) < 1 or name in sizes:
+            raise ValueError(
+                f"--mesh {spec!r}: write axis=size pairs over {' and '.join(MESH_AXES)}, e.g. data=4 or data=2,model=2"
+            )
+        sizes[name] = int(value)
+    if "data" not in sizes:
+        sizes["data"] = max(num_devices // sizes.get("model", 1), 1)
+    sizes.setdefault("model", 1)
+    if sizes["data"] * sizes["model"] != num_devices:
+        raise ValueError(
+            f"--mesh {spec!r} needs {sizes['data'] * sizes['model']} devices but {num_devices} are visible; "
+            f"make data x model = {num_devices}"
+        )
+    return sizes
+
+
+def make_mesh(spec: str = "", devices=None) -> Mesh:
+    """A ``(data, model)`` mesh over ``devices`` (default: all of them, all on ``data``)."""
+    devices = list(jax.devices() if devices is None else devices)
+    sizes = parse_mesh(spec, len(devices))
+    return Mesh(np.asarray(devices).reshape(sizes["data"], sizes["model"]), MESH_AXES)
+
+
+def check_batch_size(batch_size: int, mesh: Mesh, flag: str = "--batch-size") -> None:
+    """The global batch must split evenly over the data axis (and over the hosts)."""
+    shards = math.lcm(mesh.shape["data"], jax.process_count())
+    if batch_size % shards:
+        raise ValueError(
+            f"{flag} {batch_size} does not split over the mesh's {mesh.shape['data']} data devices"
+            f"{f' and {jax.process_count()} hosts' if jax.process_count() > 1 else ''}; use a multiple of {shards}"
+        )
+
+
+def batch_sharding(mesh: Mesh) -> NamedSharding:
+    """Rows (the leading axis) over ``data``; everything after it whole."""
+    return NamedSharding(mesh, P("data"))
+
+
+def _is_embedding_table(path) -> bool:
+    return any(getattr(entry, "key", None) == "embed" for entry in path)
+
+
+def state_sharding(tree, mesh: Mesh, *, shard_embedding: bool = False):
+    """A sharding for every leaf of ``tree`` (a train state, params...): replicated, except
+    the embedding table and its optimiser moments, split by vocabulary row over ``model``
+    when ``shard_embedding``."""
+    model_size = mesh.shape["model"]
+
+    def sharding(path, leaf):
+        shape = np.shape(leaf)
+        if shard_embedding and _is_embedding_table(path) and len(shape) == 2 and shape[0] % model_size == 0:
+            return NamedSharding(mesh, P("model", None))
+        return NamedSharding(mesh, P())
+
+    return jax.tree_util.tree_map_with_path(sharding, tree)
+
+
+def put_batch(batch, mesh: Mesh):
+    """Place a global batch (the same on every host) with its rows split over ``data``.
+
+    On several hosts each one contributes only its own contiguous block of rows.
+    """
+    sharding = batch_sharding(mesh)
+    if jax.process_count() == 1:
+        return jax.device_put(batch, sharding)
+
+    def host_rows(array):
+        array = np.asarray(array)
+        rows = array.shape[0] // jax.process_count()
+        local = array[jax.process_index() * rows : (jax.process_index() + 1) * rows]
+        return jax.make_array_from_process_local_data(sharding, local, array.shape)
+
+    return jax.tree.map(host_rows, batch)
