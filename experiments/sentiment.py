@@ -78,7 +78,7 @@ FLAG_MINIMUMS = {"max_len": 1, "batch_size": 1, "eval_batch_size": 1, "num_bucke
 
 # Fields a resumed run may change: they do not alter what was trained so far.
 RESUMABLE_FIELDS = {"max_steps", "eval_every", "log_every", "save_every", "keep", "progress", "skip_nonfinite", "restart", "workdir", "eval_batch_size",
-                    "mesh", "shard_embedding"}  # fmt: skip
+                    "mesh", "shard_embedding", "distributed"}  # fmt: skip
 
 
 def preset_name(dataset: str) -> str:
@@ -104,7 +104,7 @@ def parse_train_args(argv: list[str]) -> dict:
         parser.error("; ".join(too_small))
     try:
         configs = {cls.__name__: cli.from_args(cls, args) for cls in CONFIG_CLASSES}
-        mesh = parallel.make_mesh(args.mesh)
+        mesh = parallel.start(configs["MeshConfig"])
         parallel.check_batch_size(args.batch_size, mesh)
         parallel.check_batch_size(args.eval_batch_size, mesh, flag="--eval-batch-size")
     except ValueError as error:  # a config's own check, e.g. an unknown --cell, or a mesh that does not fit

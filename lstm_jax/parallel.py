@@ -35,6 +35,19 @@ class MeshConfig:
     shard_embedding: bool = dataclasses.field(
         default=False, metadata={"help": "split the embedding table's vocabulary rows over the model axis"}
     )
+    distributed: bool = dataclasses.field(
+        default=False,
+        metadata={
+            "help": "several hosts: call jax.distributed.initialize() first (run the same command on every host)"
+        },
+    )
+
+
+def start(config: MeshConfig) -> Mesh:
+    """Join the other hosts when ``config.distributed``, then build the mesh (before any other JAX work)."""
+    if config.distributed and not jax.distributed.is_initialized():
+        jax.distributed.initialize()
+    return make_mesh(config.mesh)
 
 
 def parse_mesh(spec: str, num_devices: int) -> dict[str, int]:
