@@ -1,0 +1,28 @@
+"""The benchmark scripts still run (tiny shapes; speed itself is never asserted in tests)."""
+
+import json
+
+import pytest
+
+from benchmarks import train_step
+
+
+def test_shape_parsing_and_flops():
+    shape = train_step.Shape.parse("64,128,128,256")
+    assert (shape.batch, shape.steps, shape.embed, shape.hidden) == (64, 128, 128, 256)
+    assert shape.forward_flops() == 2 * 64 * (128 * (128 + 256) * 1024 + 256 * 2)
+    with pytest.raises(SystemExit, match="B,T,E,H"):
+        train_step.Shape.parse("64,128")
+
+
+@pytest.mark.slow
+def test_train_step_benchmark_writes_a_report(tmp_path, capsys):
+    out = tmp_path / "bench.json"
+    train_step.main(["--shape", "4,6,8,8", "--steps", "2", "--rounds", "1", "--warmup", "1", "--json", str(out)])
+    report = json.loads(out.read_text())
+    (result,) = report["results"]
+    systems = [row["system"] for row in result["rows"]]
+    assert systems[:2] == ["lstm_jax", "flax OptimizedLSTMCell"]
+    assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])
+    assert result["rows"][1]["train_vs_best_peer"] == pytest.approx(1.0) or len(systems) > 2
+    assert "| 4,6,8,8 | lstm_jax |" in capsys.readouterr().out
