@@ -315,7 +315,8 @@ def write_results_page(results_dir: Path) -> Path:
                 ("Written by `python -m experiments.memory --sweep`. Test loss is on a fixed held-out draw of "
                 "1,000 sequences, evaluated every 100 steps; \"solved\" means below the line in the figure "
                 "(adding: MSE 0.01; copy: a tenth of the baseline). Seconds are wall time on the machine named "
-                 "below, compilation and evaluation included.")]  # fmt: skip
+                 "below, compilation and evaluation included; on a machine shared with other jobs they are upper "
+                 "bounds that vary with the load, so compare cells by steps.")]  # fmt: skip
     for summary_path in sorted(results_dir.glob("memory_*.json")):
         summary = json.loads(summary_path.read_text())
         runs = summary["runs"]
