@@ -19,8 +19,9 @@ runs its cells one after another in ``<workdir>/<task>-T<T>-<cell>`` and renders
 Training batches are drawn from ``fold_in(key, step)``, so data depend on the seed and
 the step only; the test set is a fixed draw from another key.
 
-Expected result (2 shared CPU cores): see ``experiments/results/memory.md``; the LSTM
-solves the adding problem at T = 200 (test MSE < 0.01) and the tanh RNN does not.
+Expected result (defaults, seed 0, 2 shared CPU cores; all in ``experiments/results/memory.md``):
+adding at T = 200, the LSTM reaches test MSE < 0.01 at step 1,000 (about 5 min) and ends at 0.0012;
+the tanh RNN ends at 0.163, the baseline. No cell solves copy at T = 100 in 1,000 steps.
 """
 
 import argparse
