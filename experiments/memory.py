@@ -37,10 +37,10 @@ from pathlib import Path
 import jax
 
 from experiments.sentiment import config_dict, prepare_workdir
-from lstm_jax import cli
+from lstm_jax import cli, parallel
 from lstm_jax.cells import CELLS, get_cell
 from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text
-from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, save_curves, train_loop
+from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.tasks import TASKS, get_task, init_task_model, make_task_loss
 from lstm_jax.train import init_train_state, make_train_step, params_sha256
@@ -125,7 +125,7 @@ class SweepConfig:
     )
 
 
-RUN_CLASSES = (TaskConfig, MemoryOptimConfig, RunConfig)
+RUN_CLASSES = (TaskConfig, MemoryOptimConfig, RunConfig, parallel.MeshConfig)
 
 
 def parse_args(argv: list[str]) -> tuple[dict, SweepConfig]:
@@ -137,8 +137,10 @@ def parse_args(argv: list[str]) -> tuple[dict, SweepConfig]:
         cli.add_flags(parser, cls)
     args = parser.parse_args(argv)
     try:
-        return {cls.__name__: cli.from_args(cls, args) for cls in RUN_CLASSES}, cli.from_args(SweepConfig, args)
-    except ValueError as error:
+        configs = {cls.__name__: cli.from_args(cls, args) for cls in RUN_CLASSES}
+        parallel.check_batch_size(args.batch_size, parallel.start(configs["MeshConfig"]))
+        return configs, cli.from_args(SweepConfig, args)
+    except ValueError as error:  # a config's own check, or a mesh that does not fit
         parser.error(str(error))
 
 
@@ -183,13 +185,9 @@ def train_one(configs: dict) -> dict:
     params = init_task_model(init_key, cell, task, task_cfg.hidden_size)
     state = init_train_state(params, optimizer, task_cfg.seed, ema=optim_cfg.ema_decay > 0)
     checkpoints = RunCheckpoints(workdir, keep=run_cfg.keep)
-    if resuming:
-        restored = checkpoints.restore(state)
-        for skipped in restored.skipped if restored else []:
-            print(f"warning: skipped damaged checkpoint {skipped}")
-        if restored:
-            state = restored.state
-            print(f"resumed from step {restored.step} in {workdir}")
+    mesh = parallel.make_mesh(configs["MeshConfig"].mesh)
+    state, state_sharding, _ = resume_on_mesh(state, checkpoints, mesh, resuming=resuming)
+    test = jax.device_put(test, parallel.replicated(mesh))
     start_step = int(state.step)
     log = MetricsLog(workdir / "metrics.jsonl", start_step)
     earlier = [r for r in log.read() if r["split"] == "validation"]
@@ -211,7 +209,12 @@ def train_one(configs: dict) -> dict:
         log_every=run_cfg.log_every, eval_every=run_cfg.eval_every, save_every=run_cfg.save_every, keep=run_cfg.keep, progress=run_cfg.progress,
     )  # fmt: skip
     meta = {"task": task_cfg.task, "cell": task_cfg.cell, "T": task_cfg.T}
-    train_step = make_train_step(loss_fn, optimizer, ema_decay=optim_cfg.ema_decay)
+    step_on_mesh = make_train_step(
+        loss_fn, optimizer, ema_decay=optim_cfg.ema_decay, state_sharding=state_sharding, batch_sharding=parallel.batch_sharding(mesh)
+    )
+
+    def train_step(state, batch):
+        return step_on_mesh(state, parallel.put_batch(batch, mesh))
     state, summary = train_loop(
         state, train_step, epoch_batches, evaluate, checkpoints, log, loop_cfg,
         meta=meta, tokens_in=lambda batch: batch.x_BTE.shape[0] * batch.x_BTE.shape[1],

@@ -32,7 +32,7 @@ import numpy as np
 
 from lstm_jax import cli, data, gates, parallel
 from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, config_differences, has_checkpoints
-from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, save_curves, train_loop
+from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.train import classifier_loss, evaluate, init_train_state, make_eval_step, make_train_step, params_sha256
@@ -199,18 +199,10 @@ def train(argv: list[str]) -> dict:
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
     state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     mesh = parallel.make_mesh(mesh_cfg.mesh)
-    state_sharding = parallel.state_sharding(state, mesh, shard_embedding=mesh_cfg.shard_embedding)
-    state = jax.device_put(state, state_sharding)  # a checkpoint restores onto this layout, whatever mesh saved it
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
-    skipped_checkpoints = []
-    if resuming:
-        restored = checkpoints.restore(state)
-        for skipped in restored.skipped if restored else []:
-            print(f"warning: skipped damaged checkpoint {skipped}")
-        if restored:
-            skipped_checkpoints = restored.skipped
-            state = restored.state
-            print(f"resumed from step {restored.step} in {workdir}")
+    state, state_sharding, skipped_checkpoints = resume_on_mesh(
+        state, checkpoints, mesh, resuming=resuming, shard_embedding=mesh_cfg.shard_embedding
+    )
     start_step = int(state.step)
     meta = {"dataset": data_cfg.dataset, "num_classes": splits.num_classes, "label_names": list(splits.label_names),
             "vocab_size": vocab_size, "buckets": list(buckets)}  # fmt: skip

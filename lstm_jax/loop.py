@@ -31,12 +31,23 @@ class LoopConfig:
     """How long to train, and how often to log, evaluate and save."""
 
     epochs: int = dataclasses.field(default=2, metadata={"help": "training epochs (sets the learning-rate schedule)"})
-    max_steps: int = dataclasses.field(default=0, metadata={"help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs"})
+    max_steps: int = dataclasses.field(
+        default=0,
+        metadata={"help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs"},
+    )
     log_every: int = dataclasses.field(default=50, metadata={"help": "write a metrics line every N steps"})
-    eval_every: int = dataclasses.field(default=250, metadata={"help": "also evaluate (and keep the best) every N steps (0: only at epoch ends)"})
-    save_every: int = dataclasses.field(default=500, metadata={"help": "checkpoint every N steps (and at every epoch end)"})
-    keep: int = dataclasses.field(default=3, metadata={"help": "latest checkpoints to keep (the best one is kept apart)"})
-    skip_nonfinite: int = dataclasses.field(default=0, metadata={"help": "tolerate up to N steps with a NaN/Inf loss or gradient by skipping their updates"})
+    eval_every: int = dataclasses.field(
+        default=250, metadata={"help": "also evaluate (and keep the best) every N steps (0: only at epoch ends)"}
+    )
+    save_every: int = dataclasses.field(
+        default=500, metadata={"help": "checkpoint every N steps (and at every epoch end)"}
+    )
+    keep: int = dataclasses.field(
+        default=3, metadata={"help": "latest checkpoints to keep (the best one is kept apart)"}
+    )
+    skip_nonfinite: int = dataclasses.field(
+        default=0, metadata={"help": "tolerate up to N steps with a NaN/Inf loss or gradient by skipping their updates"}
+    )
     progress: bool = dataclasses.field(default=True, metadata={"help": "show a progress bar"})
 
 
@@ -121,7 +132,11 @@ def train_loop(
                     bad = int(state.nonfinite_steps)
                     if bad > config.skip_nonfinite:
                         latest = checkpoints.latest.latest_step()
-                        kept = "no checkpoint was saved before it" if latest is None else f"the last good checkpoint (step {latest}) is kept"
+                        kept = (
+                            "no checkpoint was saved before it"
+                            if latest is None
+                            else f"the last good checkpoint (step {latest}) is kept"
+                        )
                         raise NonFiniteError(
                             f"non-finite loss or gradient at step {step} ({bad} so far, --skip-nonfinite {config.skip_nonfinite}); "
                             f"{kept}; lower the learning rate or raise --skip-nonfinite"
@@ -136,14 +151,20 @@ def train_loop(
                     record = {"step": step, "epoch": epoch, "split": "train", "loss": window["loss"] / rows,
                               "accuracy": window["correct"] / rows, "tokens_per_second": tokens / max(seconds, 1e-9)}  # fmt: skip
                     log.write(record)
-                    bar.set_postfix(loss=f"{record['loss']:.3f}", acc=f"{record['accuracy']:.3f}", tok_s=f"{record['tokens_per_second']:.0f}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.3f}",
+                        acc=f"{record['accuracy']:.3f}",
+                        tok_s=f"{record['tokens_per_second']:.0f}",
+                    )
                     window = dict.fromkeys(window, 0.0)
                 end_of_epoch = step % steps_per_epoch == 0
                 if end_of_epoch or step == stop_step or (config.eval_every and step % config.eval_every == 0):
                     val = evaluate(state.eval_params)
                     log.write({"step": step, "epoch": epoch, "split": "validation", **val})
                     kill_point("eval", step)
-                    bar.write(f"step {step} epoch {epoch}: validation {best_metric} {val[best_metric]:.4f}, loss {val['loss']:.4f}")
+                    bar.write(
+                        f"step {step} epoch {epoch}: validation {best_metric} {val[best_metric]:.4f}, loss {val['loss']:.4f}"
+                    )
                     if val[best_metric] > best:
                         best = val[best_metric]
                         checkpoints.save_best(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
@@ -180,3 +201,24 @@ def save_curves(records: list[dict], path: Path, title: str = "") -> None:
     fig.savefig(path, dpi=100)
     plt.close(fig)
 
+
+def resume_on_mesh(state, checkpoints: RunCheckpoints, mesh, *, resuming: bool, shard_embedding: bool = False):
+    """Place a fresh ``state`` on ``mesh`` and, when ``resuming``, restore the newest intact checkpoint onto that layout.
+
+    Whatever mesh saved the checkpoint, the state comes back laid out for this one
+    (see :mod:`lstm_jax.parallel`). Each damaged checkpoint skipped on the way is printed.
+
+    Returns:
+      ``(state, state_sharding, skipped)``: ``skipped`` lists ``"step N: reason"``.
+    """
+    from lstm_jax import parallel
+
+    sharding = parallel.state_sharding(state, mesh, shard_embedding=shard_embedding)
+    state = jax.device_put(state, sharding)
+    restored = checkpoints.restore(state) if resuming else None
+    if restored is None:
+        return state, sharding, []
+    for skipped in restored.skipped:
+        print(f"warning: skipped damaged checkpoint {skipped}")
+    print(f"resumed from step {restored.step} in {checkpoints.workdir}")
+    return restored.state, sharding, restored.skipped

@@ -98,6 +98,11 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, P("data"))
 
 
+def replicated(mesh: Mesh) -> NamedSharding:
+    """A whole copy on every device (e.g. a fixed test set)."""
+    return NamedSharding(mesh, P())
+
+
 def _is_embedding_table(path) -> bool:
     return any(getattr(entry, "key", None) == "embed" for entry in path)
 
@@ -112,7 +117,7 @@ def state_sharding(tree, mesh: Mesh, *, shard_embedding: bool = False):
         shape = np.shape(leaf)
         if shard_embedding and _is_embedding_table(path) and len(shape) == 2 and shape[0] % model_size == 0:
             return NamedSharding(mesh, P("model", None))
-        return NamedSharding(mesh, P())
+        return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(sharding, tree)
 
