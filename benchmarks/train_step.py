@@ -24,6 +24,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -65,7 +66,7 @@ class Shape:
         return 3 * self.forward_flops()
 
 
-class System:
+class System(NamedTuple):
     """A prepared model in one framework: ``train()`` runs one step, ``infer()`` a forward pass; both block."""
 
     name: str
@@ -105,9 +106,7 @@ def _jax_system(name, params, logits_fn, shape):
         state["params"], state["opt"], loss = step(state["params"], state["opt"])
         loss.block_until_ready()
 
-    system = System()
-    system.name, system.train, system.infer = name, train, lambda: forward(state["params"]).block_until_ready()
-    return system
+    return System(name, train, lambda: forward(state["params"]).block_until_ready())
 
 
 def lstm_jax_system(shape: Shape) -> System:
@@ -199,9 +198,7 @@ def torch_system(shape: Shape) -> System | None:
             model(tokens)
         sync()
 
-    system = System()
-    system.name, system.train, system.infer = f"torch nn.LSTM ({'cuDNN' if device == 'cuda' else 'CPU'})", train, infer
-    return system
+    return System(f"torch nn.LSTM ({'cuDNN' if device == 'cuda' else 'CPU'})", train, infer)
 
 
 def matmul_ceiling() -> Callable[[], float]:

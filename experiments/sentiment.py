@@ -209,8 +209,7 @@ def train(argv: list[str]) -> dict:
     atomic_write_text(workdir / "run.json", json.dumps(meta, indent=2))
     val_split = eval_batches("validation")
     rows = parallel.batch_sharding(mesh)
-    params_sharding = parallel.state_sharding(state.eval_params, mesh, shard_embedding=mesh_cfg.shard_embedding)
-    eval_on_mesh = make_eval_step(model_cfg, params_sharding=params_sharding, batch_sharding=rows)
+    eval_on_mesh = make_eval_step(model_cfg, params_sharding=state_sharding.eval_params, batch_sharding=rows)
     step_on_mesh = make_train_step(lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer,
                                    ema_decay=optim_cfg.ema_decay, state_sharding=state_sharding, batch_sharding=rows)  # fmt: skip
 

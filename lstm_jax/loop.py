@@ -18,6 +18,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
+from lstm_jax import parallel
 from lstm_jax.checkpoint import RunCheckpoints, atomic_write_text
 from lstm_jax.faults import kill_point
 
@@ -211,8 +212,6 @@ def resume_on_mesh(state, checkpoints: RunCheckpoints, mesh, *, resuming: bool, 
     Returns:
       ``(state, state_sharding, skipped)``: ``skipped`` lists ``"step N: reason"``.
     """
-    from lstm_jax import parallel
-
     sharding = parallel.state_sharding(state, mesh, shard_embedding=shard_embedding)
     state = jax.device_put(state, sharding)
     restored = checkpoints.restore(state) if resuming else None
