@@ -49,7 +49,7 @@ class DataConfig:
     vocab_size: int = dataclasses.field(default=20000, metadata={"help": "vocabulary cap, [PAD] and [UNK] included"})
     min_freq: int = dataclasses.field(default=1, metadata={"help": "words rarer than this in train map to [UNK]"})
     max_len: int = dataclasses.field(default=128, metadata={"help": "tokens kept per text (the rest is cut, and counted)"})
-    num_buckets: int = dataclasses.field(default=6, metadata={"help": "padded lengths per split (one XLA program each)"})
+    num_buckets: int = dataclasses.field(default=8, metadata={"help": "padded lengths per split (one XLA program each)"})
     batch_size: int = dataclasses.field(default=64, metadata={"help": "training batch size"})
     eval_batch_size: int = dataclasses.field(default=256, metadata={"help": "evaluation batch size"})
 

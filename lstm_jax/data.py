@@ -395,21 +395,42 @@ def encode(tok: Tokenizer, texts: Iterable[str], *, max_len: int) -> Encoded:
 
 def bucket_lengths(lengths: Sequence[int] | np.ndarray, *, max_len: int,
                    num_buckets: int = 8) -> tuple[int, ...]:
-    """Chooses at most `num_buckets` padded lengths from the length quantiles.
+    """Chooses at most `num_buckets` padded lengths that minimise the total padding.
 
-    Each bucket is a multiple of 8, or `max_len` where rounding would pass it;
-    the last is the smallest such value that fits the longest sequence.
+    Each text is padded to the smallest bucket that holds it, so the best buckets
+    end at observed lengths: a dynamic programme over the distinct lengths (capped
+    at `max_len`; grouped into at most 1024 steps of equal width when there are
+    more) picks the ends with the fewest padded time steps in total.
 
     Returns:
-      Ascending distinct lengths; every `min(length, max_len)` fits the last.
+      Ascending distinct lengths; the last is the longest `min(length, max_len)`.
     """
-    lengths = np.minimum(np.asarray(lengths), max_len)
+    lengths = np.minimum(np.asarray(lengths, dtype=np.int64), max_len)
     if lengths.size == 0 or max_len < 1 or num_buckets < 1:
         raise DataError(f"bucket_lengths needs lengths, max_len >= 1 and num_buckets >= 1 "
                         f"(got {lengths.size} lengths, max_len={max_len}, num_buckets={num_buckets})")
-    quantiles = np.quantile(lengths, np.arange(1, num_buckets + 1) / num_buckets, method="higher")
-    rounded = np.minimum(-(-np.maximum(quantiles, 1) // 8) * 8, max_len)
-    return tuple(int(b) for b in np.unique(rounded))
+    width = max(1, -(-int(lengths.max()) // 1024))
+    lengths = np.minimum(-(-np.maximum(lengths, 1) // width) * width, max_len)
+    values_D, counts_D = np.unique(lengths, return_counts=True)
+    rows_upto = np.concatenate([[0], np.cumsum(counts_D)])  # [j]: texts among the j shortest values
+    steps_upto = np.concatenate([[0], np.cumsum(counts_D * values_D)])
+    ends, starts = np.arange(1, values_D.size + 1)[:, None], np.arange(values_D.size)[None, :]
+    # padding_JS[j - 1, s]: padded steps of a bucket holding values s+1..j, padded to value j
+    padding_JS = values_D[ends - 1] * (rows_upto[ends] - rows_upto[starts]) - (steps_upto[ends] - steps_upto[starts])
+    padding_JS = np.where(starts < ends, padding_JS, np.inf)
+    least = np.concatenate([[0.0], np.full(values_D.size, np.inf)])  # least padding of the j shortest values
+    previous_end = []
+    for _ in range(min(num_buckets, values_D.size)):
+        total_JS = least[None, :values_D.size] + padding_JS
+        previous_end.append(np.argmin(total_JS, axis=1))
+        least = np.concatenate([[np.inf], total_JS.min(axis=1)])
+    chosen, j = [], values_D.size
+    for back in reversed(previous_end):
+        if j == 0:
+            break
+        chosen.append(int(values_D[j - 1]))
+        j = int(back[j - 1])
+    return tuple(sorted(chosen))
 
 
 class Batch(NamedTuple):

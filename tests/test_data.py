@@ -6,6 +6,7 @@ os.environ["HF_DATASETS_OFFLINE"] = "1"  # before `datasets` is imported: Hub lo
 os.environ["HF_HUB_OFFLINE"] = "1"
 
 import collections
+import itertools
 from pathlib import Path
 
 import datasets
@@ -221,17 +222,34 @@ def test_encode_counts_truncation_and_empty_texts():
 # ------------------------------------------------------------------ bucketing, batching
 
 
-def test_bucket_lengths_are_few_ascending_multiples_of_8():
+def padded_steps(lengths, buckets):
+    buckets = np.asarray(buckets)
+    return int((buckets[np.searchsorted(buckets, lengths)] - lengths).sum())
+
+
+def test_bucket_lengths_minimise_padding_against_brute_force():
+    rng = np.random.default_rng(0)
+    for _ in range(100):
+        lengths = rng.integers(1, 30, size=int(rng.integers(1, 60)))
+        num_buckets = int(rng.integers(1, 5))
+        buckets = data.bucket_lengths(lengths, max_len=40, num_buckets=num_buckets)
+        inner = np.unique(lengths)[:-1]
+        best = min(padded_steps(lengths, (*c, lengths.max())) for k in range(num_buckets) for c in itertools.combinations(inner, k))
+        assert len(buckets) <= num_buckets and buckets[-1] == lengths.max()
+        assert padded_steps(lengths, buckets) == best
+
+
+def test_bucket_lengths_are_few_ascending_and_capped():
     lengths = np.random.default_rng(0).integers(1, 700, size=5_000)
     for max_len in (256, 100, 1_000):
         buckets = data.bucket_lengths(lengths, max_len=max_len)
-        assert 1 <= len(buckets) <= 8
-        assert list(buckets) == sorted(set(buckets))
-        assert all(b % 8 == 0 or b == max_len for b in buckets)
-        assert max(buckets) <= max_len and max(buckets) >= min(lengths.max(), max_len)
-    assert data.bucket_lengths(lengths, max_len=100)[-1] == 100
-    assert data.bucket_lengths([3, 3, 3], max_len=50) == (8,)
+        assert 1 <= len(buckets) <= 8 and list(buckets) == sorted(set(buckets))
+        assert buckets[-1] == min(lengths.max(), max_len)
+    assert data.bucket_lengths([3, 3, 3], max_len=50) == (3,)
+    assert data.bucket_lengths([0, 0], max_len=50) == (1,)
     assert len(data.bucket_lengths(lengths, max_len=1_000, num_buckets=3)) == 3
+    huge = np.random.default_rng(1).integers(1, 100_000, size=3_000)  # more distinct lengths than the programme's 1024
+    assert data.bucket_lengths(huge, max_len=200_000)[-1] >= huge.max()
 
 
 def synthetic(lengths_N):
