@@ -36,10 +36,9 @@ from pathlib import Path
 
 import jax
 
-from experiments.sentiment import config_dict, prepare_workdir
 from lstm_jax import cli, parallel
 from lstm_jax.cells import CELLS, get_cell
-from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text
+from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, config_dict, prepare_workdir
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.tasks import TASKS, get_task, init_task_model, make_task_loss
@@ -169,7 +168,7 @@ def train_one(configs: dict) -> dict:
     task_cfg, optim_cfg, run_cfg = configs["TaskConfig"], configs["MemoryOptimConfig"], configs["RunConfig"]
     task, cell = get_task(task_cfg.task), get_cell(task_cfg.cell)
     workdir = Path(run_cfg.workdir)
-    resuming = prepare_workdir(workdir, configs)
+    resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
     if not resuming:
         atomic_write_text(workdir / "config.json", json.dumps(config_dict(configs), indent=2))
     init_key, train_key, test_key = jax.random.split(jax.random.key(task_cfg.seed), 3)

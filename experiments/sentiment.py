@@ -21,9 +21,7 @@ Expected result (default config, SST-2, 2 CPU cores): see the README's results t
 import argparse
 import dataclasses
 import json
-import shutil
 import sys
-import time
 from pathlib import Path
 
 import jax
@@ -31,7 +29,14 @@ import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax import cli, data, gates, parallel
-from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, config_differences, has_checkpoints
+from lstm_jax.checkpoint import (
+    CheckpointError,
+    RunCheckpoints,
+    atomic_write_text,
+    config_dict,
+    has_checkpoints,
+    prepare_workdir,
+)
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
 from lstm_jax.optim import OptimConfig, make_optimizer
@@ -76,11 +81,6 @@ DATASET_PRESETS = {
 FLAG_MINIMUMS = {"max_len": 1, "batch_size": 1, "eval_batch_size": 1, "num_buckets": 1, "vocab_size": 3, "epochs": 1,
                  "log_every": 1, "save_every": 1, "keep": 1, "max_steps": 0, "eval_every": 0, "skip_nonfinite": 0}  # fmt: skip
 
-# Fields a resumed run may change: they do not alter what was trained so far.
-RESUMABLE_FIELDS = {"max_steps", "eval_every", "log_every", "save_every", "keep", "progress", "skip_nonfinite", "restart", "workdir", "eval_batch_size",
-                    "mesh", "shard_embedding", "distributed"}  # fmt: skip
-
-
 def preset_name(dataset: str) -> str:
     """``imdb`` for ``imdb``, ``stanfordnlp/imdb`` or a folder named ``imdb``."""
     reverse_presets = {hub_id: name for name, hub_id in data.PRESETS.items()}
@@ -112,42 +112,6 @@ def parse_train_args(argv: list[str]) -> dict:
     return configs
 
 
-def config_dict(configs: dict) -> dict:
-    return {name: dataclasses.asdict(config) for name, config in configs.items()}
-
-
-def prepare_workdir(workdir: Path, configs: dict) -> bool:
-    """Check (or create) the run directory; True when it holds a run to resume.
-
-    Nothing is written here but the folder: ``config.json`` is written once the data has loaded.
-    """
-    config_path = workdir / "config.json"
-    if configs["RunConfig"].restart and workdir.exists() and any(workdir.iterdir()):
-        backup = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
-        backup.mkdir()
-        for entry in list(workdir.iterdir()):
-            if not entry.name.startswith("previous-"):
-                shutil.move(str(entry), backup / entry.name)
-        print(f"--restart: moved the previous run to {backup}")
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SystemExit(f"error: cannot create workdir {workdir}: {error.strerror}; pass a writable --workdir") from None
-    current = config_dict(configs)
-    if config_path.exists():
-        try:
-            saved = json.loads(config_path.read_text())
-        except (json.JSONDecodeError, UnicodeDecodeError) as error:
-            raise SystemExit(f"error: {config_path} is damaged ({error}); restore it, or pass --restart to start over") from None
-        differences = [d for d in config_differences(saved, current) if d.split(": ")[0].split(".")[-1] not in RESUMABLE_FIELDS]
-        if differences:
-            raise SystemExit(f"error: {workdir} holds a run with another config ({'; '.join(differences)}); use another --workdir or pass --restart")
-        return True
-    if has_checkpoints(workdir):
-        raise SystemExit(f"error: {workdir} has checkpoints but no config.json; restore that file, or pass --restart to start over")
-    return False
-
-
 def load_data(cfg: DataConfig, workdir: Path, seed: int):
     """Splits, tokenizer (the run's own, or trained on train but not yet saved), encodings and buckets."""
     splits = data.load_text_splits(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, val_fraction=cfg.val_fraction, seed=seed)
@@ -174,7 +138,7 @@ def train(argv: list[str]) -> dict:
     configs = parse_train_args(argv)
     data_cfg, model_cfg, optim_cfg, loop_cfg, run_cfg, mesh_cfg = (configs[cls.__name__] for cls in CONFIG_CLASSES)
     workdir = Path(run_cfg.workdir)
-    resuming = prepare_workdir(workdir, configs)
+    resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
     splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
     if not resuming:  # the config first: a tokenizer.json is only ever reused under its own config
         atomic_write_text(workdir / "config.json", json.dumps(config_dict(configs), indent=2))

@@ -13,7 +13,10 @@ naming the folder.
 """
 
 import dataclasses
+import json
 import os
+import shutil
+import time
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +26,10 @@ from lstm_jax.faults import kill_point
 from lstm_jax.train import params_sha256
 
 CHECKSUM_KEY = "state_sha256"  # kept in the saved meta, never shown to callers
+
+# Config fields a resumed run may change: they do not alter what was trained so far.
+RESUMABLE_FIELDS = frozenset({"max_steps", "eval_every", "log_every", "save_every", "keep", "progress", "skip_nonfinite",
+                              "restart", "workdir", "eval_batch_size", "mesh", "shard_embedding", "distributed"})  # fmt: skip
 
 
 class CheckpointError(RuntimeError):
@@ -98,10 +105,14 @@ class RunCheckpoints:
             try:
                 restored = manager.restore(
                     step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
+                    args=ocp.args.Composite(
+                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
+                    ),
                 )
             except Exception as error:  # a damaged checkpoint can fail in many ways inside Orbax and TensorStore
-                skipped.append(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+                skipped.append(
+                    f"step {step}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+                )
                 continue
             meta = dict(restored["meta"])
             saved_sha256 = meta.pop(CHECKSUM_KEY, None)
@@ -168,3 +179,58 @@ def config_differences(saved: dict, current: dict, prefix: str = "") -> list[str
         elif old != new:
             differences.append(f"{prefix}{name}: {old!r} -> {new!r}")
     return differences
+
+
+def config_dict(configs: dict) -> dict:
+    """``{config class name: its fields}`` for a dict of config dataclasses, as written to ``config.json``."""
+    return {name: dataclasses.asdict(config) for name, config in configs.items()}
+
+
+def _move_aside(workdir: Path) -> None:
+    backup = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    backup.mkdir()
+    for entry in list(workdir.iterdir()):
+        if not entry.name.startswith("previous-"):
+            shutil.move(str(entry), backup / entry.name)
+    print(f"--restart: moved the previous run to {backup}")
+
+
+def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False, resumable=RESUMABLE_FIELDS) -> bool:
+    """Check (or create) a run directory; True when it holds a run to resume under ``configs``.
+
+    With ``restart``, an existing run moves to ``<workdir>/previous-<time>`` (nothing is deleted).
+    A saved ``config.json`` that differs in any field outside ``resumable`` stops with an error
+    naming the fields. Nothing is written but the folder: the caller writes ``config.json``.
+    """
+    workdir = Path(workdir)
+    if restart and workdir.exists() and any(workdir.iterdir()):
+        _move_aside(workdir)
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(
+            f"error: cannot create workdir {workdir}: {error.strerror}; pass a writable --workdir"
+        ) from None
+    config_path = workdir / "config.json"
+    if config_path.exists():
+        try:
+            saved = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as error:
+            raise SystemExit(
+                f"error: {config_path} is damaged ({error}); restore it, or pass --restart to start over"
+            ) from None
+        differences = [
+            d
+            for d in config_differences(saved, config_dict(configs))
+            if d.split(": ")[0].split(".")[-1] not in resumable
+        ]
+        if differences:
+            raise SystemExit(
+                f"error: {workdir} holds a run with another config ({'; '.join(differences)}); use another --workdir or pass --restart"
+            )
+        return True
+    if has_checkpoints(workdir):
+        raise SystemExit(
+            f"error: {workdir} has checkpoints but no config.json; restore that file, or pass --restart to start over"
+        )
+    return False
