@@ -38,7 +38,14 @@ import jax
 
 from lstm_jax import cli, parallel
 from lstm_jax.cells import CELLS, get_cell
-from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, atomic_write_text, config_dict, prepare_workdir
+from lstm_jax.checkpoint import (
+    CheckpointError,
+    RunCheckpoints,
+    atomic_write_text,
+    config_dict,
+    prepare_workdir,
+    write_config,
+)
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.tasks import TASKS, get_task, init_task_model, make_task_loss
@@ -170,7 +177,7 @@ def train_one(configs: dict) -> dict:
     workdir = Path(run_cfg.workdir)
     resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
     if not resuming:
-        atomic_write_text(workdir / "config.json", json.dumps(config_dict(configs), indent=2))
+        write_config(workdir, configs)
     init_key, train_key, test_key = jax.random.split(jax.random.key(task_cfg.seed), 3)
     generate = task.generate
     test = generate(test_key, task_cfg.test_size, task_cfg.T)

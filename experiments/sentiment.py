@@ -36,6 +36,7 @@ from lstm_jax.checkpoint import (
     config_dict,
     has_checkpoints,
     prepare_workdir,
+    write_config,
 )
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
@@ -141,7 +142,7 @@ def train(argv: list[str]) -> dict:
     resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
     splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
     if not resuming:  # the config first: a tokenizer.json is only ever reused under its own config
-        atomic_write_text(workdir / "config.json", json.dumps(config_dict(configs), indent=2))
+        write_config(workdir, configs)
     if not (workdir / "tokenizer.json").exists():
         data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
     (train_enc, train_labels), (val_enc, _) = encoded["train"], encoded["validation"]

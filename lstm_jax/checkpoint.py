@@ -105,14 +105,10 @@ class RunCheckpoints:
             try:
                 restored = manager.restore(
                     step,
-                    args=ocp.args.Composite(
-                        state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()
-                    ),
+                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
                 )
             except Exception as error:  # a damaged checkpoint can fail in many ways inside Orbax and TensorStore
-                skipped.append(
-                    f"step {step}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
-                )
+                skipped.append(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
                 continue
             meta = dict(restored["meta"])
             saved_sha256 = meta.pop(CHECKSUM_KEY, None)
@@ -186,6 +182,11 @@ def config_dict(configs: dict) -> dict:
     return {name: dataclasses.asdict(config) for name, config in configs.items()}
 
 
+def write_config(workdir: Path, configs: dict) -> None:
+    """Write ``config.json`` (atomically): the record ``prepare_workdir`` checks a resumed run against."""
+    atomic_write_text(Path(workdir) / "config.json", json.dumps(config_dict(configs), indent=2))
+
+
 def _move_aside(workdir: Path) -> None:
     backup = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
     backup.mkdir()
@@ -200,7 +201,7 @@ def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False, resu
 
     With ``restart``, an existing run moves to ``<workdir>/previous-<time>`` (nothing is deleted).
     A saved ``config.json`` that differs in any field outside ``resumable`` stops with an error
-    naming the fields. Nothing is written but the folder: the caller writes ``config.json``.
+    naming the fields. Nothing is written but the folder: the caller calls ``write_config``.
     """
     workdir = Path(workdir)
     if restart and workdir.exists() and any(workdir.iterdir()):
