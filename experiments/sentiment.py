@@ -15,7 +15,9 @@ Rerunning with the same ``--workdir`` resumes from the latest checkpoint. The ru
 writes ``config.json``, ``tokenizer.json``, ``metrics.jsonl``, ``curves.png``,
 ``results.json`` and Orbax checkpoints (``checkpoints/``, ``best/``) to the workdir.
 
-Expected result (default config, SST-2, 2 CPU cores): see the README's results table.
+Expected result on 2 CPU cores (measured 2026-11-28, the README has the full tables): the default
+SST-2 run reaches about 84.7 % validation and 84.7 % test accuracy (84.6-84.9 % validation over
+seeds 0-2) in about 9.5 minutes of wall time, compiling included.
 """
 
 import argparse
