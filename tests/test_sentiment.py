@@ -133,5 +133,7 @@ def test_dataset_preset_applies_under_explicit_flags():
     configs = sentiment.parse_train_args(["--dataset", "../shared/data/imdb", "--epochs", "7"])
     assert configs["DataConfig"].max_len == sentiment.DATASET_PRESETS["imdb"]["max_len"]
     assert configs["LoopConfig"].epochs == 7
-    assert sentiment.parse_train_args(["--dataset", "stanfordnlp/imdb"])["DataConfig"].max_len == 400
+    imdb_max_len = sentiment.DATASET_PRESETS["imdb"]["max_len"]
+    assert imdb_max_len != sentiment.DataConfig().max_len
+    assert sentiment.parse_train_args(["--dataset", "stanfordnlp/imdb"])["DataConfig"].max_len == imdb_max_len
     assert sentiment.parse_train_args(["--dataset", "sst2"])["DataConfig"].max_len == sentiment.DataConfig().max_len
