@@ -16,7 +16,7 @@ from lstm_jax.cells import Carry, get_cell
 from lstm_jax.data import UNK_ID
 from lstm_jax.recurrence import init_rnn, is_bidirectional, rnn
 
-POOLINGS = ("last", "mean", "max", "attention")
+POOLINGS = ("last", "mean", "max", "mean_max", "attention")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,7 +29,7 @@ class ModelConfig:
     num_layers: int = dataclasses.field(default=1, metadata={"help": "stacked recurrent layers"})
     bidirectional: bool = dataclasses.field(default=True, metadata={"help": "run each layer both ways"})
     residual: bool = dataclasses.field(default=False, metadata={"help": "residual connections from layer 2 on"})
-    pooling: str = dataclasses.field(default="max", metadata={"help": "last, mean, max or attention over time"})
+    pooling: str = dataclasses.field(default="max", metadata={"help": "last, mean, max, mean_max (both, concatenated) or attention over time"})
     head_hidden: int = dataclasses.field(default=256, metadata={"help": "hidden units of the MLP head (0: linear head)"})
     embed_dropout: float = dataclasses.field(default=0.1, metadata={"help": "drop whole word types from the embedding table"})
     word_dropout: float = dataclasses.field(default=0.0, metadata={"help": "replace input tokens by [UNK]"})
@@ -59,13 +59,14 @@ def init_classifier(key, config: ModelConfig, vocab_size: int, num_classes: int)
         num_layers=config.num_layers, bidirectional=config.bidirectional,
     )  # fmt: skip
     width = rnn_width(layers)
+    pooled_width = 2 * width if config.pooling == "mean_max" else width
     params = {"embed": jax.random.normal(k_embed, (vocab_size, config.embed_dim)) * 0.1, "rnn": layers}
     if config.pooling == "attention":
         params["attention"] = {**_dense_init(k_attn, width, width), "v": jnp.zeros((width,))}
     if config.head_hidden:
-        params["head"] = {"hidden": _dense_init(k_hidden, width, config.head_hidden), "out": _dense_init(k_out, config.head_hidden, num_classes)}
+        params["head"] = {"hidden": _dense_init(k_hidden, pooled_width, config.head_hidden), "out": _dense_init(k_out, config.head_hidden, num_classes)}
     else:
-        params["head"] = {"out": _dense_init(k_out, width, num_classes)}
+        params["head"] = {"out": _dense_init(k_out, pooled_width, num_classes)}
     return params
 
 
@@ -81,17 +82,19 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, last_carry, pooling: str, atten
     ``last`` uses the final carry of the top layer (for a bidirectional layer, the
     forward state at the true end and the backward state at the first step). ``mean``
     sums over all steps, so it relies on padded steps of ``y_BTH`` being zero, as
-    :func:`~lstm_jax.recurrence.rnn` emits them. Rows of length 0 (batch padding) pool to zeros.
+    :func:`~lstm_jax.recurrence.rnn` emits them. ``mean_max`` concatenates the two, ``(B, 2H)``: the
+    concat pooling of Howard & Ruder 2018 (ULMFiT) without its last state. Rows of length 0 (batch
+    padding) pool to zeros.
     """
     valid_BT = jnp.arange(y_BTH.shape[1]) < lengths_B[:, None]
     lowest = jnp.finfo(y_BTH.dtype).min
     if pooling == "last":
         carries = (last_carry,) if isinstance(last_carry, Carry) else last_carry
         pooled_BH = jnp.concatenate([c.h for c in carries], axis=-1)
-    elif pooling == "mean":
-        pooled_BH = y_BTH.sum(1) / jnp.maximum(lengths_B, 1)[:, None].astype(y_BTH.dtype)
-    elif pooling == "max":
-        pooled_BH = jnp.where(valid_BT[..., None], y_BTH, lowest).max(1)
+    elif pooling in ("mean", "max", "mean_max"):
+        mean_BH = y_BTH.sum(1) / jnp.maximum(lengths_B, 1)[:, None].astype(y_BTH.dtype)
+        max_BH = jnp.where(valid_BT[..., None], y_BTH, lowest).max(1)
+        pooled_BH = {"mean": mean_BH, "max": max_BH, "mean_max": jnp.concatenate([mean_BH, max_BH], -1)}[pooling]
     else:
         scores_BT = jnp.tanh(y_BTH @ attention["w"] + attention["b"]) @ attention["v"]
         weights_BT = jax.nn.softmax(jnp.where(valid_BT, scores_BT, lowest), axis=1)

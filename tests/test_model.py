@@ -70,6 +70,8 @@ def ref_pool(y_BTH, lengths, pooling, attention=None, bidirectional=True):
     """Pooling in NumPy float64, a loop over the valid steps of each row; zeros for empty rows."""
     y_BTH = np.asarray(y_BTH, np.float64)
     width = y_BTH.shape[-1]
+    if pooling == "mean_max":
+        return np.concatenate([ref_pool(y_BTH, lengths, "mean"), ref_pool(y_BTH, lengths, "max")], axis=-1)
     out = np.zeros((len(lengths), width))
     for b, n in enumerate(lengths):
         if n == 0:
@@ -124,7 +126,7 @@ def test_pool_matches_numpy_over_valid_steps_only(pooling, bidirectional_outputs
     assert np.all(np.asarray(y)[np.arange(T)[None, :] >= LENGTHS[:, None]] == 0.0)  # what a leaky pooling would read
     pooled = pool(y, jnp.asarray(LENGTHS), carries[-1], pooling, params.get("attention"))
     expected = ref_pool(y, LENGTHS, pooling, params["attention"])
-    assert pooled.shape == (len(LENGTHS), 2 * H)
+    assert pooled.shape == (len(LENGTHS), (4 if pooling == "mean_max" else 2) * H)
     np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
     np.testing.assert_array_equal(pooled[LENGTHS == 0], 0.0)
 
@@ -133,7 +135,8 @@ def test_pool_matches_numpy_over_valid_steps_only(pooling, bidirectional_outputs
 def test_pool_gradient_is_finite_and_zero_on_padding(pooling, bidirectional_outputs):
     """d(pooled)/dy vanishes on length-0 rows (and on padded steps, but for mean), and is never NaN."""
     _, params, _, y, carries = bidirectional_outputs
-    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((len(LENGTHS), 2 * H)), jnp.float32)
+    width = (4 if pooling == "mean_max" else 2) * H
+    cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((len(LENGTHS), width)), jnp.float32)
 
     def pooled_dot(y, attention):
         return jnp.sum(pool(y, jnp.asarray(LENGTHS), carries[-1], pooling, attention) * cotangent)
@@ -142,7 +145,7 @@ def test_pool_gradient_is_finite_and_zero_on_padding(pooling, bidirectional_outp
     assert np.all(np.isfinite(grad_y)) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad_attention))
     padded = np.arange(T)[None, :] >= LENGTHS[:, None]
     np.testing.assert_array_equal(np.asarray(grad_y)[LENGTHS == 0], 0.0)
-    if pooling != "mean":  # mean sums every step and relies on rnn's zeros at padded steps (checked above)
+    if pooling not in ("mean", "mean_max"):  # mean sums every step and relies on rnn's zeros at padded steps (checked above)
         np.testing.assert_array_equal(np.asarray(grad_y)[padded], 0.0)
     if pooling != "last":  # "last" reads the carries, not y
         assert np.any(np.asarray(grad_y)[~padded] != 0.0)
@@ -168,6 +171,17 @@ def test_logits_match_numpy_pooling_and_mlp_head(bidirectional_outputs):
     actual = np.asarray(logits_fn(params, config, tokens, LENGTHS))
     assert actual.shape == (len(LENGTHS), C)
     np.testing.assert_allclose(actual, expected, rtol=2e-5, atol=2e-5)
+
+
+def test_mean_max_head_reads_both_halves_end_to_end():
+    """mean_max feeds a 4H-wide vector to the head; logits match NumPy pooling and head on it."""
+    config = small_config(pooling="mean_max")
+    params = random_params(config, seed=3)
+    assert "attention" not in params and params["head"]["hidden"]["w"].shape == (4 * H, HEAD)
+    tokens = padded_tokens(LENGTHS, T)
+    y, _ = lstm_outputs(params, tokens, LENGTHS)
+    expected = ref_head(ref_pool(y, LENGTHS, "mean_max"), params["head"])
+    np.testing.assert_allclose(logits_fn(params, config, tokens, LENGTHS), expected, rtol=2e-5, atol=2e-5)
 
 
 def test_max_pooling_of_all_negative_outputs_is_not_a_padding_zero():
@@ -269,7 +283,7 @@ def test_train_mode_with_dropout_needs_a_key():
 def test_config_rejects_unknown_cell_and_pooling_listing_the_choices():
     with pytest.raises(ValueError, match="unknown cell 'lsmt'.*lstm, peephole, cifg, layer_norm, lstmp, gru, rnn"):
         ModelConfig(cell="lsmt")
-    with pytest.raises(ValueError, match="unknown pooling 'min'.*last, mean, max, attention"):
+    with pytest.raises(ValueError, match="unknown pooling 'min'.*last, mean, max, mean_max, attention"):
         ModelConfig(pooling="min")
 
 
