@@ -97,23 +97,24 @@ class RunConfig:
 
     workdir: str = dataclasses.field(
         default="runs/memory",
-        metadata={"help": "run directory (a sweep puts one run per cell and T under it); reruns resume"},
+        metadata={"resumable": True, "help": "run directory (a sweep puts one run per cell and T under it); reruns resume"},
     )
     restart: bool = dataclasses.field(
         default=False,
         metadata={
+            "resumable": True,
             "help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"
         },
     )
     max_steps: int = dataclasses.field(
         default=0,
-        metadata={"help": "stop after this many steps in total (0: --steps); the schedule still spans --steps"},
+        metadata={"resumable": True, "help": "stop after this many steps in total (0: --steps); the schedule still spans --steps"},
     )
-    eval_every: int = dataclasses.field(default=100, metadata={"help": "evaluate on the test set every N steps"})
-    log_every: int = dataclasses.field(default=50, metadata={"help": "write a train metrics line every N steps"})
-    save_every: int = dataclasses.field(default=500, metadata={"help": "checkpoint every N steps"})
-    keep: int = dataclasses.field(default=2, metadata={"help": "latest checkpoints to keep"})
-    progress: bool = dataclasses.field(default=True, metadata={"help": "show a progress bar"})
+    eval_every: int = dataclasses.field(default=100, metadata={"resumable": True, "help": "evaluate on the test set every N steps"})
+    log_every: int = dataclasses.field(default=50, metadata={"resumable": True, "help": "write a train metrics line every N steps"})
+    save_every: int = dataclasses.field(default=500, metadata={"resumable": True, "help": "checkpoint every N steps"})
+    keep: int = dataclasses.field(default=2, metadata={"resumable": True, "help": "latest checkpoints to keep"})
+    progress: bool = dataclasses.field(default=True, metadata={"resumable": True, "help": "show a progress bar"})
 
 
 @dataclasses.dataclass(frozen=True)

@@ -60,16 +60,16 @@ class DataConfig:
     max_len: int = dataclasses.field(default=128, metadata={"help": "tokens kept per text (the rest is cut, and counted)"})
     num_buckets: int = dataclasses.field(default=8, metadata={"help": "padded lengths per split (one XLA program each)"})
     batch_size: int = dataclasses.field(default=64, metadata={"help": "training batch size"})
-    eval_batch_size: int = dataclasses.field(default=256, metadata={"help": "evaluation batch size"})
+    eval_batch_size: int = dataclasses.field(default=256, metadata={"resumable": True, "help": "evaluation batch size"})
 
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
     """Where the run lives and how it starts."""
 
-    workdir: str = dataclasses.field(default="runs/sentiment", metadata={"help": "run directory: checkpoints, logs, results; reruns resume from it"})
+    workdir: str = dataclasses.field(default="runs/sentiment", metadata={"resumable": True, "help": "run directory: checkpoints, logs, results; reruns resume from it"})
     seed: int = dataclasses.field(default=0, metadata={"help": "seed for init, dropout and data order"})
-    restart: bool = dataclasses.field(default=False, metadata={"help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"})
+    restart: bool = dataclasses.field(default=False, metadata={"resumable": True, "help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"})
 
 
 CONFIG_CLASSES = (DataConfig, ModelConfig, OptimConfig, LoopConfig, RunConfig, parallel.MeshConfig)

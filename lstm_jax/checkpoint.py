@@ -27,9 +27,6 @@ from lstm_jax.train import params_sha256
 
 CHECKSUM_KEY = "state_sha256"  # kept in the saved meta, never shown to callers
 
-# Config fields a resumed run may change: they do not alter what was trained so far.
-RESUMABLE_FIELDS = frozenset({"max_steps", "eval_every", "log_every", "save_every", "keep", "progress", "skip_nonfinite",
-                              "restart", "workdir", "eval_batch_size", "mesh", "shard_embedding", "distributed"})  # fmt: skip
 
 
 class CheckpointError(RuntimeError):
@@ -196,12 +193,18 @@ def _move_aside(workdir: Path) -> None:
     print(f"--restart: moved the previous run to {backup}")
 
 
-def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False, resumable=RESUMABLE_FIELDS) -> bool:
+def resumable_fields(configs: dict) -> set[str]:
+    """Names of the fields marked ``metadata={"resumable": True}``: a resumed run may change them,
+    because they do not alter what was trained so far (logging, saving, stopping, device layout)."""
+    return {field.name for config in configs.values() for field in dataclasses.fields(config) if field.metadata.get("resumable")}
+
+
+def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False) -> bool:
     """Check (or create) a run directory; True when it holds a run to resume under ``configs``.
 
     With ``restart``, an existing run moves to ``<workdir>/previous-<time>`` (nothing is deleted).
-    A saved ``config.json`` that differs in any field outside ``resumable`` stops with an error
-    naming the fields. Nothing is written but the folder: the caller calls ``write_config``.
+    A saved ``config.json`` that differs in any field not in :func:`resumable_fields` stops with an
+    error naming the fields. Nothing is written but the folder: the caller calls ``write_config``.
     """
     workdir = Path(workdir)
     if restart and workdir.exists() and any(workdir.iterdir()):
@@ -220,6 +223,7 @@ def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False, resu
             raise SystemExit(
                 f"error: {config_path} is damaged ({error}); restore it, or pass --restart to start over"
             ) from None
+        resumable = resumable_fields(configs)
         differences = [
             d
             for d in config_differences(saved, config_dict(configs))

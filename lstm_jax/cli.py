@@ -1,7 +1,8 @@
 """Command-line flags generated from config dataclasses, so no flag is written twice.
 
 Every field becomes ``--field-name``; its ``metadata["help"]`` is the help text and
-its default is shown. Booleans get ``--flag / --no-flag``.
+its default is shown, and ``metadata["resumable"]`` adds that a resumed run may change it.
+Booleans get ``--flag / --no-flag``.
 """
 
 import argparse
@@ -22,7 +23,8 @@ def add_flags(parser: argparse.ArgumentParser, config_cls, title: str | None = N
     group = parser.add_argument_group(title or config_cls.__name__, config_cls.__doc__)
     for field in dataclasses.fields(config_cls):
         flag = "--" + field.name.replace("_", "-")
-        help_text = f"{field.metadata.get('help', '')} (default: {field.default!r})".replace("%", "%%")
+        resumable = "; a resumed run may change it" if field.metadata.get("resumable") else ""
+        help_text = f"{field.metadata.get('help', '')} (default: {field.default!r}{resumable})".replace("%", "%%")
         kind = _flag_type(field)
         if kind is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)

@@ -34,22 +34,22 @@ class LoopConfig:
     epochs: int = dataclasses.field(default=2, metadata={"help": "training epochs (sets the learning-rate schedule)"})
     max_steps: int = dataclasses.field(
         default=0,
-        metadata={"help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs"},
+        metadata={"resumable": True, "help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs"},
     )
-    log_every: int = dataclasses.field(default=50, metadata={"help": "write a metrics line every N steps"})
+    log_every: int = dataclasses.field(default=50, metadata={"resumable": True, "help": "write a metrics line every N steps"})
     eval_every: int = dataclasses.field(
-        default=250, metadata={"help": "also evaluate (and keep the best) every N steps (0: only at epoch ends)"}
+        default=250, metadata={"resumable": True, "help": "also evaluate (and keep the best) every N steps (0: only at epoch ends)"}
     )
     save_every: int = dataclasses.field(
-        default=500, metadata={"help": "checkpoint every N steps (and at every epoch end)"}
+        default=500, metadata={"resumable": True, "help": "checkpoint every N steps (and at every epoch end)"}
     )
     keep: int = dataclasses.field(
-        default=3, metadata={"help": "latest checkpoints to keep (the best one is kept apart)"}
+        default=3, metadata={"resumable": True, "help": "latest checkpoints to keep (the best one is kept apart)"}
     )
     skip_nonfinite: int = dataclasses.field(
-        default=0, metadata={"help": "tolerate up to N steps with a NaN/Inf loss or gradient by skipping their updates"}
+        default=0, metadata={"resumable": True, "help": "tolerate up to N steps with a NaN/Inf loss or gradient by skipping their updates"}
     )
-    progress: bool = dataclasses.field(default=True, metadata={"help": "show a progress bar"})
+    progress: bool = dataclasses.field(default=True, metadata={"resumable": True, "help": "show a progress bar"})
 
 
 class MetricsLog:

@@ -30,14 +30,15 @@ class MeshConfig:
 
     mesh: str = dataclasses.field(
         default="",
-        metadata={"help": "device mesh, e.g. data=4 or data=2,model=2 (default: every device on the data axis)"},
+        metadata={"resumable": True, "help": "device mesh, e.g. data=4 or data=2,model=2 (default: every device on the data axis)"},
     )
     shard_embedding: bool = dataclasses.field(
-        default=False, metadata={"help": "split the embedding table's vocabulary rows over the model axis"}
+        default=False, metadata={"resumable": True, "help": "split the embedding table's vocabulary rows over the model axis"}
     )
     distributed: bool = dataclasses.field(
         default=False,
         metadata={
+            "resumable": True,
             "help": "several hosts: call jax.distributed.initialize() first (run the same command on every host)"
         },
     )

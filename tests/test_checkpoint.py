@@ -15,8 +15,17 @@ import numpy as np
 import orbax.checkpoint as ocp
 import pytest
 
-from lstm_jax.checkpoint import CheckpointError, RunCheckpoints, config_differences
+from lstm_jax.checkpoint import (
+    CheckpointError,
+    RunCheckpoints,
+    config_differences,
+    prepare_workdir,
+    resumable_fields,
+    write_config,
+)
+from lstm_jax.loop import LoopConfig
 from lstm_jax.optim import OptimConfig, make_optimizer
+from lstm_jax.parallel import MeshConfig
 from lstm_jax.train import init_train_state
 
 OPTIMIZER = make_optimizer(OptimConfig(warmup_steps=0), total_steps=10)
@@ -259,3 +268,16 @@ def test_config_differences_lists_nested_leaves():
     assert config_differences({"a": {"b": 1}}, {"a": {"b": 2}}) == ["a.b: 1 -> 2"]
     assert config_differences({"a": {"b": 1}}, {"a": 3}) == ["a: {'b': 1} -> 3"]
     assert config_differences(current, current) == []
+
+
+def test_only_fields_marked_resumable_may_change_on_resume(tmp_path):
+    configs = {"LoopConfig": LoopConfig(epochs=2, eval_every=100), "MeshConfig": MeshConfig()}
+    assert {"eval_every", "max_steps", "keep", "mesh", "shard_embedding"} <= resumable_fields(configs)
+    assert not {"epochs"} & resumable_fields(configs)
+    assert prepare_workdir(tmp_path, configs) is False
+    write_config(tmp_path, configs)
+    resumed = {**configs, "LoopConfig": LoopConfig(epochs=2, eval_every=50, max_steps=7), "MeshConfig": MeshConfig(mesh="data=1")}
+    assert prepare_workdir(tmp_path, resumed) is True
+    changed = {**configs, "LoopConfig": LoopConfig(epochs=3, eval_every=50)}
+    with pytest.raises(SystemExit, match=r"another config \(LoopConfig\.epochs: 2 -> 3\)"):
+        prepare_workdir(tmp_path, changed)
