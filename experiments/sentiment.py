@@ -77,7 +77,7 @@ CONFIG_CLASSES = (DataConfig, ModelConfig, OptimConfig, LoopConfig, RunConfig, p
 # Settings that suit a dataset better than the defaults; explicit flags win.
 DATASET_PRESETS = {
     "imdb": {"max_len": 800, "vocab_size": 30000, "epochs": 5, "batch_size": 32, "embed_dropout": 0.2, "input_dropout": 0.4,
-             "output_dropout": 0.4},
+             "output_dropout": 0.4, "pooling": "mean_max"},
     "yelp_polarity": {"max_len": 256, "epochs": 1},
     "ag_news": {"max_len": 64, "epochs": 3},
 }
