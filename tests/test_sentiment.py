@@ -1,5 +1,6 @@
 """End-to-end tests of ``python -m experiments.sentiment`` on a slice of the real SST-2."""
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -121,8 +122,6 @@ def test_help_documents_every_config_field(capsys):
         sentiment.main(["--help"])
     assert exit_info.value.code == 0
     text = capsys.readouterr().out
-    import dataclasses
-
     for cls in sentiment.CONFIG_CLASSES:
         for field in dataclasses.fields(cls):
             assert "--" + field.name.replace("_", "-") in text
@@ -137,3 +136,8 @@ def test_dataset_preset_applies_under_explicit_flags():
     assert imdb_max_len != sentiment.DataConfig().max_len
     assert sentiment.parse_train_args(["--dataset", "stanfordnlp/imdb"])["DataConfig"].max_len == imdb_max_len
     assert sentiment.parse_train_args(["--dataset", "sst2"])["DataConfig"].max_len == sentiment.DataConfig().max_len
+    # every preset entry names a flag, and lands in its own config class (pooling is a ModelConfig field)
+    flat = {name: value for config in configs.values() for name, value in dataclasses.asdict(config).items()}
+    assert {name: flat[name] for name in sentiment.DATASET_PRESETS["imdb"] if name != "epochs"} == {
+        name: value for name, value in sentiment.DATASET_PRESETS["imdb"].items() if name != "epochs"
+    }
