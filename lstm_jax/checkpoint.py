@@ -28,7 +28,6 @@ from lstm_jax.train import params_sha256
 CHECKSUM_KEY = "state_sha256"  # kept in the saved meta, never shown to callers
 
 
-
 class CheckpointError(RuntimeError):
     """A checkpoint that cannot be used; the message says why and what to do."""
 

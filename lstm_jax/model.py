@@ -76,6 +76,14 @@ def rnn_width(layers) -> int:
     return sum(p["w_h"].shape[0] for p in (last.values() if is_bidirectional(last) else [last]))
 
 
+def _mean_over_time(y_BTH, lengths_B):
+    return y_BTH.sum(1) / jnp.maximum(lengths_B, 1)[:, None].astype(y_BTH.dtype)
+
+
+def _max_over_time(y_BTH, valid_BT):
+    return jnp.where(valid_BT[..., None], y_BTH, jnp.finfo(y_BTH.dtype).min).max(1)
+
+
 def pool(y_BTH: jax.Array, lengths_B: jax.Array, last_carry, pooling: str, attention=None) -> jax.Array:
     """Summarise a padded sequence of outputs into one vector per example.
 
@@ -91,10 +99,12 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, last_carry, pooling: str, atten
     if pooling == "last":
         carries = (last_carry,) if isinstance(last_carry, Carry) else last_carry
         pooled_BH = jnp.concatenate([c.h for c in carries], axis=-1)
-    elif pooling in ("mean", "max", "mean_max"):
-        mean_BH = y_BTH.sum(1) / jnp.maximum(lengths_B, 1)[:, None].astype(y_BTH.dtype)
-        max_BH = jnp.where(valid_BT[..., None], y_BTH, lowest).max(1)
-        pooled_BH = {"mean": mean_BH, "max": max_BH, "mean_max": jnp.concatenate([mean_BH, max_BH], -1)}[pooling]
+    elif pooling == "mean":
+        pooled_BH = _mean_over_time(y_BTH, lengths_B)
+    elif pooling == "max":
+        pooled_BH = _max_over_time(y_BTH, valid_BT)
+    elif pooling == "mean_max":
+        pooled_BH = jnp.concatenate([_mean_over_time(y_BTH, lengths_B), _max_over_time(y_BTH, valid_BT)], axis=-1)
     else:
         scores_BT = jnp.tanh(y_BTH @ attention["w"] + attention["b"]) @ attention["v"]
         weights_BT = jax.nn.softmax(jnp.where(valid_BT, scores_BT, lowest), axis=1)
