@@ -39,12 +39,18 @@ class ModelConfig:
     zoneout: float = dataclasses.field(default=0.0, metadata={"help": "zoneout rate on the carry"})
     weight_drop: float = dataclasses.field(default=0.0, metadata={"help": "DropConnect on recurrent kernels"})
     output_dropout: float = dataclasses.field(default=0.3, metadata={"help": "dropout before the head"})
+    adversarial_epsilon: float = dataclasses.field(default=0.0, metadata={"help": "also train on embedded inputs pushed this far (L2 norm per text) up the loss gradient, Miyato et al. 2017 (0: off)"})
+    label_smoothing: float = dataclasses.field(default=0.0, metadata={"help": "mix this much of a uniform distribution into the training targets"})
     unroll: int = dataclasses.field(default=1, metadata={"help": "lax.scan unroll factor"})
 
     def __post_init__(self):
         get_cell(self.cell)
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.adversarial_epsilon < 0:
+            raise ValueError(f"--adversarial-epsilon must be >= 0, got {self.adversarial_epsilon}")
+        if not 0.0 <= self.label_smoothing < 1.0:
+            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 def _dense_init(key, fan_in, fan_out):
@@ -112,12 +118,17 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, last_carry, pooling: str, atten
     return jnp.where(lengths_B[:, None] > 0, pooled_BH, jnp.zeros((), pooled_BH.dtype))
 
 
-def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False):
-    """Class logits ``(B, C)`` for padded token ids ``tokens_BT`` with true ``lengths_B`` (>= 1)."""
+def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False, embed_delta_BTE=None):
+    """Class logits ``(B, C)`` for padded token ids ``tokens_BT`` with true ``lengths_B`` (>= 1).
+
+    ``embed_delta_BTE``, when given, is added to the embedded tokens before input dropout: the
+    gradient with respect to it (at zero) is the gradient of the loss with respect to the inputs.
+    """
     keys = jax.random.split(key, 6) if key is not None else [None] * 6
     tokens_BT = regularisers.word_dropout(keys[0], tokens_BT, config.word_dropout, unk_id=UNK_ID, train=train)
     table_VE = regularisers.embedding_dropout(keys[1], params["embed"], config.embed_dropout, train=train)
-    x_BTE = regularisers.locked_dropout(keys[2], table_VE[tokens_BT], config.input_dropout, train=train)
+    x_BTE = table_VE[tokens_BT] if embed_delta_BTE is None else table_VE[tokens_BT] + embed_delta_BTE
+    x_BTE = regularisers.locked_dropout(keys[2], x_BTE, config.input_dropout, train=train)
     y_BTH, carries = rnn(
         get_cell(config.cell), params["rnn"], x_BTE, lengths_B, key=keys[3], train=train,
         residual=config.residual, unroll=config.unroll, dropout=config.layer_dropout,

@@ -116,3 +116,17 @@ def weight_drop(key, params: dict, rate: float, *, train: bool = True, name: str
     if not check_key(key, rate, train, "weight drop"):
         return params
     return {**params, name: dropout(key, params[name], rate)}
+
+
+def adversarial_perturbation(grad_BTE: jax.Array, epsilon: float) -> jax.Array:
+    """The perturbation of norm ``epsilon`` per sequence along the loss gradient.
+
+    Miyato, Dai & Goodfellow 2017, "Adversarial training methods for semi-supervised text
+    classification" (the fast gradient method of Goodfellow et al. 2015, applied to word
+    embeddings): ``r = epsilon * g / ||g||_2`` with the norm over each sequence's steps and
+    features. A sequence whose gradient is zero (batch padding) gets no perturbation. The
+    gradient is treated as a constant, as in the paper.
+    """
+    grad_BTE = jax.lax.stop_gradient(grad_BTE)
+    norm_B11 = jnp.sqrt(jnp.sum(jnp.square(grad_BTE), axis=(1, 2), keepdims=True))
+    return epsilon * grad_BTE / jnp.maximum(norm_B11, jnp.finfo(grad_BTE.dtype).tiny)

@@ -430,3 +430,17 @@ def test_zoneout_output_is_the_zoned_h(train):
     y, carries = rnn(LSTM, layers, x, lengths, key=jax.random.key(4), train=train, zoneout=0.4)
     last = y[jnp.arange(3), lengths - 1]
     np.testing.assert_array_equal(last, carries[0].h)
+
+
+def test_adversarial_perturbation_has_norm_epsilon_along_the_gradient_and_spares_zero_rows():
+    rng = np.random.default_rng(5)
+    grad = rng.normal(size=(3, 4, 5)).astype(np.float32)
+    grad[1] = 0.0  # a padding row
+    grad[2, 2:] = 0.0  # padded steps
+    r = np.asarray(regularisers.adversarial_perturbation(jnp.asarray(grad), 0.7), np.float64)
+    norms = np.sqrt((r**2).sum((1, 2)))
+    np.testing.assert_allclose(norms[[0, 2]], 0.7, rtol=1e-6)
+    assert np.all(r[1] == 0.0) and np.all(r[2, 2:] == 0.0)
+    expected = 0.7 * grad[0] / np.sqrt((grad[0].astype(np.float64) ** 2).sum())
+    np.testing.assert_allclose(r[0], expected, rtol=1e-5, atol=1e-7)
+    assert np.all(np.asarray(jax.grad(lambda g: regularisers.adversarial_perturbation(g, 0.7).sum())(jnp.asarray(grad))) == 0)

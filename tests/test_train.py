@@ -7,6 +7,7 @@ is trained for a few steps on one fixed batch. The train step donates its input
 state, so every state that is used again is copied first.
 """
 
+import dataclasses
 import hashlib
 
 import jax
@@ -57,6 +58,19 @@ def test_weighted_cross_entropy_matches_numpy_and_ignores_zero_weight_rows():
     rows = weights > 0
     expected = -log_softmax(logits[rows])[np.arange(rows.sum()), labels[rows]].mean()
     np.testing.assert_allclose(float(weighted_cross_entropy(logits, labels, weights)), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize("smoothing", [0.1, 0.3])
+def test_label_smoothing_matches_numpy_smoothed_targets(smoothing):
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(5, 3)).astype(np.float32) * 2
+    labels = np.array([0, 2, 1, 1, 0], np.int32)
+    weights = np.array([1, 1, 1, 0, 1], np.float32)
+    targets = np.full((5, 3), smoothing / 3) + (1 - smoothing) * np.eye(3)[labels]
+    rows = weights > 0
+    expected = -(targets[rows] * log_softmax(logits[rows])).sum(-1).mean()
+    got = weighted_cross_entropy(logits, labels, weights, label_smoothing=smoothing)
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
 
 
 def test_weighted_cross_entropy_of_an_all_padding_batch_is_zero_with_zero_gradient():
@@ -232,6 +246,43 @@ def test_evaluate_counts_against_numpy(classifier):
     assert result["count"] == count == 9
     assert result["accuracy"] == pytest.approx(correct / count, abs=1e-9)
     assert result["loss"] == pytest.approx(loss_sum / count, rel=1e-5)
+
+
+def test_adversarial_loss_is_the_mean_of_clean_and_finite_difference_perturbed_losses():
+    """The perturbation direction comes from central differences of the loss in the embedded inputs."""
+    config = dataclasses.replace(CONFIG, embed_dropout=0.0, input_dropout=0.0, output_dropout=0.0, adversarial_epsilon=0.5)
+    params = init_classifier(jax.random.key(3), config, VOCAB, CLASSES)
+    batch = classifier_batch([4, 2, 3, 0], 4, seed=3)
+    key = jax.random.key(0)
+
+    @jax.jit
+    def loss_at(delta_BTE):
+        logits = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True, embed_delta_BTE=delta_BTE)
+        return weighted_cross_entropy(logits, batch.labels_B, batch.weights_B)
+
+    shape, h = (4, 4, config.embed_dim), 1e-2
+    steps = np.eye(np.prod(shape), dtype=np.float32).reshape(-1, *shape) * h
+    grad = np.array([float(loss_at(step) - loss_at(-step)) / (2 * h) for step in steps]).reshape(shape)
+    norms = np.sqrt((grad**2).sum((1, 2), keepdims=True))
+    assert norms[3, 0, 0] == 0.0 and np.all(grad[0, 4:] == 0) and np.all(grad[1, 2:] == 0)  # padding has no gradient
+    delta = 0.5 * grad / np.where(norms > 0, norms, 1.0)
+    clean, perturbed = float(loss_at(np.zeros(shape, np.float32))), float(loss_at(delta.astype(np.float32)))
+    assert perturbed > clean + 0.01  # uphill
+    loss, correct = classifier_loss(params, config, batch, key)
+    np.testing.assert_allclose(float(loss), (clean + perturbed) / 2, rtol=1e-4)
+
+
+def test_adversarial_training_steps_are_finite_and_reduce_the_loss(classifier):
+    params, optimizer, _, batch = classifier
+    config = dataclasses.replace(CONFIG, adversarial_epsilon=0.2)
+    step = make_train_step(lambda p, b, key: classifier_loss(p, config, b, key), optimizer)
+    state = init_train_state(copy(params), optimizer, seed=0)
+    losses = []
+    for _ in range(30):
+        state, metrics = step(state, batch)
+        assert bool(metrics["finite"])
+        losses.append(float(metrics["loss"]))
+    assert np.mean(losses[-5:]) < 0.5 * losses[0], losses
 
 
 def test_evaluate_of_no_batches_is_empty():
