@@ -42,7 +42,7 @@ from lstm_jax.checkpoint import (
     write_config,
 )
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
-from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
+from lstm_jax.model import ModelConfig, classifier_logits, init_classifier, member_config
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.train import classifier_loss, evaluate, init_train_state, make_eval_step, make_train_step, params_sha256
 
@@ -263,9 +263,14 @@ def explain(argv: list[str]):
     parser.add_argument("--out", help="the PNG to write (default: <workdir>/explain.png)")
     parser.add_argument("--layer", type=int, default=0, help="recurrent layer to trace (default: 0)")
     parser.add_argument("--direction", choices=("fwd", "bwd"), default="fwd", help="direction of a bidirectional layer (default: fwd)")
+    parser.add_argument("--member", type=int, default=0, help="which model of an ensemble (--ensemble) to trace (default: 0)")
     parser.add_argument("text", help="the text to explain")
     args = parser.parse_args(argv)
     model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
+    if model_cfg.ensemble > 1:
+        if not 0 <= args.member < model_cfg.ensemble:
+            raise SystemExit(f"error: --member {args.member} does not exist; the run is an ensemble of {model_cfg.ensemble} (0 to {model_cfg.ensemble - 1})")
+        params, model_cfg = jax.tree.map(lambda leaf: leaf[args.member], params), member_config(model_cfg)
     tokens = data.encode(tokenizer, [args.text], max_len=data_cfg.max_len).row(0)
     try:
         explanation = gates.explain_classifier(params, model_cfg, tokens, layer=args.layer, direction=args.direction)

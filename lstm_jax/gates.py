@@ -144,6 +144,9 @@ def explain_classifier(params, config: ModelConfig, tokens_T, *, layer: int = 0,
       An :class:`Explanation`. ``probabilities_TC[t]`` is the classifier's output on the
       prefix ``tokens[: t + 1]``, so a bidirectional model is scored on what it has read so far.
     """
+    if config.ensemble > 1:
+        raise ValueError(f"the model is an ensemble of {config.ensemble}; explain one member: "
+                         "jax.tree.map(lambda a: a[i], params) with lstm_jax.model.member_config(config)")  # fmt: skip
     num_layers = len(params["rnn"])
     if not 0 <= layer < num_layers:
         raise ValueError(f"layer {layer} does not exist; the model has {num_layers} recurrent layer(s)")

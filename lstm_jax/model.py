@@ -42,11 +42,14 @@ class ModelConfig:
     adversarial_epsilon: float = dataclasses.field(default=0.0, metadata={"help": "also train on embedded inputs pushed this far (L2 norm per text) up the loss gradient, Miyato et al. 2017 (0: off)"})
     label_smoothing: float = dataclasses.field(default=0.0, metadata={"help": "mix this much of a uniform distribution into the training targets"})
     unroll: int = dataclasses.field(default=1, metadata={"help": "lax.scan unroll factor"})
+    ensemble: int = dataclasses.field(default=1, metadata={"help": "train this many independently initialised models side by side and average their probabilities"})
 
     def __post_init__(self):
         get_cell(self.cell)
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
+        if self.ensemble < 1:
+            raise ValueError(f"--ensemble must be >= 1, got {self.ensemble}")
         if self.adversarial_epsilon < 0:
             raise ValueError(f"--adversarial-epsilon must be >= 0, got {self.adversarial_epsilon}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -57,8 +60,20 @@ def _dense_init(key, fan_in, fan_out):
     return {"w": jax.nn.initializers.lecun_normal()(key, (fan_in, fan_out)), "b": jnp.zeros((fan_out,))}
 
 
+def member_config(config: ModelConfig) -> ModelConfig:
+    """The config of one model of an ensemble."""
+    return dataclasses.replace(config, ensemble=1)
+
+
 def init_classifier(key, config: ModelConfig, vocab_size: int, num_classes: int) -> dict:
-    """Parameters: ``embed`` (V x E), ``rnn`` (a list of layers), optional ``attention``, ``head``."""
+    """Parameters: ``embed`` (V x E), ``rnn`` (a list of layers), optional ``attention``, ``head``.
+
+    With ``config.ensemble`` = K > 1 every leaf gets a leading axis of K members, each
+    initialised from its own key.
+    """
+    if config.ensemble > 1:
+        keys = jax.random.split(key, config.ensemble)
+        return jax.vmap(lambda k: init_classifier(k, member_config(config), vocab_size, num_classes))(keys)
     k_embed, k_rnn, k_attn, k_hidden, k_out = jax.random.split(key, 5)
     layers = init_rnn(
         k_rnn, get_cell(config.cell), config.embed_dim, config.hidden_size,
@@ -123,7 +138,12 @@ def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=
 
     ``embed_delta_BTE``, when given, is added to the embedded tokens before input dropout: the
     gradient with respect to it (at zero) is the gradient of the loss with respect to the inputs.
+    For an ensemble the result is the log of the members' mean probabilities, a deep ensemble
+    (Lakshminarayanan et al. 2017): its softmax is that mean.
     """
+    if config.ensemble > 1:
+        logits_KBC = member_logits(params, config, tokens_BT, lengths_B, key=key, train=train, embed_delta_BTE=embed_delta_BTE)
+        return jax.nn.logsumexp(jax.nn.log_softmax(logits_KBC, axis=-1), axis=0) - jnp.log(config.ensemble)
     keys = jax.random.split(key, 6) if key is not None else [None] * 6
     tokens_BT = regularisers.word_dropout(keys[0], tokens_BT, config.word_dropout, unk_id=UNK_ID, train=train)
     table_VE = regularisers.embedding_dropout(keys[1], params["embed"], config.embed_dropout, train=train)
@@ -141,3 +161,14 @@ def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=
         features_BH = jax.nn.relu(features_BH @ head["hidden"]["w"] + head["hidden"]["b"])
         features_BH = regularisers.dropout(keys[5], features_BH, config.output_dropout, train=train)
     return features_BH @ head["out"]["w"] + head["out"]["b"]
+
+
+def member_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False, embed_delta_BTE=None):
+    """Each ensemble member's logits, ``(K, B, C)``; members draw their own dropout masks."""
+    keys = jax.random.split(key, config.ensemble) if key is not None else None
+    one = member_config(config)
+
+    def logits_of(member_params, member_key):
+        return classifier_logits(member_params, one, tokens_BT, lengths_B, key=member_key, train=train, embed_delta_BTE=embed_delta_BTE)
+
+    return jax.vmap(logits_of)(params, keys)

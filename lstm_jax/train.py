@@ -17,7 +17,7 @@ import optax
 from flax import struct
 
 from lstm_jax import regularisers
-from lstm_jax.model import ModelConfig, classifier_logits
+from lstm_jax.model import ModelConfig, classifier_logits, member_config
 
 
 @struct.dataclass
@@ -75,7 +75,15 @@ def classifier_loss(params, config: ModelConfig, batch, key):
     embedded inputs moved along their gradient (:func:`~lstm_jax.regularisers.adversarial_perturbation`),
     under the same dropout masks. Miyato et al. add the two; the mean keeps the logged loss on the
     scale of the validation loss and Adam's steps are the same. It costs about two more passes.
+
+    The members of an ensemble are trained independently on the same batch, each with its own
+    dropout masks (Lakshminarayanan et al. 2017): the loss and the correct count are their means.
     """
+    if config.ensemble > 1:
+        member = member_config(config)
+        keys = jax.random.split(key, config.ensemble)
+        losses_K, correct_K = jax.vmap(lambda p, k: classifier_loss(p, member, batch, k))(params, keys)
+        return losses_K.mean(), correct_K.mean()
 
     def loss_and_logits(embed_delta_BTE):
         logits_BC = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True, embed_delta_BTE=embed_delta_BTE)

@@ -17,9 +17,11 @@ import numpy as np
 import pytest
 
 from lstm_jax.cells import LSTM
-from lstm_jax.model import POOLINGS, ModelConfig, classifier_logits, init_classifier, pool, rnn_width
+from lstm_jax.data import Batch
+from lstm_jax.gates import explain_classifier
+from lstm_jax.model import POOLINGS, ModelConfig, classifier_logits, init_classifier, member_config, pool, rnn_width
 from lstm_jax.recurrence import rnn
-from lstm_jax.train import weighted_cross_entropy
+from lstm_jax.train import classifier_loss, weighted_cross_entropy
 
 V, E, H, HEAD, C = 23, 4, 5, 6, 3
 NO_DROPOUT = {
@@ -326,3 +328,50 @@ def test_param_shapes(cell, bidirectional, pooling, head_hidden, width):
     else:
         assert set(shapes["head"]) == {"out"} and shapes["head"]["out"]["w"].shape == (width, C)
     assert shapes["head"]["out"]["b"].shape == (C,)
+
+
+# --------------------------------------------------------------------------- ensembles
+
+
+def test_ensemble_members_are_the_single_models_of_their_split_keys():
+    config = small_config(ensemble=3, pooling="max")
+    key = jax.random.key(4)
+    params = init_classifier(key, config, V, C)
+    for i, member_key in enumerate(jax.random.split(key, 3)):
+        single = init_classifier(member_key, member_config(config), V, C)
+        jax.tree.map(lambda a, b: np.testing.assert_array_equal(a[i], b), params, single)
+    assert params["embed"].shape == (3, V, E)
+
+
+def test_ensemble_logits_are_the_log_of_the_members_mean_probabilities():
+    config = small_config(ensemble=3, pooling="mean")
+    params = random_params(config, seed=5)
+    tokens = padded_tokens(LENGTHS, T)
+    probabilities = []
+    for i in range(3):
+        member = jax.tree.map(lambda leaf: leaf[i], params)
+        logits = np.asarray(logits_fn(member, member_config(config), tokens, LENGTHS), np.float64)
+        probabilities.append(np.exp(logits - logits.max(-1, keepdims=True)) / np.exp(logits - logits.max(-1, keepdims=True)).sum(-1, keepdims=True))
+    got = np.asarray(logits_fn(params, config, tokens, LENGTHS))
+    np.testing.assert_allclose(np.exp(got), np.mean(probabilities, 0), rtol=1e-5, atol=1e-7)
+
+
+def test_ensemble_loss_is_the_mean_of_member_losses_with_their_own_dropout():
+    config = small_config(ensemble=2, pooling="mean", input_dropout=0.3, output_dropout=0.3)
+    params = random_params(config, seed=6)
+    batch = Batch(padded_tokens(LENGTHS, T), LENGTHS, LABELS, (LENGTHS > 0).astype(np.float32))
+    key = jax.random.key(7)
+    member_results = [classifier_loss(jax.tree.map(lambda leaf: leaf[i], params), member_config(config), batch, k)
+                      for i, k in enumerate(jax.random.split(key, 2))]  # fmt: skip
+    loss, correct = classifier_loss(params, config, batch, key)
+    np.testing.assert_allclose(float(loss), np.mean([float(m[0]) for m in member_results]), rtol=1e-5)
+    np.testing.assert_allclose(float(correct), np.mean([float(m[1]) for m in member_results]), rtol=1e-6)
+    assert float(member_results[0][0]) != float(member_results[1][0])
+
+
+def test_ensemble_must_have_a_member_and_explain_asks_for_one():
+    with pytest.raises(ValueError, match="--ensemble must be >= 1"):
+        small_config(ensemble=0)
+    config = small_config(ensemble=2, pooling="max")
+    with pytest.raises(ValueError, match="ensemble of 2; explain one member"):
+        explain_classifier(random_params(config), config, np.array([3, 4, 5]))

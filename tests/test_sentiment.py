@@ -141,3 +141,22 @@ def test_dataset_preset_applies_under_explicit_flags():
     assert {name: flat[name] for name in sentiment.DATASET_PRESETS["imdb"] if name != "epochs"} == {
         name: value for name, value in sentiment.DATASET_PRESETS["imdb"].items() if name != "epochs"
     }
+
+
+@pytest.mark.slow
+def test_an_ensemble_run_predicts_the_mean_of_its_members_and_explains_each(sst2_slice, tmp_path, capsys):
+    results = run("--dataset", sst2_slice, "--workdir", tmp_path, "--epochs", 3, "--ensemble", 2, *SMALL_MODEL)
+    assert results["val_accuracy"] > 444 / 872 + 0.05
+    model_cfg, _, _, _, params = sentiment.load_run(tmp_path)
+    assert model_cfg.ensemble == 2 and params["embed"].shape[0] == 2
+    text = "a gorgeous , witty , seductive movie ."
+    [(label, probability)] = sentiment.predict(["--workdir", str(tmp_path), text])
+    member_probabilities = [
+        sentiment.explain(["--workdir", str(tmp_path), "--member", str(i), "--out", str(tmp_path / f"m{i}.png"), text]).probabilities_TC[-1]
+        for i in range(2)
+    ]  # fmt: skip
+    mean = np.mean(member_probabilities, 0)
+    assert label == ("negative", "positive")[int(mean.argmax())] and probability == pytest.approx(mean.max(), abs=1e-5)
+    assert not np.allclose(member_probabilities[0], member_probabilities[1])
+    with pytest.raises(SystemExit, match="--member 2 does not exist"):
+        sentiment.main(["explain", "--workdir", str(tmp_path), "--member", "2", text])
