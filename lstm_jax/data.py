@@ -288,20 +288,36 @@ def _as_texts(texts: Iterable[str]) -> list[str]:
     return texts
 
 
-def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: int = 1) -> Tokenizer:
-    """Trains a lower-casing word-level tokeniser (call it on the train split only).
+TOKENIZER_MODELS = ("word", "wordpiece")
+
+
+def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: int = 1, model: str = "word") -> Tokenizer:
+    """Trains a lower-casing tokeniser (call it on the train split only).
 
     Args:
       texts: training texts.
       vocab_size: vocabulary size, `[PAD]` and `[UNK]` included.
-      min_freq: words seen fewer times map to `[UNK]`.
+      min_freq: words (or, for WordPiece, merges) seen fewer times are not in the vocabulary.
+      model: ``"word"``, one id per word and `[UNK]` for the rest; or ``"wordpiece"``, which keeps
+        the frequent words whole and splits the others into pieces (``warm ##ly``), so a word never
+        seen in training is still read through its pieces (Wu et al. 2016, sec. 4.1). With a
+        `vocab_size` above the number of distinct training words every training word stays whole
+        and the pieces are never trained, so choose it below that.
 
     Returns:
       A `tokenizers.Tokenizer` with `[PAD]` = `PAD_ID` and `[UNK]` = `UNK_ID`.
     """
     if vocab_size < 3:
         raise DataError(f"vocab_size must be >= 3 ([PAD], [UNK] and one word), got {vocab_size}")
-    tok = Tokenizer(models.WordLevel(unk_token=UNK))
+    if model not in TOKENIZER_MODELS:
+        raise DataError(f"unknown tokenizer model {model!r}; choose one of {', '.join(TOKENIZER_MODELS)}")
+    special_tokens = [PAD, UNK]
+    if model == "word":
+        tok = Tokenizer(models.WordLevel(unk_token=UNK))
+        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_freq, special_tokens=special_tokens, show_progress=False)
+    else:
+        tok = Tokenizer(models.WordPiece(unk_token=UNK))
+        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_freq, special_tokens=special_tokens, show_progress=False)
     tok.normalizer = normalizers.Sequence([
         normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " "),
         normalizers.Replace(Regex(CONTROL_CHARACTERS), " "),
@@ -309,8 +325,6 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
         normalizers.Lowercase(),
     ])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ and runs of punctuation
-    trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_freq,
-                                        special_tokens=[PAD, UNK], show_progress=False)
     tok.train_from_iterator(_as_texts(texts), trainer=trainer)
     assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(UNK) == UNK_ID
     if tok.get_vocab_size() <= 2:

@@ -202,6 +202,22 @@ def test_tokenizer_vocab_cap_and_bad_input():
         data.train_tokenizer(["ok", 3])
 
 
+def test_wordpiece_keeps_frequent_words_whole_and_reads_unseen_words_through_pieces(tmp_path):
+    texts = pq.read_table(DATA / "sst2" / "train.parquet").column("sentence").to_pylist()[:5000]
+    tok = data.train_tokenizer(texts, vocab_size=3000, model="wordpiece")
+    assert tok.token_to_id("[PAD]") == data.PAD_ID and tok.token_to_id("[UNK]") == data.UNK_ID
+    assert tok.get_vocab_size() == 3000
+    assert tok.encode("The Film<br />").tokens == ["the", "film"]  # same normalisation as the word model
+    seen = {word for text in texts for word in text.lower().split()}
+    assert "warmly" not in seen and "warm" in seen
+    pieces = tok.encode("warmly").tokens
+    assert len(pieces) > 1 and "".join(p.removeprefix("##") for p in pieces) == "warmly" and data.UNK_ID not in tok.encode("warmly").ids
+    data.save_tokenizer(tok, tmp_path / "tokenizer.json")
+    assert data.load_tokenizer(tmp_path / "tokenizer.json").encode("warmly").ids == tok.encode("warmly").ids
+    with pytest.raises(data.DataError, match="unknown tokenizer model 'bpe'; choose one of word, wordpiece"):
+        data.train_tokenizer(texts, model="bpe")
+
+
 # -------------------------------------------------------------------------- encoding
 
 
