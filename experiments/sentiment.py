@@ -55,12 +55,17 @@ class DataConfig:
     text_column: str | None = dataclasses.field(default=None, metadata={"help": "text column (detected when unset)"})
     label_column: str | None = dataclasses.field(default=None, metadata={"help": "label column (detected when unset)"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "fraction of train carved out as validation when there is no validation split"})
+    tokenizer: str = dataclasses.field(default="word", metadata={"help": "tokenizer model: word (one id per word) or wordpiece (rare and unseen words split into pieces)"})
     vocab_size: int = dataclasses.field(default=20000, metadata={"help": "vocabulary cap, [PAD] and [UNK] included"})
     min_freq: int = dataclasses.field(default=1, metadata={"help": "words rarer than this in train map to [UNK]"})
     max_len: int = dataclasses.field(default=128, metadata={"help": "tokens kept per text (the rest is cut, and counted)"})
     num_buckets: int = dataclasses.field(default=8, metadata={"help": "padded lengths per split (one XLA program each)"})
     batch_size: int = dataclasses.field(default=64, metadata={"help": "training batch size"})
     eval_batch_size: int = dataclasses.field(default=256, metadata={"resumable": True, "help": "evaluation batch size"})
+
+    def __post_init__(self):
+        if self.tokenizer not in data.TOKENIZER_MODELS:
+            raise ValueError(f"unknown --tokenizer {self.tokenizer!r}; choose one of {', '.join(data.TOKENIZER_MODELS)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +133,7 @@ def load_data(cfg: DataConfig, workdir: Path, seed: int):
     elif has_checkpoints(workdir):
         raise data.DataError(f"{workdir} has checkpoints but no tokenizer.json; restore that file, or pass --restart to start over")
     else:
-        tokenizer = data.train_tokenizer(data.texts_of(splits.train), vocab_size=cfg.vocab_size, min_freq=cfg.min_freq)
+        tokenizer = data.train_tokenizer(data.texts_of(splits.train), vocab_size=cfg.vocab_size, min_freq=cfg.min_freq, model=cfg.tokenizer)
     named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
     encoded = {name: (data.encode(tokenizer, data.texts_of(split), max_len=cfg.max_len), data.labels_of(split)) for name, split in named.items() if split is not None}
     for name, (enc, _) in encoded.items():

@@ -128,6 +128,12 @@ def test_help_documents_every_config_field(capsys):
             assert field.metadata.get("help"), f"{cls.__name__}.{field.name} has no help text"
 
 
+def test_unknown_tokenizer_is_refused_before_any_data_is_read(capsys):
+    with pytest.raises(SystemExit):
+        sentiment.parse_train_args(["--tokenizer", "bpe"])
+    assert "unknown --tokenizer 'bpe'; choose one of word, wordpiece" in capsys.readouterr().err
+
+
 def test_dataset_preset_applies_under_explicit_flags():
     configs = sentiment.parse_train_args(["--dataset", "../shared/data/imdb", "--epochs", "7"])
     assert configs["DataConfig"].max_len == sentiment.DATASET_PRESETS["imdb"]["max_len"]
@@ -137,10 +143,10 @@ def test_dataset_preset_applies_under_explicit_flags():
     assert sentiment.parse_train_args(["--dataset", "stanfordnlp/imdb"])["DataConfig"].max_len == imdb_max_len
     assert sentiment.parse_train_args(["--dataset", "sst2"])["DataConfig"].max_len == sentiment.DataConfig().max_len
     # every preset entry names a flag, and lands in its own config class (pooling is a ModelConfig field)
-    flat = {name: value for config in configs.values() for name, value in dataclasses.asdict(config).items()}
-    assert {name: flat[name] for name in sentiment.DATASET_PRESETS["imdb"] if name != "epochs"} == {
-        name: value for name, value in sentiment.DATASET_PRESETS["imdb"].items() if name != "epochs"
-    }
+    for name, preset in sentiment.DATASET_PRESETS.items():
+        configs = sentiment.parse_train_args(["--dataset", name])
+        flat = {field: value for config in configs.values() for field, value in dataclasses.asdict(config).items()}
+        assert {field: flat[field] for field in preset} == preset, name
 
 
 @pytest.mark.slow
