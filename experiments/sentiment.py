@@ -55,9 +55,9 @@ class DataConfig:
     text_column: str | None = dataclasses.field(default=None, metadata={"help": "text column (detected when unset)"})
     label_column: str | None = dataclasses.field(default=None, metadata={"help": "label column (detected when unset)"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "fraction of train carved out as validation when there is no validation split"})
-    tokenizer: str = dataclasses.field(default="word", metadata={"help": "tokenizer model: word (one id per word) or wordpiece (rare and unseen words split into pieces)"})
+    tokenizer: str = dataclasses.field(default="word", metadata={"help": "tokenizer model: word (one id per word) or wordpiece (rare and unseen words split into pieces; give it a --vocab-size below the number of distinct training words, or no word is split in training)"})
     vocab_size: int = dataclasses.field(default=20000, metadata={"help": "vocabulary cap, [PAD] and [UNK] included"})
-    min_freq: int = dataclasses.field(default=1, metadata={"help": "words rarer than this in train map to [UNK]"})
+    min_freq: int = dataclasses.field(default=1, metadata={"help": "words (wordpiece: merges) rarer than this in train are left out of the vocabulary"})
     max_len: int = dataclasses.field(default=128, metadata={"help": "tokens kept per text (the rest is cut, and counted)"})
     num_buckets: int = dataclasses.field(default=8, metadata={"help": "padded lengths per split (one XLA program each)"})
     batch_size: int = dataclasses.field(default=64, metadata={"help": "training batch size"})
@@ -169,7 +169,7 @@ def train(argv: list[str]) -> dict:
         return data.epoch_batches(enc, labels, batch_size=data_cfg.eval_batch_size, buckets=buckets, seed=0, epoch=0, shuffle=False)
 
     steps_per_epoch = len(epoch_batches(0))
-    optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch)
+    optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch, ensemble=model_cfg.ensemble)
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
     state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     mesh = parallel.make_mesh(mesh_cfg.mesh)
@@ -232,7 +232,7 @@ def load_run(workdir: Path):
     tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
     params = init_classifier(jax.random.key(0), model_cfg, meta["vocab_size"], meta["num_classes"])
     optim_cfg = OptimConfig(**saved["OptimConfig"])
-    abstract_state = init_train_state(params, make_optimizer(optim_cfg, 1), 0, ema=optim_cfg.ema_decay > 0)
+    abstract_state = init_train_state(params, make_optimizer(optim_cfg, 1, ensemble=model_cfg.ensemble), 0, ema=optim_cfg.ema_decay > 0)
     checkpoints = RunCheckpoints(workdir)
     restored = checkpoints.restore(abstract_state, which="best") or checkpoints.restore(abstract_state)
     if restored is None:
@@ -272,6 +272,9 @@ def explain(argv: list[str]):
     parser.add_argument("text", help="the text to explain")
     args = parser.parse_args(argv)
     model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
+    saved_ensemble = model_cfg.ensemble
+    if model_cfg.ensemble == 1 and args.member != 0:
+        raise SystemExit(f"error: --member {args.member} does not exist; the run is one model (--ensemble 1), so leave --member out")
     if model_cfg.ensemble > 1:
         if not 0 <= args.member < model_cfg.ensemble:
             raise SystemExit(f"error: --member {args.member} does not exist; the run is an ensemble of {model_cfg.ensemble} (0 to {model_cfg.ensemble - 1})")
@@ -285,7 +288,8 @@ def explain(argv: list[str]):
     shown = names.index("positive") if "positive" in names else len(names) - 1
     out = Path(args.out) if args.out else Path(args.workdir) / "explain.png"
     words = [tokenizer.id_to_token(int(token)) for token in tokens]
-    title = f"{model_cfg.cell}, layer {args.layer} {args.direction}: {args.text[:60]}"
+    member = f"member {args.member}, " if saved_ensemble > 1 else ""
+    title = f"{member}{model_cfg.cell}, layer {args.layer} {args.direction}: {args.text[:60]}"
     gates.plot_explanation(explanation, words, out, class_index=shown, class_name=names[shown], title=title)
     print(f"P({names[shown]}) {explanation.probabilities_TC[-1, shown]:.3f} after {len(words)} tokens; figure in {out}")
     return explanation

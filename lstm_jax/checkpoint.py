@@ -198,12 +198,26 @@ def resumable_fields(configs: dict) -> set[str]:
     return {field.name for config in configs.values() for field in dataclasses.fields(config) if field.metadata.get("resumable")}
 
 
+def with_added_fields(saved: dict, configs: dict) -> dict:
+    """A saved config with the fields added to the config classes since it was written, at their defaults.
+
+    A new field's default must keep the behaviour from before the field existed, so a run saved
+    then resumes unchanged."""
+    filled = {name: dict(fields) if isinstance(fields, dict) else fields for name, fields in saved.items()}
+    for name, config in configs.items():
+        if isinstance(filled.get(name), dict):
+            for field in dataclasses.fields(config):
+                if field.name not in filled[name] and field.default is not dataclasses.MISSING:
+                    filled[name][field.name] = field.default
+    return filled
+
+
 def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False) -> bool:
     """Check (or create) a run directory; True when it holds a run to resume under ``configs``.
 
     With ``restart``, an existing run moves to ``<workdir>/previous-<time>`` (nothing is deleted).
     A saved ``config.json`` that differs in any field not in :func:`resumable_fields` stops with an
-    error naming the fields. Nothing is written but the folder: the caller calls ``write_config``.
+    error naming the fields; fields it predates count as their defaults (:func:`with_added_fields`). Nothing is written but the folder: the caller calls ``write_config``.
     """
     workdir = Path(workdir)
     if restart and workdir.exists() and any(workdir.iterdir()):
@@ -225,7 +239,7 @@ def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False) -> b
         resumable = resumable_fields(configs)
         differences = [
             d
-            for d in config_differences(saved, config_dict(configs))
+            for d in config_differences(with_added_fields(saved, configs), config_dict(configs))
             if d.split(": ")[0].split(".")[-1] not in resumable
         ]
         if differences:

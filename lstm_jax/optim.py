@@ -59,11 +59,21 @@ def decay_mask(params, *, decay_embeddings: bool = False):
     return jax.tree_util.tree_map_with_path(decayed, params)
 
 
-def make_optimizer(config: OptimConfig, total_steps: int) -> optax.GradientTransformation:
-    """``clip_by_global_norm`` then AdamW with :func:`decay_mask` and :func:`make_schedule`."""
+def make_optimizer(config: OptimConfig, total_steps: int, *, ensemble: int = 1) -> optax.GradientTransformation:
+    """``clip_by_global_norm`` then AdamW with :func:`decay_mask` and :func:`make_schedule`.
+
+    With ``ensemble`` > 1 the parameters carry a leading member axis and each member is
+    optimised on its own (:func:`per_member`): its own global norm, clipping and moments.
+    """
     clip = optax.clip_by_global_norm(config.clip_norm) if config.clip_norm > 0 else optax.identity()
     adamw = optax.adamw(
         make_schedule(config, total_steps), b1=config.b1, b2=config.b2, weight_decay=config.weight_decay,
         mask=lambda params: decay_mask(params, decay_embeddings=config.decay_embeddings),
     )  # fmt: skip
-    return optax.chain(clip, adamw)
+    optimizer = optax.chain(clip, adamw)
+    return per_member(optimizer) if ensemble > 1 else optimizer
+
+
+def per_member(optimizer: optax.GradientTransformation) -> optax.GradientTransformation:
+    """``optimizer`` applied to each slice of a leading member axis separately (``vmap``)."""
+    return optax.GradientTransformation(jax.vmap(optimizer.init), jax.vmap(optimizer.update))

@@ -111,13 +111,13 @@ def _is_embedding_table(path) -> bool:
 def state_sharding(tree, mesh: Mesh, *, shard_embedding: bool = False):
     """A sharding for every leaf of ``tree`` (a train state, params...): replicated, except
     the embedding table and its optimiser moments, split by vocabulary row over ``model``
-    when ``shard_embedding``."""
+    when ``shard_embedding`` (an ensemble's ``(K, V, E)`` table is split along ``V``)."""
     model_size = mesh.shape["model"]
 
     def sharding(path, leaf):
         shape = np.shape(leaf)
-        if shard_embedding and _is_embedding_table(path) and len(shape) == 2 and shape[0] % model_size == 0:
-            return NamedSharding(mesh, P("model", None))
+        if shard_embedding and _is_embedding_table(path) and len(shape) >= 2 and shape[-2] % model_size == 0:
+            return NamedSharding(mesh, P(*[None] * (len(shape) - 2), "model", None))
         return replicated(mesh)
 
     return jax.tree_util.tree_map_with_path(sharding, tree)

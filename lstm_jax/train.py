@@ -74,16 +74,20 @@ def classifier_loss(params, config: ModelConfig, batch, key):
     With ``config.adversarial_epsilon`` > 0 the loss is the mean of the clean loss and the loss on
     embedded inputs moved along their gradient (:func:`~lstm_jax.regularisers.adversarial_perturbation`),
     under the same dropout masks. Miyato et al. add the two; the mean keeps the logged loss on the
-    scale of the validation loss and Adam's steps are the same. It costs about two more passes.
+    scale of the validation loss and Adam's steps are the same, though ``--clip-norm`` then acts on
+    half the summed gradient. It costs about two more passes.
 
-    The members of an ensemble are trained independently on the same batch, each with its own
-    dropout masks (Lakshminarayanan et al. 2017): the loss and the correct count are their means.
+    The members of an ensemble see the same batch, each with its own dropout masks
+    (Lakshminarayanan et al. 2017). The loss and correct count returned are the members' means,
+    but the gradient is that of their sum, so each member's gradient is the one it would get
+    alone; with ``make_optimizer(..., ensemble=K)`` each member is also clipped and stepped alone.
     """
     if config.ensemble > 1:
         member = member_config(config)
         keys = jax.random.split(key, config.ensemble)
         losses_K, correct_K = jax.vmap(lambda p, k: classifier_loss(p, member, batch, k))(params, keys)
-        return losses_K.mean(), correct_K.mean()
+        mean_valued_sum = losses_K.sum() - jax.lax.stop_gradient(losses_K.sum() - losses_K.mean())
+        return mean_valued_sum, correct_K.mean()
 
     def loss_and_logits(embed_delta_BTE):
         logits_BC = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True, embed_delta_BTE=embed_delta_BTE)

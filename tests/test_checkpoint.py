@@ -7,6 +7,7 @@ the way a full disk or a killed copy would leave them.
 
 import errno
 import gc
+import json
 from pathlib import Path
 
 import jax
@@ -24,6 +25,7 @@ from lstm_jax.checkpoint import (
     write_config,
 )
 from lstm_jax.loop import LoopConfig
+from lstm_jax.model import ModelConfig
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.parallel import MeshConfig
 from lstm_jax.train import init_train_state
@@ -281,3 +283,18 @@ def test_only_fields_marked_resumable_may_change_on_resume(tmp_path):
     changed = {**configs, "LoopConfig": LoopConfig(epochs=3, eval_every=50)}
     with pytest.raises(SystemExit, match=r"another config \(LoopConfig\.epochs: 2 -> 3\)"):
         prepare_workdir(tmp_path, changed)
+
+
+def test_a_run_saved_before_a_field_existed_resumes_with_that_field_at_its_default(tmp_path):
+    configs = {"ModelConfig": ModelConfig(), "LoopConfig": LoopConfig(epochs=2)}
+    write_config(tmp_path, configs)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    del saved["ModelConfig"]["ensemble"], saved["ModelConfig"]["label_smoothing"]  # as a run written before them
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    assert prepare_workdir(tmp_path, configs) is True
+    with pytest.raises(SystemExit, match=r"another config \(ModelConfig\.ensemble: 1 -> 2\)"):
+        prepare_workdir(tmp_path, {**configs, "ModelConfig": ModelConfig(ensemble=2)})
+    saved["ModelConfig"]["removed_field"] = 3  # a field the code no longer has is still a difference
+    (tmp_path / "config.json").write_text(json.dumps(saved))
+    with pytest.raises(SystemExit, match=r"ModelConfig\.removed_field: 3 -> None"):
+        prepare_workdir(tmp_path, configs)

@@ -93,8 +93,9 @@ def test_parse_mesh_errors_name_the_fix(spec, message):
 def test_single_device_mesh_and_shardings():
     mesh = parallel.make_mesh("")
     assert dict(mesh.shape) == {"data": len(jax.devices()), "model": 1}
-    tree = {"embed": np.zeros((6, 2)), "head": {"w": np.zeros((2, 2))}}
+    tree = {"embed": np.zeros((6, 2)), "head": {"w": np.zeros((2, 2))}, "ensemble": {"embed": np.zeros((3, 6, 2))}}
     shardings = parallel.state_sharding(tree, mesh, shard_embedding=True)
     assert str(shardings["embed"].spec) == "P('model', None)"
+    assert str(shardings["ensemble"]["embed"].spec) == "P(None, 'model', None)"  # members, vocabulary, features
     assert str(shardings["head"]["w"].spec) == "P()"
     parallel.check_batch_size(len(jax.devices()) * 3, mesh)

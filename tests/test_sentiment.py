@@ -86,6 +86,8 @@ def test_explain_plots_gates_and_ends_on_the_predicted_probability(trained_run, 
     assert label == ("negative", "positive")[int(explanation.probabilities_TC[-1].argmax())]
     with pytest.raises(SystemExit, match="layer 1 does not exist"):
         sentiment.main(["explain", "--workdir", str(workdir), "--layer", "1", text])
+    with pytest.raises(SystemExit, match=r"--member 1 does not exist; the run is one model"):
+        sentiment.main(["explain", "--workdir", str(workdir), "--member", "1", text])
 
 
 @pytest.mark.slow

@@ -13,10 +13,11 @@ import hashlib
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 
 from lstm_jax.data import Batch
-from lstm_jax.model import ModelConfig, classifier_logits, init_classifier
+from lstm_jax.model import ModelConfig, classifier_logits, init_classifier, member_config
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.train import (
     classifier_loss,
@@ -248,9 +249,10 @@ def test_evaluate_counts_against_numpy(classifier):
     assert result["loss"] == pytest.approx(loss_sum / count, rel=1e-5)
 
 
-def test_adversarial_loss_is_the_mean_of_clean_and_finite_difference_perturbed_losses():
+@pytest.mark.parametrize("architecture", [{}, {"bidirectional": True, "pooling": "max"}])
+def test_adversarial_loss_is_the_mean_of_clean_and_finite_difference_perturbed_losses(architecture):
     """The perturbation direction comes from central differences of the loss in the embedded inputs."""
-    config = dataclasses.replace(CONFIG, embed_dropout=0.0, input_dropout=0.0, output_dropout=0.0, adversarial_epsilon=0.5)
+    config = dataclasses.replace(CONFIG, embed_dropout=0.0, input_dropout=0.0, output_dropout=0.0, adversarial_epsilon=0.5, **architecture)
     params = init_classifier(jax.random.key(3), config, VOCAB, CLASSES)
     batch = classifier_batch([4, 2, 3, 0], 4, seed=3)
     key = jax.random.key(0)
@@ -260,11 +262,12 @@ def test_adversarial_loss_is_the_mean_of_clean_and_finite_difference_perturbed_l
         logits = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True, embed_delta_BTE=delta_BTE)
         return weighted_cross_entropy(logits, batch.labels_B, batch.weights_B)
 
-    shape, h = (4, 4, config.embed_dim), 1e-2
+    shape, h = (4, 4, config.embed_dim), 1e-3
     steps = np.eye(np.prod(shape), dtype=np.float32).reshape(-1, *shape) * h
     grad = np.array([float(loss_at(step) - loss_at(-step)) / (2 * h) for step in steps]).reshape(shape)
     norms = np.sqrt((grad**2).sum((1, 2), keepdims=True))
-    assert norms[3, 0, 0] == 0.0 and np.all(grad[0, 4:] == 0) and np.all(grad[1, 2:] == 0)  # padding has no gradient
+    assert norms[3, 0, 0] == 0.0 and np.all(grad[1, 2:] == 0) and np.all(grad[2, 3:] == 0)  # padding has no gradient
+    assert np.all(norms[:3] > 0)
     delta = 0.5 * grad / np.where(norms > 0, norms, 1.0)
     clean, perturbed = float(loss_at(np.zeros(shape, np.float32))), float(loss_at(delta.astype(np.float32)))
     assert perturbed > clean + 0.01  # uphill
@@ -283,6 +286,28 @@ def test_adversarial_training_steps_are_finite_and_reduce_the_loss(classifier):
         assert bool(metrics["finite"])
         losses.append(float(metrics["loss"]))
     assert np.mean(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_ensemble_members_step_as_if_each_trained_alone():
+    """One step of a 2-member ensemble against each member's own gradient, clipped and stepped alone."""
+    config = dataclasses.replace(CONFIG, ensemble=2)
+    params = init_classifier(jax.random.key(1), config, VOCAB, CLASSES)
+    optim_config = OptimConfig(learning_rate=0.05, warmup_steps=0, schedule="constant", clip_norm=0.01)  # clips every member
+    step = make_train_step(lambda p, b, key: classifier_loss(p, config, b, key), make_optimizer(optim_config, 10, ensemble=2))
+    state = init_train_state(copy(params), make_optimizer(optim_config, 10, ensemble=2), seed=0)
+    step_key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), 0)
+    batch = classifier_batch([6, 5, 4, 6, 2, 3, 1, 0], 6)
+    new_state, metrics = step(state, batch)
+    alone, member_losses = make_optimizer(optim_config, 10), []
+    for i, member_key in enumerate(jax.random.split(step_key, 2)):
+        member_params = jax.tree.map(lambda leaf: leaf[i], params)
+        (loss, _), grads = jax.value_and_grad(classifier_loss, has_aux=True)(member_params, member_config(config), batch, member_key)
+        assert float(optax.tree.norm(grads)) > 0.01
+        updates, _ = alone.update(grads, alone.init(member_params), member_params)
+        expected = optax.apply_updates(member_params, updates)
+        jax.tree.map(lambda got, want: np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-7), new_state.params, expected)
+        member_losses.append(float(loss))
+    assert float(metrics["loss"]) == pytest.approx(np.mean(member_losses), rel=1e-6)
 
 
 def test_evaluate_of_no_batches_is_empty():
