@@ -144,6 +144,9 @@ def test_dataset_preset_applies_under_explicit_flags():
     assert imdb_max_len != sentiment.DataConfig().max_len
     assert sentiment.parse_train_args(["--dataset", "stanfordnlp/imdb"])["DataConfig"].max_len == imdb_max_len
     assert sentiment.parse_train_args(["--dataset", "sst2"])["DataConfig"].max_len == sentiment.DataConfig().max_len
+    sst2 = sentiment.parse_train_args(["--dataset", "../shared/data/sst2"])["ModelConfig"]
+    assert sst2.adversarial_epsilon == sentiment.DATASET_PRESETS["sst2"]["adversarial_epsilon"] > 0
+    assert sentiment.parse_train_args(["--adversarial-epsilon", "0"])["ModelConfig"].adversarial_epsilon == 0
     # every preset entry names a flag, and lands in its own config class (pooling is a ModelConfig field)
     for name, preset in sentiment.DATASET_PRESETS.items():
         configs = sentiment.parse_train_args(["--dataset", name])
