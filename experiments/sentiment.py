@@ -274,12 +274,11 @@ def explain(argv: list[str]):
     parser.add_argument("text", help="the text to explain")
     args = parser.parse_args(argv)
     model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
-    saved_ensemble = model_cfg.ensemble
-    if model_cfg.ensemble == 1 and args.member != 0:
-        raise SystemExit(f"error: --member {args.member} does not exist; the run is one model (--ensemble 1), so leave --member out")
-    if model_cfg.ensemble > 1:
-        if not 0 <= args.member < model_cfg.ensemble:
-            raise SystemExit(f"error: --member {args.member} does not exist; the run is an ensemble of {model_cfg.ensemble} (0 to {model_cfg.ensemble - 1})")
+    ensemble = model_cfg.ensemble
+    if not 0 <= args.member < ensemble:
+        which = "one model (--ensemble 1), so leave --member out" if ensemble == 1 else f"an ensemble of {ensemble} (0 to {ensemble - 1})"
+        raise SystemExit(f"error: --member {args.member} does not exist; the run is {which}")
+    if ensemble > 1:
         params, model_cfg = jax.tree.map(lambda leaf: leaf[args.member], params), member_config(model_cfg)
     tokens = data.encode(tokenizer, [args.text], max_len=data_cfg.max_len).row(0)
     try:
@@ -290,7 +289,7 @@ def explain(argv: list[str]):
     shown = names.index("positive") if "positive" in names else len(names) - 1
     out = Path(args.out) if args.out else Path(args.workdir) / "explain.png"
     words = [tokenizer.id_to_token(int(token)) for token in tokens]
-    member = f"member {args.member}, " if saved_ensemble > 1 else ""
+    member = f"member {args.member}, " if ensemble > 1 else ""
     title = f"{member}{model_cfg.cell}, layer {args.layer} {args.direction}: {args.text[:60]}"
     gates.plot_explanation(explanation, words, out, class_index=shown, class_name=names[shown], title=title)
     print(f"P({names[shown]}) {explanation.probabilities_TC[-1, shown]:.3f} after {len(words)} tokens; figure in {out}")

@@ -217,7 +217,8 @@ def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False) -> b
 
     With ``restart``, an existing run moves to ``<workdir>/previous-<time>`` (nothing is deleted).
     A saved ``config.json`` that differs in any field not in :func:`resumable_fields` stops with an
-    error naming the fields; fields it predates count as their defaults (:func:`with_added_fields`). Nothing is written but the folder: the caller calls ``write_config``.
+    error naming the fields; fields it predates count as their defaults (:func:`with_added_fields`).
+    Nothing is written but the folder: the caller calls ``write_config``.
     """
     workdir = Path(workdir)
     if restart and workdir.exists() and any(workdir.iterdir()):

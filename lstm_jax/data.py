@@ -288,7 +288,9 @@ def _as_texts(texts: Iterable[str]) -> list[str]:
     return texts
 
 
-TOKENIZER_MODELS = ("word", "wordpiece")
+# name: (tokenizers model, its trainer)
+_TOKENIZER_KINDS = {"word": (models.WordLevel, trainers.WordLevelTrainer), "wordpiece": (models.WordPiece, trainers.WordPieceTrainer)}
+TOKENIZER_MODELS = tuple(_TOKENIZER_KINDS)
 
 
 def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: int = 1, model: str = "word") -> Tokenizer:
@@ -311,13 +313,9 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
         raise DataError(f"vocab_size must be >= 3 ([PAD], [UNK] and one word), got {vocab_size}")
     if model not in TOKENIZER_MODELS:
         raise DataError(f"unknown tokenizer model {model!r}; choose one of {', '.join(TOKENIZER_MODELS)}")
-    special_tokens = [PAD, UNK]
-    if model == "word":
-        tok = Tokenizer(models.WordLevel(unk_token=UNK))
-        trainer = trainers.WordLevelTrainer(vocab_size=vocab_size, min_frequency=min_freq, special_tokens=special_tokens, show_progress=False)
-    else:
-        tok = Tokenizer(models.WordPiece(unk_token=UNK))
-        trainer = trainers.WordPieceTrainer(vocab_size=vocab_size, min_frequency=min_freq, special_tokens=special_tokens, show_progress=False)
+    model_class, trainer_class = _TOKENIZER_KINDS[model]
+    tok = Tokenizer(model_class(unk_token=UNK))
+    trainer = trainer_class(vocab_size=vocab_size, min_frequency=min_freq, special_tokens=[PAD, UNK], show_progress=False)
     tok.normalizer = normalizers.Sequence([
         normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " "),
         normalizers.Replace(Regex(CONTROL_CHARACTERS), " "),

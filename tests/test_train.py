@@ -209,14 +209,19 @@ def classifier():
     return params, optimizer, step, batch
 
 
-def test_classifier_loss_decreases_on_a_fixed_batch(classifier):
-    params, optimizer, step, batch = classifier
-    state = init_train_state(copy(params), optimizer, seed=0)
+def train_on_one_batch(step, state, batch, num_steps=30):
+    """``num_steps`` steps on ``batch``, each checked finite; the final state and the losses."""
     losses = []
-    for _ in range(30):
+    for _ in range(num_steps):
         state, metrics = step(state, batch)
         assert bool(metrics["finite"])
         losses.append(float(metrics["loss"]))
+    return state, losses
+
+
+def test_classifier_loss_decreases_on_a_fixed_batch(classifier):
+    params, optimizer, step, batch = classifier
+    state, losses = train_on_one_batch(step, init_train_state(copy(params), optimizer, seed=0), batch)
     assert np.mean(losses[-5:]) < 0.5 * losses[0], losses  # with dropout on, so a mean over the last steps
     assert int(state.step) == 30 and int(state.nonfinite_steps) == 0
 
@@ -279,12 +284,7 @@ def test_adversarial_training_steps_are_finite_and_reduce_the_loss(classifier):
     params, optimizer, _, batch = classifier
     config = dataclasses.replace(CONFIG, adversarial_epsilon=0.2)
     step = make_train_step(lambda p, b, key: classifier_loss(p, config, b, key), optimizer)
-    state = init_train_state(copy(params), optimizer, seed=0)
-    losses = []
-    for _ in range(30):
-        state, metrics = step(state, batch)
-        assert bool(metrics["finite"])
-        losses.append(float(metrics["loss"]))
+    _, losses = train_on_one_batch(step, init_train_state(copy(params), optimizer, seed=0), batch)
     assert np.mean(losses[-5:]) < 0.5 * losses[0], losses
 
 
