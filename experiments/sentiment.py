@@ -99,8 +99,8 @@ def preset_name(dataset: str) -> str:
     return reverse_presets.get(dataset, Path(dataset.rstrip("/")).name)
 
 
-def parse_train_args(argv: list[str]) -> dict:
-    """Configs from flags, with the dataset's preset applied under any explicit flag."""
+def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
+    """Configs from flags, with the dataset's preset applied under any explicit flag, and the device mesh."""
     cli.check_unique_flags(*CONFIG_CLASSES)
     parser = argparse.ArgumentParser(prog="python -m experiments.sentiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in CONFIG_CLASSES:
@@ -121,7 +121,7 @@ def parse_train_args(argv: list[str]) -> dict:
         parallel.check_batch_size(args.eval_batch_size, mesh, flag="--eval-batch-size")
     except ValueError as error:  # a config's own check, e.g. an unknown --cell, or a mesh that does not fit
         parser.error(str(error))
-    return configs
+    return configs, mesh
 
 
 def load_data(cfg: DataConfig, workdir: Path, seed: int):
@@ -147,7 +147,7 @@ def load_data(cfg: DataConfig, workdir: Path, seed: int):
 
 
 def train(argv: list[str]) -> dict:
-    configs = parse_train_args(argv)
+    configs, mesh = parse_train_args(argv)
     data_cfg, model_cfg, optim_cfg, loop_cfg, run_cfg, mesh_cfg = (configs[cls.__name__] for cls in CONFIG_CLASSES)
     workdir = Path(run_cfg.workdir)
     resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
@@ -174,7 +174,6 @@ def train(argv: list[str]) -> dict:
     optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch, ensemble=model_cfg.ensemble)
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
     state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
-    mesh = parallel.make_mesh(mesh_cfg.mesh)
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
     state, state_sharding, skipped_checkpoints = resume_on_mesh(
         state, checkpoints, mesh, resuming=resuming, shard_embedding=mesh_cfg.shard_embedding

@@ -41,6 +41,7 @@ class ModelConfig:
     output_dropout: float = dataclasses.field(default=0.3, metadata={"help": "dropout before the head"})
     adversarial_epsilon: float = dataclasses.field(default=0.0, metadata={"help": "also train on embedded inputs pushed this far (L2 norm per text) up the loss gradient, Miyato et al. 2017 (0: off)"})
     label_smoothing: float = dataclasses.field(default=0.0, metadata={"help": "mix this much of a uniform distribution into the training targets"})
+    mixup_alpha: float = dataclasses.field(default=0.0, metadata={"help": "mix each text's pooled vector and label with another's of the batch, share ~ Beta(a, a), Zhang et al. 2018 (0: off)"})
     unroll: int = dataclasses.field(default=1, metadata={"help": "lax.scan unroll factor"})
     ensemble: int = dataclasses.field(default=1, metadata={"help": "train this many independently initialised models side by side and average their probabilities"})
 
@@ -52,6 +53,8 @@ class ModelConfig:
             raise ValueError(f"--ensemble must be >= 1, got {self.ensemble}")
         if self.adversarial_epsilon < 0:
             raise ValueError(f"--adversarial-epsilon must be >= 0, got {self.adversarial_epsilon}")
+        if self.mixup_alpha < 0:
+            raise ValueError(f"--mixup-alpha must be >= 0, got {self.mixup_alpha}")
         if not 0.0 <= self.label_smoothing < 1.0:
             raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
@@ -133,15 +136,19 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, last_carry, pooling: str, atten
     return jnp.where(lengths_B[:, None] > 0, pooled_BH, jnp.zeros((), pooled_BH.dtype))
 
 
-def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False, embed_delta_BTE=None):
+def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False, embed_delta_BTE=None, mixup=None):
     """Class logits ``(B, C)`` for padded token ids ``tokens_BT`` with true ``lengths_B`` (>= 1).
 
     ``embed_delta_BTE``, when given, is added to the embedded tokens before input dropout: the
     gradient with respect to it (at zero) is the gradient of the loss with respect to the inputs.
+    ``mixup``, a ``(partner_B, share_B)`` pair from :func:`~lstm_jax.regularisers.mixup_partners`,
+    mixes the pooled vectors of the rows before the head, the "senMixup" of Guo, Mao & Zhang 2019.
     For an ensemble the result is the log of the members' mean probabilities, a deep ensemble
     (Lakshminarayanan et al. 2017): its softmax is that mean.
     """
     if config.ensemble > 1:
+        if mixup is not None:
+            raise ValueError("mixup applies to one model: classifier_loss draws it for each ensemble member")
         logits_KBC = member_logits(params, config, tokens_BT, lengths_B, key=key, train=train, embed_delta_BTE=embed_delta_BTE)
         return jax.nn.logsumexp(jax.nn.log_softmax(logits_KBC, axis=-1), axis=0) - jnp.log(config.ensemble)
     keys = jax.random.split(key, 6) if key is not None else [None] * 6
@@ -155,6 +162,8 @@ def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=
         recurrent_dropout=config.recurrent_dropout, zoneout=config.zoneout, weight_drop=config.weight_drop,
     )  # fmt: skip
     features_BH = pool(y_BTH, lengths_B, carries[-1], config.pooling, params.get("attention"))
+    if mixup is not None:
+        features_BH = regularisers.mix_rows(features_BH, *mixup)
     features_BH = regularisers.dropout(keys[4], features_BH, config.output_dropout, train=train)
     head = params["head"]
     if "hidden" in head:
@@ -163,12 +172,20 @@ def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=
     return features_BH @ head["out"]["w"] + head["out"]["b"]
 
 
-def member_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False, embed_delta_BTE=None):
-    """Each ensemble member's logits, ``(K, B, C)``; members draw their own dropout masks."""
+def over_members(fn, params, config: ModelConfig, key=None):
+    """``fn(member_params, member_config, member_key)`` for each ensemble member, stacked on a leading axis.
+
+    Each member gets its own key split from ``key`` (so its own dropout masks), or ``None``.
+    """
     keys = jax.random.split(key, config.ensemble) if key is not None else None
     one = member_config(config)
+    return jax.vmap(lambda member_params, member_key: fn(member_params, one, member_key))(params, keys)
 
-    def logits_of(member_params, member_key):
+
+def member_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False, embed_delta_BTE=None):
+    """Each ensemble member's logits, ``(K, B, C)``; members draw their own dropout masks."""
+
+    def logits_of(member_params, one, member_key):
         return classifier_logits(member_params, one, tokens_BT, lengths_B, key=member_key, train=train, embed_delta_BTE=embed_delta_BTE)
 
-    return jax.vmap(logits_of)(params, keys)
+    return over_members(logits_of, params, config, key)

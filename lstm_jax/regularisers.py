@@ -130,3 +130,24 @@ def adversarial_perturbation(grad_BTE: jax.Array, epsilon: float) -> jax.Array:
     grad_BTE = jax.lax.stop_gradient(grad_BTE)
     norm_B11 = jnp.sqrt(jnp.sum(jnp.square(grad_BTE), axis=(1, 2), keepdims=True))
     return epsilon * grad_BTE / jnp.maximum(norm_B11, jnp.finfo(grad_BTE.dtype).tiny)
+
+
+def mixup_partners(key, num_rows: int, alpha: float) -> tuple[jax.Array, jax.Array]:
+    """A partner row and a mixing share for each row, for mixup (Zhang et al. 2018, "mixup: Beyond
+    empirical risk minimization").
+
+    Returns ``partner_B``, a random permutation of the rows, and ``share_B = max(l, 1 - l)`` with
+    ``l ~ Beta(alpha, alpha)`` per row, so each row keeps the larger share (in [0.5, 1]) of the mix
+    and its own label stays the majority. Mix with :func:`mix_rows`.
+    """
+    if alpha <= 0.0:
+        raise ValueError(f"mixup alpha must be > 0, got {alpha}")
+    partner_key, share_key = jax.random.split(key)
+    l_B = jax.random.beta(share_key, alpha, alpha, (num_rows,))
+    return jax.random.permutation(partner_key, num_rows), jnp.maximum(l_B, 1.0 - l_B)
+
+
+def mix_rows(x_B: jax.Array, partner_B: jax.Array, share_B: jax.Array) -> jax.Array:
+    """``share * x[b] + (1 - share) * x[partner[b]]`` for each row ``b`` (any trailing shape)."""
+    share = share_B.reshape(-1, *([1] * (x_B.ndim - 1))).astype(x_B.dtype)
+    return share * x_B + (1 - share) * x_B[partner_B]

@@ -17,7 +17,7 @@ import optax
 from flax import struct
 
 from lstm_jax import regularisers
-from lstm_jax.model import ModelConfig, classifier_logits, member_config
+from lstm_jax.model import ModelConfig, classifier_logits, over_members
 
 
 @struct.dataclass
@@ -49,14 +49,19 @@ def ema_update(ema, params, decay: float, step):
     return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
-def weighted_cross_entropy(logits_BC, labels_B, weights_B, *, label_smoothing: float = 0.0):
+def weighted_cross_entropy(logits_BC, labels_B, weights_B, *, label_smoothing: float = 0.0, mixup=None):
     """Mean cross-entropy over rows with weight 1 (padding rows have weight 0).
 
     With ``label_smoothing`` > 0 the target is ``(1 - a) * one_hot + a / C`` (Szegedy et al.
-    2016, "Rethinking the Inception architecture", sec. 7).
+    2016, "Rethinking the Inception architecture", sec. 7). With ``mixup = (partner_B, share_B)``
+    each row's target is ``share`` of its own label and the rest of its partner's, and a row
+    counts only when its partner is real too.
     """
-    if label_smoothing > 0.0:
+    if label_smoothing > 0.0 or mixup is not None:
         targets_BC = optax.smooth_labels(jax.nn.one_hot(labels_B, logits_BC.shape[-1], dtype=logits_BC.dtype), label_smoothing)
+        if mixup is not None:
+            targets_BC = regularisers.mix_rows(targets_BC, *mixup)
+            weights_B = weights_B * weights_B[mixup[0]]
         losses_B = optax.softmax_cross_entropy(logits_BC, targets_BC)
     else:
         losses_B = optax.softmax_cross_entropy_with_integer_labels(logits_BC, labels_B)
@@ -77,21 +82,29 @@ def classifier_loss(params, config: ModelConfig, batch, key):
     scale of the validation loss and Adam's steps are the same, though ``--clip-norm`` then acts on
     half the summed gradient. It costs about two more passes.
 
+    With ``config.mixup_alpha`` > 0 every pass mixes the pooled vectors and targets of random pairs
+    of rows (:func:`~lstm_jax.regularisers.mixup_partners`); the correct count is then against each
+    row's own label, its larger share.
+
     The members of an ensemble see the same batch, each with its own dropout masks
     (Lakshminarayanan et al. 2017). The loss and correct count returned are the members' means,
     but the gradient is that of their sum, so each member's gradient is the one it would get
     alone; with ``make_optimizer(..., ensemble=K)`` each member is also clipped and stepped alone.
     """
     if config.ensemble > 1:
-        member = member_config(config)
-        keys = jax.random.split(key, config.ensemble)
-        losses_K, correct_K = jax.vmap(lambda p, k: classifier_loss(p, member, batch, k))(params, keys)
+        losses_K, correct_K = over_members(lambda p, one, k: classifier_loss(p, one, batch, k), params, config, key)
         mean_valued_sum = losses_K.sum() - jax.lax.stop_gradient(losses_K.sum() - losses_K.mean())
         return mean_valued_sum, correct_K.mean()
 
+    mixup = None
+    if config.mixup_alpha > 0.0:
+        key, mixup_key = jax.random.split(key)
+        mixup = regularisers.mixup_partners(mixup_key, batch.labels_B.shape[0], config.mixup_alpha)
+
     def loss_and_logits(embed_delta_BTE):
-        logits_BC = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True, embed_delta_BTE=embed_delta_BTE)
-        return weighted_cross_entropy(logits_BC, batch.labels_B, batch.weights_B, label_smoothing=config.label_smoothing), logits_BC
+        logits_BC = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True, embed_delta_BTE=embed_delta_BTE, mixup=mixup)
+        loss = weighted_cross_entropy(logits_BC, batch.labels_B, batch.weights_B, label_smoothing=config.label_smoothing, mixup=mixup)
+        return loss, logits_BC
 
     if config.adversarial_epsilon > 0.0:
         no_delta_BTE = jnp.zeros((*batch.tokens_BT.shape, config.embed_dim), params["embed"].dtype)

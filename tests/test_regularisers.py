@@ -444,3 +444,29 @@ def test_adversarial_perturbation_has_norm_epsilon_along_the_gradient_and_spares
     expected = 0.7 * grad[0] / np.sqrt((grad[0].astype(np.float64) ** 2).sum())
     np.testing.assert_allclose(r[0], expected, rtol=1e-5, atol=1e-7)
     assert np.all(np.asarray(jax.grad(lambda g: regularisers.adversarial_perturbation(g, 0.7).sum())(jnp.asarray(grad))) == 0)
+
+
+@pytest.mark.parametrize("alpha", [0.2, 1.0])
+def test_mixup_partners_permute_the_rows_and_keep_the_larger_beta_share(alpha):
+    partner, share = regularisers.mixup_partners(jax.random.key(0), 4000, alpha)
+    partner, share = np.asarray(partner), np.asarray(share, np.float64)
+    np.testing.assert_array_equal(np.sort(partner), np.arange(4000))
+    assert np.mean(partner == np.arange(4000)) < 0.01  # a permutation, not the identity
+    assert share.min() >= 0.5 and share.max() <= 1.0
+    draws = np.random.default_rng(0).beta(alpha, alpha, 1_000_000)
+    expected = np.maximum(draws, 1 - draws)  # max(l, 1 - l), l ~ Beta(alpha, alpha)
+    assert abs(share.mean() - expected.mean()) < 4 * expected.std() / np.sqrt(4000)
+    assert abs(np.median(share) - np.median(expected)) < 0.02
+
+
+def test_mixup_alpha_must_be_positive():
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        regularisers.mixup_partners(jax.random.key(0), 4, 0.0)
+
+
+def test_mix_rows_matches_numpy():
+    rng = np.random.default_rng(6)
+    x = rng.normal(size=(4, 3, 2)).astype(np.float32)
+    partner, share = np.array([2, 0, 3, 1]), np.array([0.5, 0.9, 1.0, 0.7], np.float32)
+    expected = share[:, None, None] * x + (1 - share[:, None, None]) * x[partner]
+    np.testing.assert_allclose(np.asarray(regularisers.mix_rows(jnp.asarray(x), jnp.asarray(partner), jnp.asarray(share))), expected, rtol=1e-6)

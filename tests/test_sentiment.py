@@ -137,19 +137,19 @@ def test_unknown_tokenizer_is_refused_before_any_data_is_read(capsys):
 
 
 def test_dataset_preset_applies_under_explicit_flags():
-    configs = sentiment.parse_train_args(["--dataset", "../shared/data/imdb", "--epochs", "7"])
+    configs, _ = sentiment.parse_train_args(["--dataset", "../shared/data/imdb", "--epochs", "7"])
     assert configs["DataConfig"].max_len == sentiment.DATASET_PRESETS["imdb"]["max_len"]
     assert configs["LoopConfig"].epochs == 7
     imdb_max_len = sentiment.DATASET_PRESETS["imdb"]["max_len"]
     assert imdb_max_len != sentiment.DataConfig().max_len
-    assert sentiment.parse_train_args(["--dataset", "stanfordnlp/imdb"])["DataConfig"].max_len == imdb_max_len
-    assert sentiment.parse_train_args(["--dataset", "sst2"])["DataConfig"].max_len == sentiment.DataConfig().max_len
-    sst2 = sentiment.parse_train_args(["--dataset", "../shared/data/sst2"])["ModelConfig"]
+    assert sentiment.parse_train_args(["--dataset", "stanfordnlp/imdb"])[0]["DataConfig"].max_len == imdb_max_len
+    assert sentiment.parse_train_args(["--dataset", "sst2"])[0]["DataConfig"].max_len == sentiment.DataConfig().max_len
+    sst2 = sentiment.parse_train_args(["--dataset", "../shared/data/sst2"])[0]["ModelConfig"]
     assert sst2.adversarial_epsilon == sentiment.DATASET_PRESETS["sst2"]["adversarial_epsilon"] > 0
-    assert sentiment.parse_train_args(["--adversarial-epsilon", "0"])["ModelConfig"].adversarial_epsilon == 0
+    assert sentiment.parse_train_args(["--adversarial-epsilon", "0"])[0]["ModelConfig"].adversarial_epsilon == 0
     # every preset entry names a flag, and lands in its own config class (pooling is a ModelConfig field)
     for name, preset in sentiment.DATASET_PRESETS.items():
-        configs = sentiment.parse_train_args(["--dataset", name])
+        configs, _ = sentiment.parse_train_args(["--dataset", name])
         flat = {field: value for config in configs.values() for field, value in dataclasses.asdict(config).items()}
         assert {field: flat[field] for field in preset} == preset, name
 

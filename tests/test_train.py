@@ -16,6 +16,7 @@ import numpy as np
 import optax
 import pytest
 
+from lstm_jax import regularisers
 from lstm_jax.data import Batch
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier, member_config
 from lstm_jax.optim import OptimConfig, make_optimizer
@@ -286,6 +287,40 @@ def test_adversarial_training_steps_are_finite_and_reduce_the_loss(classifier):
     step = make_train_step(lambda p, b, key: classifier_loss(p, config, b, key), optimizer)
     _, losses = train_on_one_batch(step, init_train_state(copy(params), optimizer, seed=0), batch)
     assert np.mean(losses[-5:]) < 0.5 * losses[0], losses
+
+
+def test_mixup_targets_match_numpy_and_drop_rows_mixed_with_padding():
+    rng = np.random.default_rng(4)
+    logits = rng.normal(size=(5, 3)).astype(np.float32) * 2
+    labels = np.array([0, 2, 1, 1, 0], np.int32)
+    weights = np.array([1, 1, 1, 0, 1], np.float32)
+    partner, share = np.array([1, 0, 3, 4, 2]), np.array([0.6, 1.0, 0.8, 0.5, 0.75], np.float32)
+    one_hot = np.eye(3)[labels]
+    targets = share[:, None] * one_hot + (1 - share[:, None]) * one_hot[partner]
+    rows = (weights > 0) & (weights[partner] > 0)  # row 2's partner is padding
+    expected = -(targets[rows] * log_softmax(logits[rows])).sum(-1).mean()
+    got = weighted_cross_entropy(logits, labels, weights, mixup=(jnp.asarray(partner), jnp.asarray(share)))
+    np.testing.assert_allclose(float(got), expected, rtol=1e-6)
+
+
+def test_mixup_mixes_the_pooled_vectors_before_the_head():
+    """With a linear head and no dropout, the mixed logits are the same mix of the rows' own logits."""
+    config = dataclasses.replace(CONFIG, embed_dropout=0.0, input_dropout=0.0, output_dropout=0.0, mixup_alpha=1.0)
+    params = init_classifier(jax.random.key(4), config, VOCAB, CLASSES)
+    batch = classifier_batch([4, 2, 3, 1], 4, seed=4)
+    partner, share = regularisers.mixup_partners(jax.random.key(1), 4, 1.0)
+    clean = np.asarray(classifier_logits(params, config, batch.tokens_BT, batch.lengths_B), np.float64)
+    mixed = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=jax.random.key(2), train=True, mixup=(partner, share))
+    share = np.asarray(share, np.float64)[:, None]
+    np.testing.assert_allclose(np.asarray(mixed), share * clean + (1 - share) * clean[np.asarray(partner)], rtol=1e-5, atol=1e-6)
+
+
+def test_mixup_with_adversarial_training_steps_are_finite_and_reduce_the_loss(classifier):
+    params, optimizer, _, batch = classifier
+    config = dataclasses.replace(CONFIG, mixup_alpha=0.4, adversarial_epsilon=0.2)
+    step = make_train_step(lambda p, b, key: classifier_loss(p, config, b, key), optimizer)
+    _, losses = train_on_one_batch(step, init_train_state(copy(params), optimizer, seed=0), batch, num_steps=40)
+    assert np.mean(losses[-5:]) < 0.6 * losses[0], losses  # mixed targets keep a floor above 0
 
 
 def test_ensemble_members_step_as_if_each_trained_alone():
