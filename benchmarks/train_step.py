@@ -282,23 +282,26 @@ def bench_shape(shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: b
 
 
 def sst2_epoch(path: str) -> dict:
-    """Training throughput of one SST-2 epoch through the real pipeline and the default classifier."""
+    """Training throughput of one SST-2 epoch through the real pipeline and the default classifier (its preset applied)."""
     import tempfile
 
     from experiments import sentiment
     from lstm_jax import data as lj_data
-    from lstm_jax.model import ModelConfig, init_classifier
-    from lstm_jax.optim import OptimConfig, make_optimizer
+    from lstm_jax.model import init_classifier
+    from lstm_jax.optim import make_optimizer
     from lstm_jax.train import classifier_loss, init_train_state, make_train_step
 
-    data_config, model_config, optim_config = sentiment.DataConfig(dataset=path), ModelConfig(), OptimConfig()
     with tempfile.TemporaryDirectory() as workdir:
+        configs, _ = sentiment.parse_train_args(["--dataset", path, "--workdir", workdir])
+        data_config, model_config, optim_config, loop_config = (
+            configs[name] for name in ("DataConfig", "ModelConfig", "OptimConfig", "LoopConfig")
+        )
         splits, tokenizer, encoded, buckets = sentiment.load_data(data_config, Path(workdir), seed=0)
     tokens, labels = encoded["train"]
     batches = lj_data.epoch_batches(tokens, labels, batch_size=data_config.batch_size, buckets=buckets, seed=0, epoch=0)
-    optimizer = make_optimizer(optim_config, len(batches))
+    optimizer = make_optimizer(optim_config, loop_config.epochs * len(batches), ensemble=model_config.ensemble)
     params = init_classifier(jax.random.key(0), model_config, tokenizer.get_vocab_size(), splits.num_classes)
-    state = init_train_state(params, optimizer, 0, ema=True)
+    state = init_train_state(params, optimizer, 0, ema=optim_config.ema_decay > 0)
     step = make_train_step(
         lambda p, batch, key: classifier_loss(p, model_config, batch, key), optimizer, ema_decay=optim_config.ema_decay
     )
