@@ -340,6 +340,16 @@ def machine_description() -> str:
     return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
 
 
+def load_warning(load_average: list[float], cores: int) -> str | None:
+    """A warning when other work kept the cores busy: PyTorch's CPU threads slow down far more than XLA's under load
+    (30-100x against 2.5-3.5x at a load of 6-9 on 2 cores, ``NOTES.md`` section 7), so the ratios stop meaning much."""
+    busiest = max(load_average)
+    if busiest <= 0.5 * cores:
+        return None
+    return (f"warning: load average up to {busiest:.1f} on {cores} cores while timing; ratios against PyTorch are "
+            "distorted under load, rerun on an idle machine")  # fmt: skip
+
+
 def print_table(result: dict) -> None:
     load = "/".join(f"{x:.1f}" for x in result["load_average"])
     print(
@@ -348,12 +358,15 @@ def print_table(result: dict) -> None:
     header = f"{'system':32s} {'train ms':>9s} {'tok/s':>9s} {'vs best':>8s} {'GFLOP/s':>8s} {'%ceil':>6s} {'infer ms':>9s} {'tok/s':>9s} {'vs best':>8s}"
     print(header)
     print("-" * len(header))
+    warning = load_warning(result["load_average"], os.cpu_count() or 1)
     for row in result["rows"]:
         print(
             f"{row['system']:32s} {row['train_ms']:9.2f} {row['train_tokens_per_s']:9.0f} {row['train_vs_best_peer']:7.2f}x "
             f"{row['train_gflops']:8.1f} {100 * row['train_fraction_of_ceiling']:5.0f}% {row['infer_ms']:9.2f} "
             f"{row['infer_tokens_per_s']:9.0f} {row['infer_vs_best_peer']:7.2f}x"
         )
+    if warning:
+        print(warning)
 
 
 def markdown(report: dict) -> str:
@@ -371,6 +384,8 @@ def markdown(report: dict) -> str:
                 f"{row['train_vs_best_peer']:.2f}x | {row['train_gflops']:.1f} ({100 * row['train_fraction_of_ceiling']:.0f} %) | "
                 f"{row['infer_tokens_per_s']:.0f} | {row['infer_vs_best_peer']:.2f}x | {load} |"
             )
+    warnings = {load_warning(result["load_average"], report.get("cores", 1)) for result in report["results"]} - {None}
+    lines += ["", *sorted(warnings)] if warnings else []
     if "sst2_epoch" in report:
         e = report["sst2_epoch"]
         epoch = (
@@ -401,7 +416,7 @@ def main(argv=None):
     shapes = [Shape.parse(s) for s in (args.shape or (GPU_SHAPES if on_gpu else CPU_SHAPES))]
     ceiling = matmul_ceiling()
     report = {"machine": machine_description(), "backend": jax.default_backend(), "commit": git_commit(),
-              "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "results": []}  # fmt: skip
+              "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "cores": os.cpu_count() or 1, "results": []}  # fmt: skip
     print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}")
     for shape in shapes:
         load_before = os.getloadavg()[0]

@@ -15,6 +15,13 @@ def test_shape_parsing_and_flops():
         train_step.Shape.parse("64,128")
 
 
+def test_load_warning_names_the_load_only_when_the_cores_were_busy():
+    assert train_step.load_warning([0.3, 0.9], cores=2) is None
+    assert train_step.load_warning([1.0, 1.0], cores=2) is None
+    warning = train_step.load_warning([0.5, 6.2], cores=2)
+    assert "6.2 on 2 cores" in warning and "idle" in warning
+
+
 @pytest.mark.slow
 def test_train_step_benchmark_writes_a_report(tmp_path, capsys):
     out = tmp_path / "bench.json"
