@@ -25,6 +25,7 @@ validation and 89.3-89.6 % test accuracy (seeds 0 and 1) in about an hour of wal
 import argparse
 import dataclasses
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -91,29 +92,61 @@ DATASET_PRESETS = {
 
 # The least value of each numeric flag that has one, checked before anything is read or written.
 FLAG_MINIMUMS = {"max_len": 1, "batch_size": 1, "eval_batch_size": 1, "num_buckets": 1, "vocab_size": 3, "epochs": 1,
-                 "log_every": 1, "save_every": 1, "keep": 1, "max_steps": 0, "eval_every": 0, "skip_nonfinite": 0}  # fmt: skip
+                 "log_every": 1, "save_every": 1, "keep": 1, "max_steps": 0, "eval_every": 0, "skip_nonfinite": 0,
+                 "seed": 0, "min_freq": 0}  # fmt: skip
 
-def preset_name(dataset: str) -> str:
-    """``imdb`` for ``imdb``, ``stanfordnlp/imdb`` or a folder named ``imdb``."""
+
+def preset_name(dataset: str) -> str | None:
+    """``imdb`` for ``imdb``, its Hub id ``stanfordnlp/imdb`` or a local folder named ``imdb``; else None."""
+    if dataset in data.PRESETS:
+        return dataset
     reverse_presets = {hub_id: name for name, hub_id in data.PRESETS.items()}
-    return reverse_presets.get(dataset, Path(dataset.rstrip("/")).name)
+    if dataset in reverse_presets:
+        return reverse_presets[dataset]
+    folder = Path(os.path.expanduser(dataset))
+    return folder.resolve().name if folder.is_dir() and folder.resolve().name in data.PRESETS else None
+
+
+def flag_text(name: str, value) -> str:
+    """How ``value`` of config field ``name`` is written on the command line."""
+    flag = "--" + name.replace("_", "-")
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
+def presets_epilog() -> str:
+    lines = [f"  {name}: {' '.join(flag_text(field, value) for field, value in preset.items())}"
+             for name, preset in DATASET_PRESETS.items()]  # fmt: skip
+    heading = "dataset presets (for the preset name, its Hub id or a local folder of that name; explicit flags win):"
+    return "\n".join([heading, *lines])
+
+
+def flag_range_errors(args: argparse.Namespace) -> list[str]:
+    """One message per flag outside its allowed range."""
+    errors = [f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}"
+              for name, least in FLAG_MINIMUMS.items() if getattr(args, name) < least]  # fmt: skip
+    if not 0 < args.val_fraction < 1:
+        errors.append(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
+    return errors
 
 
 def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
     """Configs from flags, with the dataset's preset applied under any explicit flag, and the device mesh."""
     cli.check_unique_flags(*CONFIG_CLASSES)
-    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment", description=__doc__,
+                                     epilog=presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in CONFIG_CLASSES:
         cli.add_flags(parser, cls)
     args = parser.parse_args(argv)
     explicit = cli.explicit_flags(parser, argv)
-    for name, value in DATASET_PRESETS.get(preset_name(args.dataset), {}).items():
-        if name not in explicit:
-            setattr(args, name, value)
-    too_small = [f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}"
-                 for name, least in FLAG_MINIMUMS.items() if getattr(args, name) < least]  # fmt: skip
-    if too_small:
-        parser.error("; ".join(too_small))
+    preset = preset_name(args.dataset)
+    applied = {name: value for name, value in DATASET_PRESETS.get(preset, {}).items() if name not in explicit}
+    for name, value in applied.items():
+        setattr(args, name, value)
+    out_of_range = flag_range_errors(args)
+    if out_of_range:
+        parser.error("; ".join(out_of_range))
     try:
         configs = {cls.__name__: cli.from_args(cls, args) for cls in CONFIG_CLASSES}
         mesh = parallel.start(configs["MeshConfig"])
@@ -121,6 +154,8 @@ def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
         parallel.check_batch_size(args.eval_batch_size, mesh, flag="--eval-batch-size")
     except ValueError as error:  # a config's own check, e.g. an unknown --cell, or a mesh that does not fit
         parser.error(str(error))
+    if applied:
+        print(f"note: preset '{preset}' applied: {' '.join(flag_text(name, value) for name, value in applied.items())}")
     return configs, mesh
 
 
@@ -152,10 +187,6 @@ def train(argv: list[str]) -> dict:
     workdir = Path(run_cfg.workdir)
     resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
     splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
-    if not resuming:  # the config first: a tokenizer.json is only ever reused under its own config
-        write_config(workdir, configs)
-    if not (workdir / "tokenizer.json").exists():
-        data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
     (train_enc, train_labels), (val_enc, _) = encoded["train"], encoded["validation"]
     vocab_size = tokenizer.get_vocab_size()
     print(f"data: {len(train_enc)} train / {len(val_enc)} validation / {len(encoded['test'][0]) if 'test' in encoded else 0} test, "
@@ -174,6 +205,11 @@ def train(argv: list[str]) -> dict:
     optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch, ensemble=model_cfg.ensemble)
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
     state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
+    # written only now, so a setting that fails above leaves no config.json to refuse the corrected rerun
+    if not resuming:  # the config first: a tokenizer.json is only ever reused under its own config
+        write_config(workdir, configs)
+    if not (workdir / "tokenizer.json").exists():
+        data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
     state, state_sharding, skipped_checkpoints = resume_on_mesh(
         state, checkpoints, mesh, resuming=resuming, shard_embedding=mesh_cfg.shard_embedding
@@ -221,13 +257,28 @@ def train(argv: list[str]) -> dict:
     return results
 
 
+def read_run_file(path: Path, keys: tuple[str, ...], fix: str) -> dict:
+    """A run's JSON file with its top-level ``keys``; a damaged one is a one-line error ending in ``fix``."""
+    try:
+        saved = json.loads(path.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError) as error:
+        raise SystemExit(f"error: {path} is damaged ({type(error).__name__}: {error}); {fix}") from None
+    missing = [key for key in keys if key not in saved] if isinstance(saved, dict) else list(keys)
+    if missing:
+        raise SystemExit(f"error: {path} is damaged (no {', '.join(missing)}); {fix}")
+    return saved
+
+
 def load_run(workdir: Path):
     """A trained run's model and data configs, ``run.json``, tokenizer, and best (else latest) evaluation parameters."""
     if not (workdir / "config.json").exists() or not (workdir / "run.json").exists():
         raise SystemExit(f"error: {workdir} holds no training run (no config.json/run.json); train first with --workdir {workdir}")
-    saved = json.loads((workdir / "config.json").read_text())
+    restore = "restore it from a copy of the run, or "
+    saved = read_run_file(workdir / "config.json", ("ModelConfig", "DataConfig", "OptimConfig"),
+                          restore + "retrain into this --workdir with --restart")
     model_cfg, data_cfg = ModelConfig(**saved["ModelConfig"]), DataConfig(**saved["DataConfig"])
-    meta = json.loads((workdir / "run.json").read_text())
+    meta = read_run_file(workdir / "run.json", ("vocab_size", "num_classes", "label_names"),
+                         restore + "rerun training with the same flags and --workdir to rewrite it")
     if not (workdir / "tokenizer.json").exists():
         raise SystemExit(f"error: {workdir} has no tokenizer.json, so its checkpoints cannot read text; restore that file from a copy of the run")
     tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
@@ -242,6 +293,14 @@ def load_run(workdir: Path):
     return model_cfg, data_cfg, meta, tokenizer, restored.state.eval_params
 
 
+def truncation_notes(tokenizer, texts: list[str], max_len: int) -> list[str]:
+    """One ``note:`` per text longer than ``max_len`` tokens, naming it and counting the tokens dropped."""
+    full_lengths = data.encode(tokenizer, texts, max_len=sys.maxsize).lengths_N
+    return [f"note: text {i + 1} ({text[:40]!r}{'...' if len(text) > 40 else ''}) cut to --max-len {max_len} tokens: "
+            f"{length - max_len} of its {length} tokens dropped"
+            for i, (text, length) in enumerate(zip(texts, full_lengths)) if length > max_len]  # fmt: skip
+
+
 def predict(argv: list[str]) -> list[tuple[str, float]]:
     parser = argparse.ArgumentParser(prog="python -m experiments.sentiment predict", description="Classify texts with a run's best checkpoint.")
     parser.add_argument("--workdir", required=True, help="a run directory written by training")
@@ -249,6 +308,8 @@ def predict(argv: list[str]) -> list[tuple[str, float]]:
     args = parser.parse_args(argv)
     model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
     encoded = data.encode(tokenizer, args.texts, max_len=data_cfg.max_len)
+    if encoded.num_truncated:
+        print("\n".join(truncation_notes(tokenizer, args.texts, data_cfg.max_len)))
     tokens_BT = np.zeros((len(encoded), int(encoded.lengths_N.max())), np.int32)
     for i in range(len(encoded)):
         tokens_BT[i, : encoded.lengths_N[i]] = encoded.row(i)
@@ -279,7 +340,10 @@ def explain(argv: list[str]):
         raise SystemExit(f"error: --member {args.member} does not exist; the run is {which}")
     if ensemble > 1:
         params, model_cfg = jax.tree.map(lambda leaf: leaf[args.member], params), member_config(model_cfg)
-    tokens = data.encode(tokenizer, [args.text], max_len=data_cfg.max_len).row(0)
+    encoded = data.encode(tokenizer, [args.text], max_len=data_cfg.max_len)
+    if encoded.num_truncated:
+        print("\n".join(truncation_notes(tokenizer, [args.text], data_cfg.max_len)))
+    tokens = encoded.row(0)
     try:
         explanation = gates.explain_classifier(params, model_cfg, tokens, layer=args.layer, direction=args.direction)
     except ValueError as error:

@@ -63,7 +63,8 @@ class TextSplits:
 
 
 def _load_raw(dataset: str) -> datasets.DatasetDict:
-    """Loads a preset name, a local folder or a Hub id as a `DatasetDict`."""
+    """Loads a preset name, a local folder (``~`` expanded) or a Hub id as a `DatasetDict`."""
+    dataset = os.path.expanduser(dataset)
     hub_id = PRESETS.get(dataset, dataset)
     if os.path.isdir(dataset):
         try:
@@ -188,12 +189,12 @@ def _clean_split(split: datasets.Dataset, name: str, text_col: str, label_col: s
     if unlabelled.any():
         notes.append(f"{name}: removed {int(unlabelled.sum())} unlabelled rows (label -1)")
         texts, labels = texts.filter(pa.array(~unlabelled)), labels[~unlabelled]
-    _check_classes_present(labels, num_classes, name, notes)
     return pa.table({"text": texts, "label": pa.array(labels, pa.int64())})
 
 
-def _check_classes_present(labels: np.ndarray, num_classes: int, split_name: str, notes: list[str]) -> None:
+def _check_classes_present(table: pa.Table, num_classes: int, split_name: str, notes: list[str]) -> None:
     """Train needs two classes or more; a split without some class gets a note."""
+    labels = table["label"].to_numpy()
     present = np.unique(labels)
     if split_name == "train" and len(present) < 2:
         raise DataError(f"split 'train' has examples of {len(present)} class(es) only ({present.tolist()}); "
@@ -254,13 +255,18 @@ def load_text_splits(dataset: str, *, text_column: str | None = None,
               for name in names}
     train = tables["train"]
     validation = tables.get(val_name) if val_name else None
+    validation_name = val_name
     if validation is None or validation.num_rows == 0:
         train, validation = _carve(train, val_fraction, seed)
+        validation_name = "validation"
         notes.append(f"no {'rows in the ' if val_name else ''}validation split: carved {val_fraction * 100:g}% ({validation.num_rows} rows) "
                      f"of train with seed {seed}")
     test = tables.get("test")
     if test is not None and test.num_rows == 0:
         notes.append("test: the split has no rows; not used")
+    for name, table in (("train", train), (validation_name, validation), ("test", test)):
+        if table is not None and table.num_rows:  # checked after the carve, which can leave a class on one side only
+            _check_classes_present(table, num_classes, name, notes)
     return TextSplits(
         train=datasets.Dataset(train), validation=datasets.Dataset(validation),
         test=datasets.Dataset(test) if test is not None and test.num_rows else None,

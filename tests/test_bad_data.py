@@ -123,6 +123,24 @@ def test_zero_for_a_size_flag_is_a_usage_error_naming_the_flag(flag, tmp_path, c
     assert not (tmp_path / "run").exists()
 
 
+@pytest.mark.parametrize(
+    "flag, value, expected",
+    [("--seed", "-1", "--seed must be >= 0, got -1"), ("--min-freq", "-1", "--min-freq must be >= 0, got -1"),
+     ("--val-fraction", "0", "--val-fraction must be in (0, 1), got 0.0"),
+     ("--val-fraction", "1", "--val-fraction must be in (0, 1), got 1.0"),
+     ("--val-fraction", "-0.5", "--val-fraction must be in (0, 1), got -0.5")],
+)  # fmt: skip
+def test_out_of_range_flag_is_a_usage_error_before_the_workdir_is_touched(flag, value, expected, tmp_path, capsys):
+    workdir = tmp_path / "run"
+    workdir.mkdir()
+    (workdir / "config.json").write_text("{}")  # a previous run, which --restart would move aside
+    with pytest.raises(SystemExit) as info:
+        sentiment.main(run_args(good_folder(tmp_path / "data"), workdir, "--restart", flag, value))
+    assert info.value.code == 2
+    assert f"error: {expected}" in capsys.readouterr().err
+    assert [path.name for path in workdir.iterdir()] == ["config.json"]
+
+
 def test_the_command_prints_one_error_line_and_no_traceback(tmp_path):
     folder = renamed_columns(tmp_path / "data", "body", "label")
     env = {**os.environ, "HF_DATASETS_OFFLINE": "1", "HF_HUB_OFFLINE": "1", "JAX_PLATFORMS": "cpu"}
@@ -180,10 +198,24 @@ def test_accepted_oddities_are_counted_and_reported(messy_run):
 
 
 @pytest.mark.slow
-def test_predict_reads_empty_and_control_character_texts(messy_run):
+def test_predict_reads_empty_and_control_character_texts(messy_run, capsys):
     workdir, _, _ = messy_run
     answers = sentiment.predict(["--workdir", str(workdir), "", "\x00\x07", LONG_TEXT])
     assert len(answers) == 3 and all(0.5 <= probability <= 1.0 for _, probability in answers)
+    cut_note = "cut to --max-len 32 tokens: 119968 of its 120000 tokens dropped"
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    assert notes == [f"note: text 3 ('long long long long long long long long '...) {cut_note}"]
+
+
+@pytest.mark.slow
+def test_explain_says_a_long_text_was_cut(messy_run, tmp_path, capsys):
+    workdir, _, _ = messy_run
+    sentiment.explain(["--workdir", str(workdir), "--out", str(tmp_path / "gates.png"), LONG_TEXT])
+    printed = capsys.readouterr().out
+    assert "note: text 1 (" in printed and "cut to --max-len 32 tokens: 119968 of its 120000 tokens dropped" in printed
+    assert "after 32 tokens" in printed
+    sentiment.explain(["--workdir", str(workdir), "--out", str(tmp_path / "short.png"), "good film"])
+    assert "note:" not in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- run directories
@@ -225,6 +257,19 @@ def test_missing_or_damaged_config_of_a_run_with_checkpoints(messy_run, tmp_path
     assert re.search(r"config.json is damaged .*; restore it, or pass --restart", one_line_error(argv))
     (workdir / "config.json").unlink()
     assert "has checkpoints but no config.json; restore that file, or pass --restart" in one_line_error(argv)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "name, content", [("config.json", '{"DataConfig": {"data'), ("run.json", '{"vocab'), ("run.json", "[]")]
+)
+def test_damaged_run_files_are_named_for_predict_and_explain(messy_run, tmp_path, name, content):
+    workdir = copy_of(messy_run[0], tmp_path)
+    (workdir / name).write_text(content)
+    for command in (["predict", "--workdir", workdir, "fine"], ["explain", "--workdir", workdir, "fine"]):
+        message = one_line_error(command)
+        assert message.startswith(f"error: {workdir / name} is damaged (")
+        assert "; restore it from a copy of the run" in message
 
 
 @pytest.mark.slow

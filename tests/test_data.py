@@ -7,6 +7,7 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 
 import collections
 import itertools
+import re
 from pathlib import Path
 
 import datasets
@@ -122,6 +123,44 @@ def test_missing_local_folder(tmp_path):
     for path in (str(tmp_path / "nope"), "./no/such/folder"):
         with pytest.raises(data.DataError, match="does not exist"):
             data.load_text_splits(path)
+
+
+def test_dataset_path_with_a_tilde_is_the_home_folder(tmp_path, monkeypatch):
+    tiny_folder(tmp_path / "data" / "tiny", train=TRAIN, validation=(["a", "b"], [0, 1]))
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for dataset in ("~/data/tiny", "~/data/tiny/"):
+        assert data.texts_of(data.load_text_splits(dataset).validation) == ["a", "b"]
+    with pytest.raises(data.DataError, match=r"local folder '.*/data/nowhere' does not exist"):
+        data.load_text_splits("~/data/nowhere")
+
+
+def test_classes_are_checked_after_the_carve(tmp_path):
+    """A class with one example lands on one side of the carve; the other side gets a note, as without a carve."""
+    texts = [f"text {i}" for i in range(10)]
+    folder = tiny_folder(tmp_path / "three", train=(texts, [0, 1] * 4 + [2, 0]))
+    sides = set()
+    for seed in range(8):
+        splits = data.load_text_splits(folder, val_fraction=0.2, seed=seed)
+        in_validation = "text 8" in data.texts_of(splits.validation)
+        side = "train" if in_validation else "validation"
+        sides.add(side)
+        missing_2 = rf"{side}: no examples of class\(es\) \[(\d, )*2\] out of 3"
+        assert any(re.fullmatch(missing_2, note) for note in splits.notes), (seed, splits.notes)
+    assert sides == {"train", "validation"}
+    folder = tiny_folder(tmp_path / "rare", train=(texts[:4], [0, 0, 0, 1]))
+    outcomes = set()
+    for seed in range(8):  # the one class-1 row is carved into validation by some seeds, leaving train one class
+        try:
+            splits = data.load_text_splits(folder, val_fraction=0.25, seed=seed)
+        except data.DataError as error:
+            one_class = r"split 'train' has examples of 1 class\(es\) only \(\[0\]\).*add examples.*"
+            assert re.fullmatch(one_class, str(error))
+            outcomes.add("error")
+        else:
+            assert "text 3" in data.texts_of(splits.train)
+            assert "validation: no examples of class(es) [1] out of 2" in splits.notes
+            outcomes.add("note")
+    assert outcomes == {"error", "note"}
 
 
 def test_labels_out_of_range_negative_or_strings(tmp_path):

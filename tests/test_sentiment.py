@@ -60,6 +60,7 @@ def test_end_to_end_writes_every_output_and_beats_the_majority_class(trained_run
     assert [r["step"] for r in records if r["split"] == "validation"] == [steps_per_epoch * k for k in (1, 2, 3)]
 
 
+@pytest.mark.slow
 def test_predict_prints_a_label_and_probability(trained_run, capsys):
     workdir, _ = trained_run
     texts = ["a gorgeous , witty , seductive movie .", "dull and tedious"]
@@ -102,6 +103,7 @@ def test_resume_after_max_steps_matches_an_uninterrupted_run(sst2_slice, tmp_pat
     assert resumed["params_sha256"] == whole["params_sha256"]
 
 
+@pytest.mark.slow
 def test_rerun_with_another_config_names_the_differing_fields(trained_run):
     workdir, _ = trained_run
     saved = json.loads((workdir / "config.json").read_text())
@@ -110,7 +112,8 @@ def test_rerun_with_another_config_names_the_differing_fields(trained_run):
 
 
 def test_unreachable_hub_id_says_how_to_pass_a_local_folder(tmp_path):
-    with pytest.raises(SystemExit, match="local folder"):
+    hub_failure = r"could not load 'nobody/no-such-dataset' from the Hugging Face Hub.*pass a local folder"
+    with pytest.raises(SystemExit, match=hub_failure):
         sentiment.main(["--dataset", "nobody/no-such-dataset", "--workdir", str(tmp_path / "w"), "--no-progress"])
 
 
@@ -137,14 +140,14 @@ def test_unknown_tokenizer_is_refused_before_any_data_is_read(capsys):
 
 
 def test_dataset_preset_applies_under_explicit_flags():
-    configs, _ = sentiment.parse_train_args(["--dataset", "../shared/data/imdb", "--epochs", "7"])
+    configs, _ = sentiment.parse_train_args(["--dataset", str(SST2.parent / "imdb"), "--epochs", "7"])
     assert configs["DataConfig"].max_len == sentiment.DATASET_PRESETS["imdb"]["max_len"]
     assert configs["LoopConfig"].epochs == 7
     imdb_max_len = sentiment.DATASET_PRESETS["imdb"]["max_len"]
     assert imdb_max_len != sentiment.DataConfig().max_len
     assert sentiment.parse_train_args(["--dataset", "stanfordnlp/imdb"])[0]["DataConfig"].max_len == imdb_max_len
     assert sentiment.parse_train_args(["--dataset", "sst2"])[0]["DataConfig"].max_len == sentiment.DataConfig().max_len
-    sst2 = sentiment.parse_train_args(["--dataset", "../shared/data/sst2"])[0]["ModelConfig"]
+    sst2 = sentiment.parse_train_args(["--dataset", str(SST2)])[0]["ModelConfig"]
     assert sst2.adversarial_epsilon == sentiment.DATASET_PRESETS["sst2"]["adversarial_epsilon"] > 0
     assert sentiment.parse_train_args(["--adversarial-epsilon", "0"])[0]["ModelConfig"].adversarial_epsilon == 0
     # every preset entry names a flag, and lands in its own config class (pooling is a ModelConfig field)
@@ -152,6 +155,42 @@ def test_dataset_preset_applies_under_explicit_flags():
         configs, _ = sentiment.parse_train_args(["--dataset", name])
         flat = {field: value for config in configs.values() for field, value in dataclasses.asdict(config).items()}
         assert {field: flat[field] for field in preset} == preset, name
+
+
+def test_preset_note_lists_only_the_values_applied(capsys):
+    sentiment.parse_train_args(["--dataset", "sst2"])
+    assert capsys.readouterr().out.splitlines() == ["note: preset 'sst2' applied: --adversarial-epsilon 0.1"]
+    sentiment.parse_train_args(["--dataset", "sst2", "--adversarial-epsilon", "0.1"])
+    assert "note:" not in capsys.readouterr().out
+    sentiment.parse_train_args(["--dataset", "imdb", "--epochs", "7", "--max-len", "100", "--pooling", "max"])
+    [note] = capsys.readouterr().out.splitlines()
+    assert note == ("note: preset 'imdb' applied: --vocab-size 30000 --batch-size 32 --embed-dropout 0.2 "
+                    "--input-dropout 0.4 --output-dropout 0.4")  # fmt: skip
+
+
+@pytest.mark.parametrize("dataset", ["someone/imdb", "someone/sst2", "no/such/folder/imdb"])
+def test_a_hub_id_of_another_owner_gets_no_preset(dataset, capsys):
+    configs, _ = sentiment.parse_train_args(["--dataset", dataset])
+    assert configs["DataConfig"] == sentiment.DataConfig(dataset=dataset)
+    assert configs["ModelConfig"] == sentiment.ModelConfig()
+    assert "note:" not in capsys.readouterr().out
+
+
+def test_a_local_folder_named_like_a_preset_gets_it(tmp_path, monkeypatch):
+    (tmp_path / "imdb").mkdir()
+    monkeypatch.setenv("HOME", str(tmp_path))
+    for dataset in (str(tmp_path / "imdb") + "/", "~/imdb"):
+        configs, _ = sentiment.parse_train_args(["--dataset", dataset])
+        assert configs["DataConfig"].max_len == sentiment.DATASET_PRESETS["imdb"]["max_len"]
+
+
+def test_help_lists_the_dataset_presets(capsys):
+    with pytest.raises(SystemExit):
+        sentiment.main(["--help"])
+    text = capsys.readouterr().out
+    assert "  sst2: --adversarial-epsilon 0.1\n" in text
+    for name in sentiment.DATASET_PRESETS:
+        assert f"\n  {name}: --" in text
 
 
 @pytest.mark.slow
