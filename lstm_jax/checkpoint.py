@@ -4,12 +4,14 @@
 epoch); ``<workdir>/best`` keeps the single best save by a metric. Each save holds
 the train state (a pytree of arrays) and a JSON ``meta`` dict (data position,
 config, metrics). Restoring walks back from the newest step and skips damaged
-checkpoints, reporting each one. Each save records the SHA-256 of its arrays, and a
-restore whose arrays hash differently is damaged too: Orbax reads flipped bytes
-inside an array file without complaint. Saves are asynchronous: a save killed half-way
-leaves only an Orbax temporary folder, which restore ignores and the next start
-removes. A save that fails (full disk, no permission) is a ``CheckpointError``
-naming the folder.
+checkpoints, reporting each one; once an older one reads, each skipped one is moved
+aside to ``<step>.damaged-<n>`` (a name Orbax does not read as a step), so that step
+is saved again and no longer counts toward ``keep``. Each save records the SHA-256 of
+its arrays, and a restore whose arrays hash differently is damaged too: Orbax reads
+flipped bytes inside an array file without complaint. Saves are asynchronous: a save
+killed half-way leaves only an Orbax temporary folder, which restore ignores and the
+next start removes. A save that fails (full disk, no permission) is a
+``CheckpointError`` naming the folder.
 """
 
 import dataclasses
@@ -79,15 +81,11 @@ class RunCheckpoints:
 
     def best_meta(self) -> dict | None:
         """The meta of the best checkpoint; None if there is none or it cannot be read (a new best replaces it)."""
-        step = self.best.latest_step()
-        if step is None:
-            return None
-        try:
-            meta = dict(self.best.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
-        except Exception:  # damaged: restore(which="best") reports why
-            return None
-        meta.pop(CHECKSUM_KEY, None)
-        return meta
+        return _read_meta(self.best, self.best.latest_step())
+
+    def latest_meta(self, step: int) -> dict | None:
+        """The meta of latest checkpoint ``step``; None if there is none or it cannot be read."""
+        return _read_meta(self.latest, step) if step in self.latest.all_steps() else None
 
     def restore(self, abstract_state, *, which: str = "latest") -> Restored | None:
         """The newest readable checkpoint of ``which`` ("latest" or "best"), or None if there is none.
@@ -96,7 +94,7 @@ class RunCheckpoints:
           CheckpointError: checkpoints exist but none can be read.
         """
         manager = self.latest if which == "latest" else self.best
-        skipped = []
+        skipped = []  # (step, reason)
         for step in sorted(manager.all_steps(), reverse=True):
             try:
                 restored = manager.restore(
@@ -104,17 +102,21 @@ class RunCheckpoints:
                     args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
                 )
             except Exception as error:  # a damaged checkpoint can fail in many ways inside Orbax and TensorStore
-                skipped.append(f"step {step}: {type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}")
+                skipped.append((step, _reason(error)))
                 continue
             meta = dict(restored["meta"])
             saved_sha256 = meta.pop(CHECKSUM_KEY, None)
             if saved_sha256 is not None and saved_sha256 != params_sha256(restored["state"]):
-                skipped.append(f"step {step}: checksum mismatch: the arrays on disk changed after they were saved")
+                skipped.append((step, "checksum mismatch: the arrays on disk changed after they were saved"))
                 continue
-            return Restored(restored["state"], meta, step, skipped)
-        if skipped:
+            reports = [f"step {bad}: {reason}; {_set_aside(manager.directory, bad)}" for bad, reason in skipped]
+            if skipped:
+                manager.reload()  # forget the steps moved aside
+            return Restored(restored["state"], meta, step, reports)
+        if skipped:  # none read: perhaps the template is wrong, not the checkpoints, so nothing is moved
+            reasons = "; ".join(f"step {bad}: {reason}" for bad, reason in skipped)
             raise CheckpointError(
-                f"no readable checkpoint in {manager.directory} ({'; '.join(skipped)}); "
+                f"no readable checkpoint in {manager.directory} ({reasons}); "
                 "pass --restart to start from scratch (this deletes nothing)"
             )
         return None
@@ -132,8 +134,36 @@ class RunCheckpoints:
         self.best.close()
 
 
+def _read_meta(manager: ocp.CheckpointManager, step: int | None) -> dict | None:
+    if step is None:
+        return None
+    try:
+        meta = dict(manager.restore(step, args=ocp.args.Composite(meta=ocp.args.JsonRestore()))["meta"])
+    except Exception:  # damaged: restore() reports why
+        return None
+    meta.pop(CHECKSUM_KEY, None)
+    return meta
+
+
+def _set_aside(directory, step: int) -> str:
+    """Rename the damaged checkpoint ``step`` to the first free ``<step>.damaged-<n>``; says where it went."""
+    folder = Path(directory) / str(step)
+    n = 1
+    while (target := folder.with_name(f"{step}.damaged-{n}")).exists():
+        n += 1
+    try:
+        folder.rename(target)
+    except OSError as error:
+        return f"left in place ({error.strerror or error}): move it out of {folder.parent} to save step {step} again"
+    return f"moved to {target}"
+
+
+def _reason(error: Exception) -> str:
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+
+
 def _write_error(manager: ocp.CheckpointManager, error: Exception) -> CheckpointError:
-    reason = f"{type(error).__name__}: {str(error).splitlines()[0][:200] if str(error) else ''}"
+    reason = _reason(error)
     return CheckpointError(
         f"could not write a checkpoint to {manager.directory} ({reason}); "
         "free disk space or fix its permissions, or pass another --workdir, then rerun to resume"

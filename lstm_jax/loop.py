@@ -4,7 +4,10 @@ The loop owns what must be right for a killed run to resume to the same bits: th
 data position is ``divmod(step, steps_per_epoch)`` over a deterministic per-epoch
 batch list, randomness is ``fold_in(rng, step)`` (see :mod:`lstm_jax.train`), and
 checkpoints hold the whole train state. Metrics after the restored step are cut
-from ``metrics.jsonl`` so a resumed log reads like an uninterrupted one.
+from ``metrics.jsonl``, and each checkpoint's meta carries the loop's running figures
+(last validation metrics, training seconds and tokens, the unfinished metrics window),
+so a resumed log reads like an uninterrupted one (but for ``tokens_per_second``, a
+timing) and a rerun of a finished run reports what the run did.
 """
 
 import dataclasses
@@ -53,12 +56,16 @@ class LoopConfig:
 
 
 class MetricsLog:
-    """Append-only ``metrics.jsonl``; on resume, lines after the restored step are dropped."""
+    """Append-only ``metrics.jsonl``; on resume, lines after the restored step are dropped.
+
+    A last line cut short (a full disk, a power loss) is dropped with a note; a damaged line
+    before it is an error, as a write cut short explains only the last.
+    """
 
     def __init__(self, path: Path, resume_step: int):
         self.path = path
-        lines = path.read_text().splitlines() if path.exists() else []
-        kept = [line for line in lines if line.strip() and json.loads(line)["step"] <= resume_step]
+        lines = [line for line in path.read_text().splitlines() if line.strip()] if path.exists() else []
+        kept = [line for line, record in zip(lines, parse_metrics_lines(lines, path)) if record["step"] <= resume_step]
         atomic_write_text(path, "".join(line + "\n" for line in kept))
 
     def write(self, record: dict) -> None:
@@ -67,6 +74,39 @@ class MetricsLog:
 
     def read(self) -> list[dict]:
         return [json.loads(line) for line in self.path.read_text().splitlines() if line.strip()]
+
+
+def parse_metrics_lines(lines: list[str], path: Path) -> list[dict]:
+    """The records of non-blank ``lines`` of ``path``, without a last line that does not parse."""
+    records = []
+    for number, line in enumerate(lines, 1):
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as error:
+            if number < len(lines):
+                raise SystemExit(
+                    f"error: line {number} of {path} is damaged ({error.msg}); "
+                    "delete that line, or pass --restart to start over"
+                ) from None
+            print(f"note: dropped the last line of {path}: it was cut short ({error.msg})")
+    return records
+
+
+EMPTY_WINDOW = {"loss": 0.0, "correct": 0.0, "rows": 0.0}
+
+
+def carried_figures(meta: dict | None) -> tuple[dict | None, float | None, int, dict]:
+    """``(last validation metrics, train seconds, train tokens, metrics window)`` as of a checkpoint's ``meta``.
+
+    ``meta`` None is a fresh start. The seconds are None when ``meta`` predates carrying them (or
+    is empty: unreadable): the time before the resume is unknown, so tokens restart from 0 too.
+    """
+    if meta is None:
+        return None, 0.0, 0, dict(EMPTY_WINDOW)
+    loop = meta.get("loop") or {}
+    seconds = loop.get("train_seconds")
+    tokens = loop.get("train_tokens", 0) if seconds is not None else 0
+    return meta.get("val"), seconds, tokens, dict(loop.get("window", EMPTY_WINDOW))
 
 
 def train_loop(
@@ -98,7 +138,10 @@ def train_loop(
       best_metric: the validation metric (higher is better) that picks the best checkpoint.
 
     Returns:
-      ``(state, summary)`` with ``train_seconds``, ``tokens_per_second`` and the last validation metrics.
+      ``(state, summary)`` with ``train_seconds``, ``tokens_per_second`` and the last validation metrics
+      (``last_val``), all over the whole run, also when it resumed (or had already finished). The
+      timings exclude each batch shape's first, compiling step; ``train_seconds`` is None when the
+      checkpoint resumed from predates carrying it, and ``tokens_per_second`` is None when no step was timed.
 
     Raises:
       NonFiniteError: more than ``config.skip_nonfinite`` steps were not finite.
@@ -109,9 +152,10 @@ def train_loop(
     step = int(state.step)
     best_meta = checkpoints.best_meta()
     best = best_meta["val"][best_metric] if best_meta else -math.inf
-    tokens, seconds, val = 0, 0.0, None
+    val, seconds, tokens, window = carried_figures((checkpoints.latest_meta(step) or {}) if step else None)
+    seconds_known = seconds is not None
+    seconds = seconds or 0.0
     compiled_shapes = set()  # the first step of each batch shape compiles; keep it out of tokens/s
-    window = {"loss": 0.0, "correct": 0.0, "rows": 0.0}
     bar = tqdm(total=stop_step, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
     try:
         while step < stop_step:
@@ -157,7 +201,7 @@ def train_loop(
                         acc=f"{record['accuracy']:.3f}",
                         tok_s=f"{record['tokens_per_second']:.0f}",
                     )
-                    window = dict.fromkeys(window, 0.0)
+                    window = dict(EMPTY_WINDOW)
                 end_of_epoch = step % steps_per_epoch == 0
                 if end_of_epoch or step == stop_step or (config.eval_every and step % config.eval_every == 0):
                     val = evaluate(state.eval_params)
@@ -170,13 +214,16 @@ def train_loop(
                         best = val[best_metric]
                         checkpoints.save_best(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
                 if end_of_epoch or step == stop_step or step % config.save_every == 0:
-                    checkpoints.save(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
+                    loop = {"train_seconds": seconds if seconds_known else None, "train_tokens": tokens,
+                            "window": dict(window)}  # fmt: skip
+                    checkpoints.save(step, state, {**meta, "step": step, "epoch": epoch, "val": val, "loop": loop})
                 if step == stop_step:
                     break
     finally:  # also on an error, so the last good checkpoint is never left half-written
         bar.close()
         checkpoints.wait()
-    summary = {"train_seconds": seconds, "tokens_per_second": tokens / max(seconds, 1e-9), "last_val": val,
+    summary = {"train_seconds": seconds if seconds_known else None,
+               "tokens_per_second": tokens / seconds if seconds else None, "last_val": val,
                "steps": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
     return state, summary
 

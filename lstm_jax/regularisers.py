@@ -125,7 +125,9 @@ def adversarial_perturbation(grad_BTE: jax.Array, epsilon: float) -> jax.Array:
     classification" (the fast gradient method of Goodfellow et al. 2015, applied to word
     embeddings): ``r = epsilon * g / ||g||_2`` with the norm over each sequence's steps and
     features. A sequence whose gradient is zero (batch padding) gets no perturbation. The
-    gradient is treated as a constant, as in the paper.
+    gradient is treated as a constant, as in the paper. Unlike the paper (sec. 3), the embeddings
+    are not first normalised to zero mean and unit variance under the word frequencies, so
+    ``epsilon`` is relative to the raw, learned embedding scale.
     """
     grad_BTE = jax.lax.stop_gradient(grad_BTE)
     norm_B11 = jnp.sqrt(jnp.sum(jnp.square(grad_BTE), axis=(1, 2), keepdims=True))

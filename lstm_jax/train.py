@@ -2,8 +2,9 @@
 
 Randomness comes from ``fold_in(rng, step)``, so a run's keys depend only on its
 seed and step: a resumed run draws the same dropout masks as an uninterrupted one.
-A step whose loss or gradient is not finite is never applied; it is counted in
-``state.nonfinite_steps`` and the loop decides whether to stop.
+A step whose loss or gradient is not finite is never applied, to the parameters, the
+optimiser state or their average; it is counted in ``state.nonfinite_steps`` and the
+loop decides whether to stop.
 """
 
 import hashlib
@@ -43,9 +44,11 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
     )  # fmt: skip
 
 
-def ema_update(ema, params, decay: float, step):
-    """Exponential moving average with the warm-up ``min(decay, (1 + t) / (10 + t))`` (Polyak & Juditsky 1992)."""
-    rate = jnp.minimum(decay, (1.0 + step) / (10.0 + step))
+def ema_update(ema, params, decay: float, updates, applied=True):
+    """Exponential moving average with the warm-up ``min(decay, (1 + t) / (10 + t))`` (Polyak & Juditsky 1992),
+    ``t`` the number of ``updates`` applied so far. A step not ``applied`` keeps the average: its rate is 1."""
+    # selecting the rate, not the result, leaves the averaging the same XLA fusion, so applied steps keep their bits
+    rate = jnp.where(applied, jnp.minimum(decay, (1.0 + updates) / (10.0 + updates)), 1.0)
     return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
 
 
@@ -130,7 +133,8 @@ def make_train_step(
 ):
     """A jitted ``(state, batch) -> (state, metrics)`` for ``loss_fn(params, batch, key) -> (loss, aux)``.
 
-    With ``ema_decay`` > 0, ``state.ema_params`` tracks an average of the parameters.
+    With ``ema_decay`` > 0, ``state.ema_params`` tracks an average of the parameters; its warm-up
+    counts applied updates, so a skipped step changes neither the average nor its next rate.
     The input state's buffers are donated. ``state_sharding`` and ``batch_sharding``
     (see :mod:`lstm_jax.parallel`) pin the layout of the state, in and out, and of
     the batch on a device mesh; the step itself is unchanged.
@@ -152,7 +156,8 @@ def make_train_step(
             nonfinite_steps=state.nonfinite_steps + (~finite).astype(jnp.int32),
         )
         if ema_decay > 0.0:
-            state = state.replace(ema_params=ema_update(state.ema_params, state.params, ema_decay, state.step))
+            ema = ema_update(state.ema_params, state.params, ema_decay, state.step - state.nonfinite_steps, finite)
+            state = state.replace(ema_params=ema)
         return state, {"loss": loss, "aux": aux, "finite": finite, "grad_norm": optax.tree.norm(grads)}
 
     if state_sharding is None and batch_sharding is None:

@@ -199,6 +199,32 @@ def test_damaged_newest_checkpoint_is_skipped_and_reported(damage, checkpoints, 
         assert "checksum mismatch" in restored.skipped[0]
 
 
+def test_a_damaged_checkpoint_is_moved_aside_so_its_step_is_saved_again(checkpoints, tmp_path):
+    folder = tmp_path / "checkpoints"
+    run = checkpoints(keep=3)
+    for step in (1, 2, 3):
+        run.save(step, make_big_state(float(step)), meta_for(step))
+    run.close()
+    for n in (1, 2):  # damaged, resumed, saved again, damaged again
+        truncate_arrays(folder / "3")
+        resumed = checkpoints(keep=3)
+        restored = resumed.restore(make_big_state(0.0))
+        assert restored.step == 2 and len(restored.skipped) == 1
+        aside = folder / f"3.damaged-{n}"
+        assert restored.skipped[0].startswith("step 3: ") and restored.skipped[0].endswith(f"; moved to {aside}")
+        assert aside.is_dir() and not (folder / "3").exists()
+        assert resumed.latest.all_steps() == [1, 2]
+        resumed.save(3, make_big_state(3.5 + n), meta_for(3))  # the resumed run reaches step 3 again
+        resumed.close()
+        again = checkpoints().restore(make_big_state(0.0))
+        assert again.step == 3 and again.skipped == [] and again.meta == meta_for(3)
+        assert_states_equal(again.state, make_big_state(3.5 + n))
+    resumed = checkpoints(keep=3)
+    resumed.save(4, make_big_state(4.0), meta_for(4))
+    assert resumed.latest.all_steps() == [2, 3, 4]  # the folders moved aside count toward no limit
+    assert sorted(p.name for p in folder.iterdir()) == ["2", "3", "3.damaged-1", "3.damaged-2", "4"]
+
+
 def test_all_checkpoints_damaged_is_an_error_that_names_the_fix(checkpoints, tmp_path):
     run = checkpoints()
     for step in (1, 2):
@@ -210,6 +236,7 @@ def test_all_checkpoints_damaged_is_an_error_that_names_the_fix(checkpoints, tmp
         checkpoints().restore(make_state(0.0))
     message = str(error.value)
     assert "step 2:" in message and "step 1:" in message and str(tmp_path / "checkpoints") in message
+    assert sorted(p.name for p in (tmp_path / "checkpoints").iterdir()) == ["1", "2"]  # none read: none moved aside
 
 
 def test_checkpoint_of_another_shape_is_not_loaded(checkpoints):
@@ -219,6 +246,7 @@ def test_checkpoint_of_another_shape_is_not_loaded(checkpoints):
     other = other.replace(params={**other.params, "head": {"w": jnp.zeros((3, 3))}})
     with pytest.raises(CheckpointError, match="step 1: .*shape"):
         run.restore(other)
+    assert run.latest.all_steps() == [1] and (Path(run.latest.directory) / "1").is_dir()  # the template was wrong
 
 
 def test_best_keeps_the_last_save_best_apart_from_the_latest(checkpoints, tmp_path):
@@ -238,9 +266,10 @@ def test_best_keeps_the_last_save_best_apart_from_the_latest(checkpoints, tmp_pa
     assert (tmp_path / "best" / "9").is_dir() and not (tmp_path / "best" / "5").exists()
 
 
-@pytest.mark.parametrize("failing", ["save", "wait_until_finished"])
+@pytest.mark.parametrize("failing", ["save", "wait"])
 def test_a_full_disk_is_an_error_naming_the_folder(failing, checkpoints, tmp_path, monkeypatch):
-    """Simulated: Orbax raises ENOSPC when it starts a save, or when an asynchronous one finishes.
+    """Simulated: Orbax raises ENOSPC when it starts a save (``RunCheckpoints.save``), or when an
+    asynchronous one finishes (``RunCheckpoints.wait``; Orbax's own save waits for the previous one first).
 
     A really full disk is not made here; the error path from Orbax onwards is the same.
     """
@@ -249,10 +278,15 @@ def test_a_full_disk_is_an_error_naming_the_folder(failing, checkpoints, tmp_pat
         raise OSError(errno.ENOSPC, "No space left on device", str(manager.directory))
 
     run = checkpoints(async_save=True)
-    monkeypatch.setattr(ocp.CheckpointManager, failing, no_space)
-    with pytest.raises(CheckpointError) as error:
+    if failing == "save":
+        monkeypatch.setattr(ocp.CheckpointManager, "save", no_space)
+        with pytest.raises(CheckpointError) as error:
+            run.save(1, make_state(1.0), meta_for(1))
+    else:
         run.save(1, make_state(1.0), meta_for(1))
-        run.wait()
+        monkeypatch.setattr(ocp.CheckpointManager, "wait_until_finished", no_space)
+        with pytest.raises(CheckpointError) as error:
+            run.wait()
     message = str(error.value)
     assert message.startswith(f"could not write a checkpoint to {(tmp_path / 'checkpoints').absolute()} (OSError: ")
     assert "No space left on device" in message and "pass another --workdir" in message and "\n" not in message

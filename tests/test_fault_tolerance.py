@@ -6,7 +6,9 @@ makes the process SIGKILL itself at that exact point. One workdir goes through
 every kill point in turn, then a damaged newest checkpoint, then runs to the end;
 its ``params_sha256`` and metrics must equal those of a run never killed. The
 numerical-fault test runs in this process, with a loss that is NaN on every
-batch holding a marker word.
+batch holding a marker word, and so do the tests of the loop's own bookkeeping
+(a crash between log lines, a rerun of a finished run, a cut-short metrics line),
+on a least-squares toy that compiles in a moment.
 
 The subprocesses share a JAX persistent compilation cache (a temporary folder), so
 only the first one compiles; a cached executable is the same program, bit for bit.
@@ -14,11 +16,15 @@ only the first one compiles; a cached executable is the same program, bit for bi
 
 import json
 import os
+import re
+import shutil
 import signal
 import subprocess
 import sys
 from pathlib import Path
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 import pyarrow as pa
@@ -30,7 +36,11 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from experiments import sentiment
 from lstm_jax import data
+from lstm_jax.checkpoint import RunCheckpoints
 from lstm_jax.faults import KILL_AT_ENV
+from lstm_jax.loop import LoopConfig, MetricsLog, train_loop
+from lstm_jax.optim import OptimConfig, make_optimizer
+from lstm_jax.train import init_train_state, make_train_step, params_sha256
 
 REPO = Path(__file__).resolve().parents[1]
 SST2 = REPO.parent / "shared" / "data" / "sst2"
@@ -130,6 +140,24 @@ def test_sigkill_at_every_point_then_damage_resumes_to_the_same_bits(train_proce
         assert results[key] == ref[key], key
     assert metrics_without_timing(workdir) == metrics_without_timing(ref_dir)
     assert not list((workdir / "checkpoints").glob("*.orbax-checkpoint-tmp"))  # leftovers were cleaned up
+    assert (workdir / "checkpoints" / "30.damaged-1").is_dir()  # moved aside, so step 30 was saved again
+    assert 30 in finished_steps(workdir / "checkpoints")
+
+
+def test_rerunning_a_finished_run_reports_what_it_did(train_process, reference, tmp_path):
+    """Also what a run killed after its last checkpoint but before ``results.json`` does."""
+    ref_dir, ref = reference
+    workdir = tmp_path / "finished"
+    shutil.copytree(ref_dir, workdir)
+    (workdir / "results.json").unlink()
+    process = train_process(workdir)
+    assert "resumed from step 40" in process.stdout
+    results = results_of(process, workdir)
+    assert results["resumed_from_step"] == 40 and ref["resumed_from_step"] == 0
+    assert results["train_seconds"] > 0 and results["final_val_accuracy"] is not None
+    ignored = {"resumed_from_step", "config"}  # config holds the --workdir
+    assert {k: v for k, v in results.items() if k not in ignored} == {k: v for k, v in ref.items() if k not in ignored}
+    assert (workdir / "metrics.jsonl").read_text() == (ref_dir / "metrics.jsonl").read_text()
 
 
 def test_same_seed_gives_the_same_bits_and_another_seed_does_not(train_process, reference, tmp_path):
@@ -212,3 +240,107 @@ def test_nan_loss_stops_at_its_step_keeps_the_last_good_checkpoint_and_skip_nonf
     assert f"resumed from step {last_good}" in capsys.readouterr().out
     assert results["steps"] == 40 and results["nonfinite_steps"] == len(bad_steps)
     assert json.loads((workdir / "results.json").read_text())["nonfinite_steps"] == len(bad_steps)
+
+
+# --------------------------------------------------------------------------- the loop's bookkeeping, in process
+
+
+class ToyBatch(NamedTuple):
+    x_BD: np.ndarray
+    y_B: np.ndarray
+    weights_B: np.ndarray
+
+
+def toy_loss(params, batch, key):
+    """Weighted least squares with a dropout-like draw from the step's key; aux: rows predicted within 0.5."""
+    noise_B = 0.1 * jax.random.normal(key, batch.y_B.shape)
+    error_B = batch.x_BD @ params["w"] + params["b"] + noise_B - batch.y_B
+    loss = jnp.sum(batch.weights_B * error_B**2) / jnp.sum(batch.weights_B)
+    return loss, jnp.sum(batch.weights_B * (jnp.abs(error_B) < 0.5))
+
+
+def toy_epoch(epoch: int) -> list[ToyBatch]:
+    """6 batches, with padding rows of weight 0 so the metrics window is a weighted mean."""
+    rng = np.random.default_rng(epoch)
+    return [ToyBatch(rng.normal(size=(8, 3)).astype(np.float32), rng.normal(size=8).astype(np.float32),
+                     (rng.random(8) < 0.7).astype(np.float32)) for _ in range(6)]  # fmt: skip
+
+
+TOY_VALIDATION = toy_epoch(99)[0]
+TOY_OPTIMIZER = make_optimizer(OptimConfig(learning_rate=0.05, warmup_steps=2), total_steps=12)
+# 12 steps; lines at 4, 8, 12, evaluations at 5, 6, 10, 12, saves at 3, 6, 9, 12
+TOY_LOOP = LoopConfig(epochs=2, log_every=4, eval_every=5, save_every=3, keep=10, progress=False)
+
+
+def toy_state():
+    params = {"w": jnp.zeros((3,), jnp.float32), "b": jnp.zeros((), jnp.float32)}
+    return init_train_state(params, TOY_OPTIMIZER, seed=3, ema=True)
+
+
+def toy_evaluate(params) -> dict:
+    loss, correct = toy_loss(params, TOY_VALIDATION, jax.random.key(0))
+    return {"loss": float(loss), "accuracy": float(correct) / float(TOY_VALIDATION.weights_B.sum())}
+
+
+class Crash(Exception):
+    pass
+
+
+def toy_run(workdir: Path, crash_before_step: int | None = None):
+    """Train to the end, resuming whatever ``workdir`` holds, or raise Crash instead of taking ``crash_before_step``."""
+    step = make_train_step(toy_loss, TOY_OPTIMIZER, ema_decay=0.9)
+
+    def train_step(state, batch):
+        if int(state.step) + 1 == crash_before_step:
+            raise Crash
+        return step(state, batch)
+
+    checkpoints = RunCheckpoints(workdir, keep=TOY_LOOP.keep)
+    try:
+        restored = checkpoints.restore(toy_state())
+        state = restored.state if restored else toy_state()
+        log = MetricsLog(workdir / "metrics.jsonl", int(state.step))
+        state, summary = train_loop(state, train_step, toy_epoch, toy_evaluate, checkpoints, log, TOY_LOOP, meta={},
+                                    tokens_in=lambda batch: int(batch.weights_B.sum()))  # fmt: skip
+    finally:
+        checkpoints.close()
+    return state, summary
+
+
+@pytest.mark.parametrize("crash_before_step", [8, 11])  # resumes from step 6 (lines at 4, 8) and 9 (lines at 8, 12)
+def test_a_crash_between_log_lines_resumes_to_the_same_metrics_lines(crash_before_step, tmp_path):
+    reference_state, reference = toy_run(tmp_path / "reference")
+    with pytest.raises(Crash):
+        toy_run(tmp_path / "crashed", crash_before_step)
+    state, summary = toy_run(tmp_path / "crashed")
+    assert params_sha256(state) == params_sha256(reference_state)
+    assert summary["last_val"] == reference["last_val"] and summary["steps"] == 12
+    assert metrics_without_timing(tmp_path / "crashed") == metrics_without_timing(tmp_path / "reference")
+    train_lines = [r for r in metrics_without_timing(tmp_path / "crashed") if r["split"] == "train"]
+    assert [r["step"] for r in train_lines] == [4, 8, 12]
+
+
+def test_rerunning_a_finished_loop_returns_the_first_runs_figures(tmp_path):
+    state, first = toy_run(tmp_path)
+    metrics = (tmp_path / "metrics.jsonl").read_text()
+    assert first["train_seconds"] > 0 and first["tokens_per_second"] > 0
+    assert first["last_val"] == toy_evaluate(state.eval_params)
+    again_state, again = toy_run(tmp_path)
+    assert again == first
+    assert params_sha256(again_state) == params_sha256(state)
+    assert (tmp_path / "metrics.jsonl").read_text() == metrics
+
+
+def test_a_cut_short_last_metrics_line_is_dropped_with_a_note_and_a_damaged_earlier_one_stops(tmp_path, capsys):
+    path = tmp_path / "metrics.jsonl"
+    lines = [json.dumps({"step": step, "split": "train", "loss": 1.0 / step}) for step in (4, 8, 12)]
+    path.write_text("\n".join(lines) + "\n" + lines[2][:17])  # a write of a fourth line, cut short
+    log = MetricsLog(path, resume_step=8)
+    assert [r["step"] for r in log.read()] == [4, 8]
+    printed = capsys.readouterr().out.splitlines()
+    assert len(printed) == 1 and printed[0].startswith(f"note: dropped the last line of {path}: it was cut short (")
+    path.write_text("\n".join([lines[0], lines[1][:17], lines[2]]) + "\n")
+    expected = rf"^error: line 2 of {re.escape(str(path))} is damaged \(.*\); delete that line, or pass --restart"
+    with pytest.raises(SystemExit, match=expected) as error:
+        MetricsLog(path, resume_step=12)
+    assert "\n" not in str(error.value.code)

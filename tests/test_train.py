@@ -162,6 +162,28 @@ def test_nonfinite_step_is_skipped_and_counted(bad):
     assert trees_equal(state.opt_state, clean.opt_state)
 
 
+@pytest.mark.parametrize("bad", ["nan_loss", "nonfinite_gradient_only"])
+def test_nonfinite_step_leaves_the_average_and_its_warm_up_untouched(bad):
+    step = make_train_step(tiny_loss, TINY_OPTIMIZER, ema_decay=0.9)
+    state, _ = step(tiny_state(ema=True), tiny_batch(seed=0))
+    before = copy(state.ema_params)
+    assert not trees_equal(before, state.params)  # so pulling the average towards the params would show
+    bad_batch = (
+        tiny_batch(seed=1, scale=np.nan)
+        if bad == "nan_loss"
+        else tiny_batch(seed=1, kink=float(state.params["w"][0, 0]))
+    )
+    state, metrics = step(state, bad_batch)
+    assert not bool(metrics["finite"]) and int(state.nonfinite_steps) == 1
+    assert trees_equal(state.ema_params, before)
+    # the next good step averages at the rate of a run without the skipped batch: its warm-up counts applied updates
+    state, _ = step(state, tiny_batch(seed=2))
+    clean = tiny_state(ema=True)
+    for seed in (0, 2):
+        clean, _ = step(clean, tiny_batch(seed=seed))
+    assert trees_equal(state.ema_params, clean.ema_params)
+
+
 def test_ema_matches_hand_computed_average():
     decay = 0.9
     step = make_train_step(tiny_loss, TINY_OPTIMIZER, ema_decay=decay)
