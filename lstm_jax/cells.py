@@ -197,9 +197,12 @@ def _layer_norm_recur(params, carry, xp, h_mask=None):
 
 
 LAYER_NORM_LSTM = Cell(_init_layer_norm, _layer_norm_project, _layer_norm_recur, _zero_carry(True, 4))
-"""Layer-normalised LSTM (Ba, Kiros & Hinton 2016, "Layer normalization", sec. 3.1).
-``W_x x`` and ``W_h h`` are normalised per gate before they are summed, and the cell
-state is normalised before the output ``tanh``. Gates ``i, f, g, o``."""
+"""Layer-normalised LSTM (Ba, Kiros & Hinton 2016, "Layer normalization", supplementary
+material, LSTM equations). ``W_x x`` and ``W_h h`` are normalised before they are summed, and
+the cell state is normalised before the output ``tanh``. Unlike the paper, which normalises each
+whole ``4H`` vector with one mean and variance, each gate's block is normalised on its own (as
+TensorFlow's ``LayerNormBasicLSTMCell`` does), so no gate's scale is set by another's. Gates
+``i, f, g, o``."""
 
 
 def _init_projected(key, input_size, hidden_size, *, proj_size=None, forget_bias=1.0, dtype=jnp.float32):

@@ -56,7 +56,9 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
         None if valid_T is None else jnp.broadcast_to(valid_T, (num_steps, *batch_shape)).reshape(num_steps, rows)
     )
     mask_NH = (
-        None if h_mask is None else jnp.broadcast_to(lax.stop_gradient(h_mask), h_NH.shape).reshape(rows, hidden_size)
+        None
+        if h_mask is None
+        else jnp.broadcast_to(lax.stop_gradient(h_mask), (*batch_shape, hidden_size)).reshape(rows, hidden_size)
     )
     h_NH, c_NH, y_TNH = _lstm_scan(
         reverse, unroll, params["w_x"], params["w_h"], params["b"], x_TNE, h_NH, c_NH, valid_TN, mask_NH

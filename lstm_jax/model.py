@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lstm_jax import regularisers
-from lstm_jax.cells import Carry, get_cell
+from lstm_jax.cells import get_cell
 from lstm_jax.data import UNK_ID
 from lstm_jax.recurrence import init_rnn, is_bidirectional, rnn
 
@@ -108,11 +108,22 @@ def _max_over_time(y_BTH, valid_BT):
     return jnp.where(valid_BT[..., None], y_BTH, jnp.finfo(y_BTH.dtype).min).max(1)
 
 
-def pool(y_BTH: jax.Array, lengths_B: jax.Array, last_carry, pooling: str, attention=None) -> jax.Array:
+def _last_over_time(y_BTH, lengths_B, bidirectional: bool):
+    """The output at each row's true end; for a bidirectional ``y``, the backward half at step 0 instead."""
+    end_B11 = jnp.maximum(lengths_B - 1, 0)[:, None, None]
+    at_end_BH = jnp.take_along_axis(y_BTH, end_B11, axis=1)[:, 0]
+    if not bidirectional:
+        return at_end_BH
+    half = y_BTH.shape[-1] // 2
+    return jnp.concatenate([at_end_BH[:, :half], y_BTH[:, 0, half:]], axis=-1)
+
+
+def pool(y_BTH: jax.Array, lengths_B: jax.Array, pooling: str, attention=None, *, bidirectional: bool = False) -> jax.Array:
     """Summarise a padded sequence of outputs into one vector per example.
 
-    ``last`` uses the final carry of the top layer (for a bidirectional layer, the
-    forward state at the true end and the backward state at the first step). ``mean``
+    ``last`` reads the top layer's outputs where each direction ends (for a bidirectional
+    ``y_BTH``, the forward half at the true end and the backward half at the first step), so a
+    residual connection into the top layer counts, which the final carries would leave out. ``mean``
     sums over all steps, so it relies on padded steps of ``y_BTH`` being zero, as
     :func:`~lstm_jax.recurrence.rnn` emits them. ``mean_max`` concatenates the two, ``(B, 2H)``: the
     concat pooling of Howard & Ruder 2018 (ULMFiT) without its last state. Rows of length 0 (batch
@@ -121,8 +132,7 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, last_carry, pooling: str, atten
     valid_BT = jnp.arange(y_BTH.shape[1]) < lengths_B[:, None]
     lowest = jnp.finfo(y_BTH.dtype).min
     if pooling == "last":
-        carries = (last_carry,) if isinstance(last_carry, Carry) else last_carry
-        pooled_BH = jnp.concatenate([c.h for c in carries], axis=-1)
+        pooled_BH = _last_over_time(y_BTH, lengths_B, bidirectional)
     elif pooling == "mean":
         pooled_BH = _mean_over_time(y_BTH, lengths_B)
     elif pooling == "max":
@@ -156,12 +166,12 @@ def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=
     table_VE = regularisers.embedding_dropout(keys[1], params["embed"], config.embed_dropout, train=train)
     x_BTE = table_VE[tokens_BT] if embed_delta_BTE is None else table_VE[tokens_BT] + embed_delta_BTE
     x_BTE = regularisers.locked_dropout(keys[2], x_BTE, config.input_dropout, train=train)
-    y_BTH, carries = rnn(
+    y_BTH, _ = rnn(
         get_cell(config.cell), params["rnn"], x_BTE, lengths_B, key=keys[3], train=train,
         residual=config.residual, unroll=config.unroll, dropout=config.layer_dropout,
         recurrent_dropout=config.recurrent_dropout, zoneout=config.zoneout, weight_drop=config.weight_drop,
     )  # fmt: skip
-    features_BH = pool(y_BTH, lengths_B, carries[-1], config.pooling, params.get("attention"))
+    features_BH = pool(y_BTH, lengths_B, config.pooling, params.get("attention"), bidirectional=config.bidirectional)
     if mixup is not None:
         features_BH = regularisers.mix_rows(features_BH, *mixup)
     features_BH = regularisers.dropout(keys[4], features_BH, config.output_dropout, train=train)

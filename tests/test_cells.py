@@ -42,7 +42,7 @@ def chunks(v, n):
 
 
 def layer_norm(v, scale, bias, groups, eps=1e-5):
-    """Ba et al. 2016: normalise each gate block (biased variance), then scale and shift."""
+    """Ba et al. 2016, per gate block as ``LAYER_NORM_LSTM`` documents (biased variance), then scale and shift."""
     out = []
     for block in chunks(v, groups):
         mu = block.mean(-1, keepdims=True)

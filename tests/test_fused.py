@@ -76,12 +76,15 @@ def test_fused_with_recurrent_dropout_mask():
     assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
 
 
+@pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("batch_shape", [(), (2, 3)])
-def test_fused_any_batch_dimensions(batch_shape):
+def test_fused_any_batch_dimensions(batch_shape, with_mask):
+    """Reversed, with lengths, and with a recurrent-dropout mask of the batch's own shape, as ``rnn`` builds it."""
     params = random_layers(LSTM)[0]
     x, carry = random_inputs(batch_shape)
     lengths = jnp.asarray(np.random.default_rng(1).integers(0, 8, batch_shape))
-    fused, scanned = run_both(lambda cell: sequence_loss(cell, lengths=lengths, reverse=True))
+    h_mask = regularisers.recurrent_mask(jax.random.key(5), (*batch_shape, H), 0.4, train=True) if with_mask else None
+    fused, scanned = run_both(lambda cell: sequence_loss(cell, lengths=lengths, reverse=True, h_mask=h_mask))
     assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
 
 

@@ -3,8 +3,8 @@
 The references take the recurrent outputs ``y`` of ``rnn`` (tested on its own in
 test_recurrence.py) and redo everything after it in NumPy: pooling over the valid
 steps only, then the MLP head. "last" is read from ``y`` too (forward output at the
-true end, backward output at step 0), so it checks the carries the model pools
-without using them. Parameters are random, not the init: the zero attention vector
+true end, backward output at step 0), and checked against the final carries where
+they must agree (no residual connection into the top layer). Parameters are random, not the init: the zero attention vector
 ``v`` of the init would make attention pooling equal mean pooling and hide a mistake.
 Each distinct config compiles once, so the tests share a handful of configs.
 """
@@ -126,7 +126,7 @@ def bidirectional_outputs():
 def test_pool_matches_numpy_over_valid_steps_only(pooling, bidirectional_outputs):
     _, params, _, y, carries = bidirectional_outputs
     assert np.all(np.asarray(y)[np.arange(T)[None, :] >= LENGTHS[:, None]] == 0.0)  # what a leaky pooling would read
-    pooled = pool(y, jnp.asarray(LENGTHS), carries[-1], pooling, params.get("attention"))
+    pooled = pool(y, jnp.asarray(LENGTHS), pooling, params.get("attention"), bidirectional=True)
     expected = ref_pool(y, LENGTHS, pooling, params["attention"])
     assert pooled.shape == (len(LENGTHS), (4 if pooling == "mean_max" else 2) * H)
     np.testing.assert_allclose(pooled, expected, rtol=1e-5, atol=1e-6)
@@ -141,7 +141,7 @@ def test_pool_gradient_is_finite_and_zero_on_padding(pooling, bidirectional_outp
     cotangent = jnp.asarray(np.random.default_rng(2).standard_normal((len(LENGTHS), width)), jnp.float32)
 
     def pooled_dot(y, attention):
-        return jnp.sum(pool(y, jnp.asarray(LENGTHS), carries[-1], pooling, attention) * cotangent)
+        return jnp.sum(pool(y, jnp.asarray(LENGTHS), pooling, attention, bidirectional=True) * cotangent)
 
     grad_y, grad_attention = jax.grad(pooled_dot, argnums=(0, 1))(y, params["attention"])
     assert np.all(np.isfinite(grad_y)) and all(np.all(np.isfinite(g)) for g in jax.tree.leaves(grad_attention))
@@ -149,8 +149,7 @@ def test_pool_gradient_is_finite_and_zero_on_padding(pooling, bidirectional_outp
     np.testing.assert_array_equal(np.asarray(grad_y)[LENGTHS == 0], 0.0)
     if pooling not in ("mean", "mean_max"):  # mean sums every step and relies on rnn's zeros at padded steps (checked above)
         np.testing.assert_array_equal(np.asarray(grad_y)[padded], 0.0)
-    if pooling != "last":  # "last" reads the carries, not y
-        assert np.any(np.asarray(grad_y)[~padded] != 0.0)
+    assert np.any(np.asarray(grad_y)[~padded] != 0.0)
 
 
 def test_last_pooling_of_a_unidirectional_stack_uses_the_top_layer_at_the_true_end():
@@ -159,12 +158,31 @@ def test_last_pooling_of_a_unidirectional_stack_uses_the_top_layer_at_the_true_e
     tokens = padded_tokens(LENGTHS, T)
     y, carries = lstm_outputs(params, tokens, LENGTHS)
     np.testing.assert_allclose(
-        pool(y, jnp.asarray(LENGTHS), carries[-1], "last"), ref_pool(y, LENGTHS, "last", bidirectional=False), atol=1e-6
+        pool(y, jnp.asarray(LENGTHS), "last"), ref_pool(y, LENGTHS, "last", bidirectional=False), atol=1e-6
     )
     # end to end, with the linear head (head_hidden=0)
     assert set(params["head"]) == {"out"} and params["head"]["out"]["w"].shape == (H, C)
     expected = ref_head(ref_pool(y, LENGTHS, "last", bidirectional=False), params["head"])
     np.testing.assert_allclose(logits_fn(params, config, tokens, LENGTHS), expected, rtol=2e-5, atol=2e-5)
+
+
+def test_last_pooling_agrees_with_the_final_carries_without_residual(bidirectional_outputs):
+    _, _, _, y, carries = bidirectional_outputs
+    from_carries = np.concatenate([c.h for c in carries[-1]], axis=-1)
+    pooled = pool(y, jnp.asarray(LENGTHS), "last", bidirectional=True)
+    np.testing.assert_array_equal(np.asarray(pooled)[LENGTHS > 0], from_carries[LENGTHS > 0])
+
+
+def test_last_pooling_of_a_residual_stack_includes_the_residual_input():
+    """The top layer's carries leave out the residual ``x`` added to its outputs; "last" must not."""
+    config = small_config(pooling="last", num_layers=2, residual=True, head_hidden=0)
+    params = random_params(config, seed=6)
+    tokens = padded_tokens(LENGTHS, T)
+    y, carries = jax.jit(lambda p: rnn(LSTM, p["rnn"], p["embed"][tokens], jnp.asarray(LENGTHS), residual=True))(params)
+    expected = ref_head(ref_pool(y, LENGTHS, "last"), params["head"])
+    np.testing.assert_allclose(logits_fn(params, config, tokens, LENGTHS), expected, rtol=2e-5, atol=2e-5)
+    from_carries = np.concatenate([c.h for c in carries[-1]], axis=-1)
+    assert np.abs(ref_pool(y, LENGTHS, "last") - from_carries)[LENGTHS > 0].max() > 1e-2  # the case the carries get wrong
 
 
 def test_logits_match_numpy_pooling_and_mlp_head(bidirectional_outputs):
@@ -190,7 +208,7 @@ def test_max_pooling_of_all_negative_outputs_is_not_a_padding_zero():
     """Max over valid steps must not see the zeros the padded steps hold (tanh outputs can all be < 0)."""
     y = -1.0 - np.random.default_rng(0).random((len(LENGTHS), T, 3)).astype(np.float32)
     y[np.arange(T)[None, :] >= LENGTHS[:, None]] = 0.0
-    pooled = np.asarray(pool(jnp.asarray(y), jnp.asarray(LENGTHS), None, "max"))
+    pooled = np.asarray(pool(jnp.asarray(y), jnp.asarray(LENGTHS), "max"))
     assert np.all(pooled[LENGTHS > 0] < -1.0)
     np.testing.assert_array_equal(pooled, ref_pool(y, LENGTHS, "max").astype(np.float32))
 
