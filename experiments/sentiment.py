@@ -210,6 +210,8 @@ def train(argv: list[str]) -> dict:
         write_config(workdir, configs)
     if not (workdir / "tokenizer.json").exists():
         data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
+    if mesh_cfg.shard_embedding and (note := parallel.unsplit_embedding_note(vocab_size, mesh)):
+        print(note)
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
     state, state_sharding, skipped_checkpoints = resume_on_mesh(
         state, checkpoints, mesh, resuming=resuming, shard_embedding=mesh_cfg.shard_embedding

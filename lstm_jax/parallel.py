@@ -108,10 +108,20 @@ def _is_embedding_table(path) -> bool:
     return any(getattr(entry, "key", None) == "embed" for entry in path)
 
 
+def unsplit_embedding_note(vocab_size: int, mesh: Mesh) -> str | None:
+    """What ``state_sharding(..., shard_embedding=True)`` does when the vocabulary does not divide over ``model``."""
+    model_size = mesh.shape["model"]
+    if vocab_size % model_size == 0:
+        return None
+    return (f"note: --shard-embedding keeps the embedding table whole (replicated): its {vocab_size} rows "
+            f"do not split evenly over model={model_size}")  # fmt: skip
+
+
 def state_sharding(tree, mesh: Mesh, *, shard_embedding: bool = False):
     """A sharding for every leaf of ``tree`` (a train state, params...): replicated, except
     the embedding table and its optimiser moments, split by vocabulary row over ``model``
-    when ``shard_embedding`` (an ensemble's ``(K, V, E)`` table is split along ``V``)."""
+    when ``shard_embedding`` (an ensemble's ``(K, V, E)`` table is split along ``V``) and ``V``
+    divides evenly (else it stays replicated: see :func:`unsplit_embedding_note`)."""
     model_size = mesh.shape["model"]
 
     def sharding(path, leaf):

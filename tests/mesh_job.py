@@ -26,14 +26,19 @@ SEEN_SHARDINGS = []
 
 
 def make_batches(count, seed):
-    """Random sequences labelled by whether token 7 occurs; the last batch has two padding rows."""
+    """Random sequences labelled by whether token 7 occurs: in half the rows (so the class prior alone scores 50 %),
+    at about a third of their steps (so that 20 steps can learn it). The last batch has two padding rows."""
     rng = np.random.default_rng(seed)
     batches = []
     for index in range(count):
         lengths = rng.integers(1, STEPS_T + 1, BATCH).astype(np.int32)
-        tokens = rng.integers(2, VOCAB, (BATCH, STEPS_T)).astype(np.int32)
+        tokens = rng.integers(2, VOCAB - 1, (BATCH, STEPS_T)).astype(np.int32)
+        tokens[tokens >= 7] += 1  # no 7 yet
+        labels = (np.arange(BATCH) % 2).astype(np.int32)
+        positions = rng.integers(0, lengths)  # one valid step of each row, and about a third of the others
+        tokens[(rng.random(tokens.shape) < 0.35) & (labels == 1)[:, None]] = 7
+        tokens[np.arange(BATCH)[labels == 1], positions[labels == 1]] = 7
         tokens[np.arange(STEPS_T)[None, :] >= lengths[:, None]] = 0
-        labels = (tokens == 7).any(1).astype(np.int32)
         weights = np.ones(BATCH, np.float32)
         if index == count - 1:
             lengths[-2:], tokens[-2:], weights[-2:] = 0, 0, 0.0

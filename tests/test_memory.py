@@ -73,3 +73,6 @@ def test_sweep_writes_a_table_and_a_figure_and_reads_finished_runs_back(tmp_path
     first = (tmp_path / "runs" / "adding-T8-rnn" / "results.json").read_text()
     memory.main(argv)  # finished runs are read back, not trained again
     assert (tmp_path / "runs" / "adding-T8-rnn" / "results.json").read_text() == first
+    with pytest.raises(SystemExit, match="learning_rate: 0.003 -> 0.01"):  # not read back as if trained at 0.01
+        memory.main([*argv, "--learning-rate", "0.01"])
+    assert (tmp_path / "runs" / "adding-T8-rnn" / "results.json").read_text() == first

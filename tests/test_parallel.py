@@ -61,7 +61,7 @@ def test_checkpoint_restores_across_mesh_sizes(mesh_report):
     assert mesh_report["restored_difference_4_to_1"] == 0.0
     assert mesh_report["accuracy_4_restored_on_1"] == mesh_report["accuracy_4"]
     assert mesh_report["accuracy_1_restored_on_4"] == mesh_report["accuracy_1"]
-    assert mesh_report["accuracy_4"] > 0.6
+    assert mesh_report["accuracy_4"] > 0.9, mesh_report["accuracy_4"]  # labels are balanced: 0.5 is the class prior
 
 
 @pytest.mark.slow
@@ -88,6 +88,13 @@ def test_parse_mesh(spec, devices, sizes):
 def test_parse_mesh_errors_name_the_fix(spec, message):
     with pytest.raises(ValueError, match=message):
         parallel.parse_mesh(spec, 4)
+
+
+def test_a_vocabulary_that_does_not_divide_over_model_gets_a_note():
+    two_way = type("FakeMesh", (), {"shape": {"data": 1, "model": 2}})()
+    assert parallel.unsplit_embedding_note(13838, two_way) is None
+    note = parallel.unsplit_embedding_note(13837, two_way)
+    assert "keeps the embedding table whole" in note and "13837 rows" in note and "model=2" in note
 
 
 def test_single_device_mesh_and_shardings():
