@@ -8,7 +8,7 @@ The comparison sweep (LSTM, GRU, tanh RNN, layer-norm, peephole and CIFG LSTMs o
 adding problem at T = 100 and 200) and the copy task at T = 100 for every cell::
 
     python -m experiments.memory --sweep --workdir runs/memory
-    python -m experiments.memory --sweep --task copy --sweep-lengths 100 --sweep-cells all --workdir runs/memory
+    python -m experiments.memory --sweep --task copy --sweep-lengths 100 --sweep-cells all --steps 1000 --workdir runs/memory-copy1000
 
 A run writes ``config.json``, ``metrics.jsonl`` (train lines and a test line per
 evaluation), ``curves.png``, ``results.json`` (final test loss, steps and seconds to
