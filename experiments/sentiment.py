@@ -45,7 +45,7 @@ from lstm_jax.checkpoint import (
 )
 from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier, member_config
-from lstm_jax.optim import OptimConfig, make_optimizer
+from lstm_jax.optim import OptimConfig, make_optimizer, warmup_note
 from lstm_jax.train import classifier_loss, evaluate, init_train_state, make_eval_step, make_train_step, params_sha256
 
 
@@ -203,6 +203,8 @@ def train(argv: list[str]) -> dict:
 
     steps_per_epoch = len(epoch_batches(0))
     optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch, ensemble=model_cfg.ensemble)
+    if note := warmup_note(optim_cfg, loop_cfg.epochs * steps_per_epoch):
+        print(note)
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
     state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     # written only now, so a setting that fails above leaves no config.json to refuse the corrected rerun

@@ -33,6 +33,15 @@ class OptimConfig:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
 
 
+def warmup_note(config: OptimConfig, total_steps: int) -> str | None:
+    """A note when ``make_schedule`` must cut the warm-up to fit ``total_steps``: the rate then never decays."""
+    if config.warmup_steps < total_steps:
+        return None
+    return (f"note: --warmup-steps {config.warmup_steps} does not fit the schedule's {total_steps} steps; the warm-up is "
+            f"cut to {max(total_steps - 1, 0)}, so the learning rate reaches its peak at the end and never decays "
+            "(pass a smaller --warmup-steps)")  # fmt: skip
+
+
 def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
     """Linear warm-up to ``learning_rate``, then the chosen decay to ``final_lr_factor`` of it."""
     peak, final = config.learning_rate, config.learning_rate * config.final_lr_factor

@@ -14,7 +14,7 @@ import optax
 import pytest
 
 from lstm_jax.model import ModelConfig, init_classifier
-from lstm_jax.optim import SCHEDULES, OptimConfig, decay_mask, make_optimizer, make_schedule
+from lstm_jax.optim import SCHEDULES, OptimConfig, decay_mask, make_optimizer, make_schedule, warmup_note
 
 PEAK, FACTOR, WARMUP, TOTAL = 0.01, 0.1, 10, 110
 
@@ -61,6 +61,13 @@ def test_warmup_longer_than_the_run_is_cut_to_fit():
     np.testing.assert_allclose(
         [float(lr(s)) for s in range(6)], [0, PEAK / 4, PEAK / 2, 3 * PEAK / 4, PEAK, FACTOR * PEAK], rtol=1e-5
     )
+
+
+def test_warmup_note_only_when_the_warmup_is_cut():
+    config = OptimConfig(warmup_steps=200)
+    assert warmup_note(config, 201) is None
+    note = warmup_note(config, 5)
+    assert "--warmup-steps 200" in note and "5 steps" in note and "cut to 4" in note and "never decays" in note
 
 
 def test_no_warmup_starts_at_the_peak():
