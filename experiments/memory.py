@@ -48,7 +48,15 @@ from lstm_jax.checkpoint import (
     resumable_fields,
     write_config,
 )
-from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
+from lstm_jax.loop import (
+    INTERRUPTED_NOTE,
+    LoopConfig,
+    MetricsLog,
+    NonFiniteError,
+    resume_on_mesh,
+    save_curves,
+    train_loop,
+)
 from lstm_jax.optim import OptimConfig, make_optimizer, warmup_note
 from lstm_jax.tasks import TASKS, get_task, init_task_model, make_task_loss
 from lstm_jax.train import init_train_state, make_train_step, params_sha256
@@ -250,7 +258,9 @@ def train_one(configs: dict) -> dict:
     }  # fmt: skip
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(
-        f"{title}: test loss {final['loss']:.4f}, solved (< {threshold:.4g}) at step {results['steps_to_solve']}; results in {workdir / 'results.json'}"
+        f"{title}: test loss {final['loss']:.4f}, "
+        + (f"solved (< {threshold:.4g}) at step {results['steps_to_solve']}" if solved else f"not solved (never < {threshold:.4g})")
+        + f"; results in {workdir / 'results.json'}"
     )
     return results
 
@@ -382,6 +392,9 @@ def main(argv: list[str] | None = None) -> None:
             train_one(configs)
     except (CheckpointError, NonFiniteError) as error:
         raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        print(INTERRUPTED_NOTE, file=sys.stderr)
+        raise SystemExit(130) from None
 
 
 if __name__ == "__main__":

@@ -43,7 +43,15 @@ from lstm_jax.checkpoint import (
     prepare_workdir,
     write_config,
 )
-from lstm_jax.loop import LoopConfig, MetricsLog, NonFiniteError, resume_on_mesh, save_curves, train_loop
+from lstm_jax.loop import (
+    INTERRUPTED_NOTE,
+    LoopConfig,
+    MetricsLog,
+    NonFiniteError,
+    resume_on_mesh,
+    save_curves,
+    train_loop,
+)
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier, member_config
 from lstm_jax.optim import OptimConfig, make_optimizer, warmup_note
 from lstm_jax.train import classifier_loss, evaluate, init_train_state, make_eval_step, make_train_step, params_sha256
@@ -374,6 +382,9 @@ def main(argv: list[str] | None = None) -> None:
             train(argv)
     except (data.DataError, CheckpointError, NonFiniteError) as error:
         raise SystemExit(f"error: {error}") from None
+    except KeyboardInterrupt:
+        print(INTERRUPTED_NOTE, file=sys.stderr)
+        raise SystemExit(130) from None
     except OSError as error:  # e.g. a full disk or a read-only folder, met outside the checks above
         raise SystemExit(f"error: {error.strerror or error}: {error.filename}; free disk space or fix permissions there, or pass another --workdir") from None
 

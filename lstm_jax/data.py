@@ -152,6 +152,10 @@ def _class_info(feature, train_labels: np.ndarray) -> tuple[int, tuple[str, ...]
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes, tuple(feature.names)
     labelled = train_labels[train_labels != UNLABELLED]
+    present = np.unique(labelled)
+    if len(present) >= 2 and present[0] > 0:  # (one class only is the next check's error)
+        raise DataError(f"train labels run from {present[0]} to {present[-1]} with no class 0, which would train a class "
+                        f"that never occurs; class ids start at 0 (labels 1..C: subtract 1)")
     num_classes = int(labelled.max()) + 1 if labelled.size else 0
     return num_classes, tuple(str(c) for c in range(num_classes))
 

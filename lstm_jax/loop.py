@@ -94,6 +94,9 @@ def parse_metrics_lines(lines: list[str], path: Path) -> list[dict]:
 
 EMPTY_WINDOW = {"loss": 0.0, "correct": 0.0, "rows": 0.0}
 
+# What an experiment prints on Ctrl-C: the loop's ``finally`` has already let a pending checkpoint finish.
+INTERRUPTED_NOTE = "interrupted; rerun the same command to resume from the last checkpoint (--save-every sets how often)"
+
 
 def carried_figures(meta: dict | None) -> tuple[dict | None, float | None, int, dict]:
     """``(last validation metrics, train seconds, train tokens, metrics window)`` as of a checkpoint's ``meta``.

@@ -98,6 +98,7 @@ ERROR_CASES = [
     ("string labels", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": ["pos", "neg"] * 20}), r"type string; labels must be integer class ids 0..C-1"),
     ("float labels", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": [1.0, 0.0] * 20}, validation={"text": ["a", "b"], "label": [0.0, 1.0]}), r"type double; labels must be integer class ids 0..C-1"),
     ("negative labels", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": [1, -2, 0, 1] * 10}), r"'train' has 10 negative labels"),
+    ("labels starting at 1", lambda tmp: good_folder(tmp, train={"text": GOOD_TEXTS, "label": [1, 2] * 20}, validation={"text": ["a", "b"], "label": [1, 2]}), r"train labels run from 1 to 2 with no class 0.*subtract 1"),
     ("labels outside the class range", lambda tmp: good_folder(tmp, validation={"text": ["a", "b"], "label": [0, 5]}), r"'validation' has 1 labels >= num_classes=2"),
     ("empty split file", lambda tmp: csv_folder(tmp, train=b"text,label\ngood,1\nbad,0\n", validation=b"text,label\n"), r"split file .* has no rows.*add rows or delete that file"),
     ("empty train split", lambda tmp: good_folder(tmp, train={"text": pa.array([], pa.string()), "label": pa.array([], pa.int64())}), r"split file .* has no rows.*add rows or delete that file"),

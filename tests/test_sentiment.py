@@ -210,3 +210,20 @@ def test_an_ensemble_run_predicts_the_mean_of_its_members_and_explains_each(sst2
     assert not np.allclose(member_probabilities[0], member_probabilities[1])
     with pytest.raises(SystemExit, match="--member 2 does not exist"):
         sentiment.main(["explain", "--workdir", str(tmp_path), "--member", "2", text])
+
+
+@pytest.mark.parametrize("experiment, entry", [("sentiment", "train"), ("memory", "train_one")])
+def test_ctrl_c_ends_with_one_line_saying_how_to_resume(experiment, entry, monkeypatch, capsys):
+    from experiments import memory
+    from lstm_jax.loop import INTERRUPTED_NOTE
+
+    module = {"sentiment": sentiment, "memory": memory}[experiment]
+
+    def interrupted(*args, **kwargs):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(module, entry, interrupted)
+    with pytest.raises(SystemExit) as stopped:
+        module.main(["--workdir", "unused"])
+    assert stopped.value.code == 130  # the shell's status for SIGINT
+    assert capsys.readouterr().err.strip() == INTERRUPTED_NOTE
