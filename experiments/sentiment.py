@@ -23,6 +23,7 @@ validation and 89.3-89.6 % test accuracy (seeds 0 and 1) in about an hour of wal
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -189,8 +190,26 @@ def load_data(cfg: DataConfig, workdir: Path, seed: int):
     return splits, tokenizer, encoded, buckets
 
 
+@contextlib.contextmanager
+def removed_if_left_empty(workdir: Path):
+    """Removes ``workdir`` again when this run created it and then failed before writing anything into it."""
+    created = not workdir.exists()
+    try:
+        yield
+    except BaseException:
+        if created and workdir.is_dir() and not any(workdir.iterdir()):
+            workdir.rmdir()
+        raise
+
+
 def train(argv: list[str]) -> dict:
     configs, mesh = parse_train_args(argv)
+    with removed_if_left_empty(Path(configs["RunConfig"].workdir)):
+        return train_configs(configs, mesh)
+
+
+def train_configs(configs: dict, mesh) -> dict:
+    """Train (or resume) the run that ``configs`` describe, on ``mesh``; returns ``results.json``'s contents."""
     data_cfg, model_cfg, optim_cfg, loop_cfg, run_cfg, mesh_cfg = (configs[cls.__name__] for cls in CONFIG_CLASSES)
     workdir = Path(run_cfg.workdir)
     resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
@@ -305,12 +324,16 @@ def load_run(workdir: Path):
     return model_cfg, data_cfg, meta, tokenizer, restored.state.eval_params
 
 
-def truncation_notes(tokenizer, texts: list[str], max_len: int) -> list[str]:
-    """One ``note:`` per text longer than ``max_len`` tokens, naming it and counting the tokens dropped."""
-    full_lengths = data.encode(tokenizer, texts, max_len=sys.maxsize).lengths_N
-    return [f"note: text {i + 1} ({text[:40]!r}{'...' if len(text) > 40 else ''}) cut to --max-len {max_len} tokens: "
-            f"{length - max_len} of its {length} tokens dropped"
-            for i, (text, length) in enumerate(zip(texts, full_lengths)) if length > max_len]  # fmt: skip
+def text_notes(tokenizer, texts: list[str], max_len: int) -> list[str]:
+    """One ``note:`` per text with no tokens (it is read as one [UNK]) or more than ``max_len`` (the rest is cut)."""
+    notes = []
+    for i, (text, encoding) in enumerate(zip(texts, tokenizer.encode_batch(list(texts), add_special_tokens=False))):
+        named, length = f"note: text {i + 1} ({text[:40]!r}{'...' if len(text) > 40 else ''})", len(encoding.ids)
+        if length == 0:
+            notes.append(f"{named} has no tokens; it is read as one [UNK]")
+        elif length > max_len:
+            notes.append(f"{named} cut to --max-len {max_len} tokens: {length - max_len} of its {length} tokens dropped")
+    return notes
 
 
 def predict(argv: list[str]) -> list[tuple[str, float]]:
@@ -320,8 +343,8 @@ def predict(argv: list[str]) -> list[tuple[str, float]]:
     args = parser.parse_args(argv)
     model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
     encoded = data.encode(tokenizer, args.texts, max_len=data_cfg.max_len)
-    if encoded.num_truncated:
-        print("\n".join(truncation_notes(tokenizer, args.texts, data_cfg.max_len)))
+    if encoded.num_truncated or encoded.num_empty:
+        print("\n".join(text_notes(tokenizer, args.texts, data_cfg.max_len)))
     tokens_BT = np.zeros((len(encoded), int(encoded.lengths_N.max())), np.int32)
     for i in range(len(encoded)):
         tokens_BT[i, : encoded.lengths_N[i]] = encoded.row(i)
@@ -353,8 +376,8 @@ def explain(argv: list[str]):
     if ensemble > 1:
         params, model_cfg = jax.tree.map(lambda leaf: leaf[args.member], params), member_config(model_cfg)
     encoded = data.encode(tokenizer, [args.text], max_len=data_cfg.max_len)
-    if encoded.num_truncated:
-        print("\n".join(truncation_notes(tokenizer, [args.text], data_cfg.max_len)))
+    if encoded.num_truncated or encoded.num_empty:
+        print("\n".join(text_notes(tokenizer, [args.text], data_cfg.max_len)))
     tokens = encoded.row(0)
     try:
         explanation = gates.explain_classifier(params, model_cfg, tokens, layer=args.layer, direction=args.direction)
