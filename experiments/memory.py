@@ -42,10 +42,9 @@ from lstm_jax.checkpoint import (
     CheckpointError,
     RunCheckpoints,
     atomic_write_text,
+    config_changes,
     config_dict,
-    config_differences,
     prepare_workdir,
-    resumable_fields,
     write_config,
 )
 from lstm_jax.loop import (
@@ -268,13 +267,6 @@ def train_one(configs: dict) -> dict:
 # ------------------------------------------------------------------------------ sweep
 
 
-def trained_differently(previous: dict, configs: dict) -> list[str]:
-    """The settings (all but those a resumed run may change) in which a finished run's ``results.json`` differs."""
-    resumable = resumable_fields(configs)
-    return [d for d in config_differences(previous["config"], config_dict(configs))
-            if d.split(": ")[0].split(".")[-1] not in resumable]  # fmt: skip
-
-
 def sweep_runs(configs: dict, sweep: SweepConfig) -> list[dict]:
     """Run every cell at every length one after another; finished runs are read back, not retrained."""
     cells = list(CELLS) if sweep.sweep_cells == "all" else [name.strip() for name in sweep.sweep_cells.split(",")]
@@ -291,7 +283,7 @@ def sweep_runs(configs: dict, sweep: SweepConfig) -> list[dict]:
             run_configs = {**configs, "TaskConfig": task_cfg, "RunConfig": run_cfg}
             done = Path(run_cfg.workdir) / "results.json"
             previous = json.loads(done.read_text()) if done.exists() and not run_cfg.restart else None
-            if previous and previous["steps"] == task_cfg.steps and not trained_differently(previous, run_configs):
+            if previous and previous["steps"] == task_cfg.steps and not config_changes(previous["config"], run_configs):
                 print(f"{done}: finished earlier, read back")
                 results = previous
             else:

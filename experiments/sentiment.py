@@ -116,16 +116,8 @@ def preset_name(dataset: str) -> str | None:
     return folder.resolve().name if folder.is_dir() and folder.resolve().name in data.PRESETS else None
 
 
-def flag_text(name: str, value) -> str:
-    """How ``value`` of config field ``name`` is written on the command line."""
-    flag = "--" + name.replace("_", "-")
-    if isinstance(value, bool):
-        return flag if value else "--no-" + flag[2:]
-    return f"{flag} {value}"
-
-
 def presets_epilog() -> str:
-    lines = [f"  {name}: {' '.join(flag_text(field, value) for field, value in preset.items())}"
+    lines = [f"  {name}: {' '.join(cli.flag_text(field, value) for field, value in preset.items())}"
              for name, preset in DATASET_PRESETS.items()]  # fmt: skip
     heading = "dataset presets (for the preset name, its Hub id or a local folder of that name; explicit flags win):"
     return "\n".join([heading, *lines])
@@ -133,7 +125,7 @@ def presets_epilog() -> str:
 
 def flag_range_errors(args: argparse.Namespace) -> list[str]:
     """One message per flag outside its allowed range."""
-    errors = [f"--{name.replace('_', '-')} must be >= {least}, got {getattr(args, name)}"
+    errors = [f"{cli.flag_name(name)} must be >= {least}, got {getattr(args, name)}"
               for name, least in FLAG_MINIMUMS.items() if getattr(args, name) < least]  # fmt: skip
     if not 0 < args.val_fraction < 1:
         errors.append(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
@@ -164,7 +156,7 @@ def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
     except ValueError as error:  # a config's own check, e.g. an unknown --cell, or a mesh that does not fit
         parser.error(str(error))
     if applied:
-        print(f"note: preset '{preset}' applied: {' '.join(flag_text(name, value) for name, value in applied.items())}")
+        print(f"note: preset '{preset}' applied: {' '.join(cli.flag_text(name, value) for name, value in applied.items())}")
     return configs, mesh
 
 

@@ -242,6 +242,14 @@ def with_added_fields(saved: dict, configs: dict) -> dict:
     return filled
 
 
+def config_changes(saved: dict, configs: dict) -> list[str]:
+    """The differences (as :func:`config_differences`) between a saved config and ``configs`` in fields a resumed run
+    may not change (see :func:`resumable_fields`); fields the saved one predates count as their defaults."""
+    resumable = resumable_fields(configs)
+    return [d for d in config_differences(with_added_fields(saved, configs), config_dict(configs))
+            if d.split(": ")[0].split(".")[-1] not in resumable]  # fmt: skip
+
+
 def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False) -> bool:
     """Check (or create) a run directory; True when it holds a run to resume under ``configs``.
 
@@ -267,12 +275,7 @@ def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False) -> b
             raise SystemExit(
                 f"error: {config_path} is damaged ({error}); restore it, or pass --restart to start over"
             ) from None
-        resumable = resumable_fields(configs)
-        differences = [
-            d
-            for d in config_differences(with_added_fields(saved, configs), config_dict(configs))
-            if d.split(": ")[0].split(".")[-1] not in resumable
-        ]
+        differences = config_changes(saved, configs)
         if differences:
             raise SystemExit(
                 f"error: {workdir} holds a run with another config ({'; '.join(differences)}); use another --workdir or pass --restart"

@@ -18,11 +18,24 @@ def _flag_type(field: dataclasses.Field):
     return kind
 
 
+def flag_name(field_name: str) -> str:
+    """The flag of config field ``field_name``: ``--field-name``."""
+    return "--" + field_name.replace("_", "-")
+
+
+def flag_text(field_name: str, value) -> str:
+    """``value`` of config field ``field_name`` as written on the command line (``--no-flag`` for a false boolean)."""
+    flag = flag_name(field_name)
+    if isinstance(value, bool):
+        return flag if value else "--no-" + flag[2:]
+    return f"{flag} {value}"
+
+
 def add_flags(parser: argparse.ArgumentParser, config_cls, title: str | None = None) -> None:
     """Add one flag per field of ``config_cls`` (a dataclass) to ``parser``."""
     group = parser.add_argument_group(title or config_cls.__name__, config_cls.__doc__)
     for field in dataclasses.fields(config_cls):
-        flag = "--" + field.name.replace("_", "-")
+        flag = flag_name(field.name)
         resumable = "; a resumed run may change it" if field.metadata.get("resumable") else ""
         help_text = f"{field.metadata.get('help', '')} (default: {field.default!r}{resumable})".replace("%", "%%")
         kind = _flag_type(field)
