@@ -51,7 +51,8 @@ def scan_layer(
       params: the cell's parameters.
       x_TE: inputs, time first: ``(T, E)``, ``(T, B, E)`` or ``(T, ..., E)``.
       lengths: valid length of each sequence, shape ``x_TE.shape[1:-1]``; None means all ``T``.
-      carry: initial carry; zeros when None.
+      carry: initial carry; zeros when None. Its leaves broadcast over the batch shape
+        ``x_TE.shape[1:-1]``, so one ``(H,)`` state (a learned initial state, say) starts every sequence.
       reverse: scan from the last step to the first (per sequence, with ``lengths``).
       unroll: ``lax.scan`` unroll factor.
       h_mask: recurrent-dropout mask for ``carry.h`` (see ``regularisers.recurrent_mask``).
@@ -63,8 +64,11 @@ def scan_layer(
       ``(final_carry, y_TH)`` where padded steps of ``y_TH`` are zero.
     """
     num_steps = x_TE.shape[0]
+    batch_shape = x_TE.shape[1:-1]
     if carry is None:
-        carry = cell.init_carry(params, x_TE.shape[1:-1])
+        carry = cell.init_carry(params, batch_shape)
+    else:
+        carry = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (*batch_shape, leaf.shape[-1])), carry)
     valid_T = None if lengths is None else valid_mask(lengths, num_steps)
     if cell.sequence is not None and zoneout == 0.0:
         return cell.sequence(params, x_TE, carry=carry, valid_T=valid_T, h_mask=h_mask, reverse=reverse, unroll=unroll)

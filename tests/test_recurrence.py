@@ -239,6 +239,21 @@ def test_initial_carries_are_honoured(cell_name):
     assert_trees_close(finals, ref_finals)
 
 
+@pytest.mark.parametrize("cell_name, zoneout", [("lstm", 0.0), ("lstm", 0.2), ("gru", 0.0), ("lstmp", 0.0)])
+def test_one_unbatched_carry_starts_every_sequence(cell_name, zoneout):
+    """A carry without batch axes broadcasts, on the fused LSTM kernel and on the plain scan (zoneout, other cells)."""
+    cell = CELLS[cell_name]
+    lengths = [5, 2, 4]
+    x = jnp.asarray(padded_batch(lengths, 5))
+    layer = random_layers(cell)[0]
+    one = jax.tree.map(lambda a: a[0], random_carry(cell, layer, 1, 7))
+    tiled = jax.tree.map(lambda a: jnp.broadcast_to(a, (3, *a.shape)), one)
+    ran = [scan_layer(cell, layer, jnp.swapaxes(x, 0, 1), lengths=jnp.array(lengths), carry=start, zoneout=zoneout)
+           for start in (one, tiled)]  # fmt: skip
+    assert_trees_close(ran[0], ran[1], atol=0, rtol=0)
+    assert ran[0][0].h.shape == (3, one.h.shape[-1])
+
+
 # ---------------------------------------------------------- transforms and layouts
 
 
