@@ -227,6 +227,7 @@ def train_one(configs: dict) -> dict:
         log_every=run_cfg.log_every, eval_every=run_cfg.eval_every, save_every=run_cfg.save_every, keep=run_cfg.keep, progress=run_cfg.progress,
     )  # fmt: skip
     meta = {"task": task_cfg.task, "cell": task_cfg.cell, "T": task_cfg.T}
+    print(f"note: accuracy here is the fraction of {task.aux_name}, on training batches and on the test set")
     step_on_mesh = make_train_step(
         loss_fn, optimizer, ema_decay=optim_cfg.ema_decay, state_sharding=state_sharding, batch_sharding=parallel.batch_sharding(mesh)
     )

@@ -40,10 +40,11 @@ def test_short_adding_run_beats_half_the_baseline_and_writes_its_outputs(uninter
 
 
 @pytest.mark.slow
-def test_a_stopped_run_resumes_to_the_same_bits(uninterrupted, tmp_path):
+def test_a_stopped_run_resumes_to_the_same_bits(uninterrupted, tmp_path, capsys):
     _, expected = uninterrupted
     first = run(tmp_path, "--max-steps", 60)  # stops mid-interval, after the save at step 60
     assert first["steps"] == 60
+    assert "note: accuracy here is the fraction of answers within 0.04" in capsys.readouterr().out
     resumed = run(tmp_path, "--save-every", 1000)  # a save setting may change on resume
     assert resumed["resumed_from_step"] == 60 and resumed["steps"] == 200
     assert resumed["params_sha256"] == expected["params_sha256"]
