@@ -10,6 +10,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import optax
 
 from lstm_jax import regularisers
 from lstm_jax.cells import get_cell
@@ -40,9 +41,12 @@ class ModelConfig:
     weight_drop: float = dataclasses.field(default=0.0, metadata={"help": "DropConnect on recurrent kernels"})
     output_dropout: float = dataclasses.field(default=0.3, metadata={"help": "dropout before the head"})
     adversarial_epsilon: float = dataclasses.field(default=0.0, metadata={"help": "also train on embedded inputs pushed this far (L2 norm per text) up the loss gradient, Miyato et al. 2017 (0: off)"})
+    vat_epsilon: float = dataclasses.field(default=0.0, metadata={"help": "also train on the divergence of the prediction from itself on embedded inputs pushed this far (L2 norm per text) where it changes most: virtual adversarial training, Miyato et al. 2017; the logged training loss includes it (0: off)"})
     label_smoothing: float = dataclasses.field(default=0.0, metadata={"help": "mix this much of a uniform distribution into the training targets"})
     mixup_alpha: float = dataclasses.field(default=0.0, metadata={"help": "mix each text's pooled vector and label with another's of the batch, share ~ Beta(a, a), Zhang et al. 2018 (0: off)"})
     unroll: int = dataclasses.field(default=1, metadata={"help": "lax.scan unroll factor"})
+    lm_weight: float = dataclasses.field(default=0.0, metadata={"help": "also train the recurrent stack as a language model with this weight: the forward direction predicts each next word, the backward one each previous word, Rei 2017; the logged training loss includes it (0: off)"})
+    lm_words: int = dataclasses.field(default=2000, metadata={"help": "the language-model loss tells apart the ids below this (with --tokenizer word, the most frequent words); the rest are one class"})
     ensemble: int = dataclasses.field(default=1, metadata={"help": "train this many independently initialised models side by side and average their probabilities"})
 
     def __post_init__(self):
@@ -53,6 +57,8 @@ class ModelConfig:
             raise ValueError(f"--ensemble must be >= 1, got {self.ensemble}")
         if self.adversarial_epsilon < 0:
             raise ValueError(f"--adversarial-epsilon must be >= 0, got {self.adversarial_epsilon}")
+        if self.vat_epsilon < 0:
+            raise ValueError(f"--vat-epsilon must be >= 0, got {self.vat_epsilon}")
         if self.mixup_alpha < 0:
             raise ValueError(f"--mixup-alpha must be >= 0, got {self.mixup_alpha}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -91,7 +97,36 @@ def init_classifier(key, config: ModelConfig, vocab_size: int, num_classes: int)
         params["head"] = {"hidden": _dense_init(k_hidden, pooled_width, config.head_hidden), "out": _dense_init(k_out, config.head_hidden, num_classes)}
     else:
         params["head"] = {"out": _dense_init(k_out, pooled_width, num_classes)}
+    if config.lm_weight > 0.0:
+        per_direction = width // 2 if config.bidirectional else width
+        k_fwd, k_bwd = jax.random.split(jax.random.fold_in(k_out, 1))
+        params["lm"] = {"fwd": _dense_init(k_fwd, per_direction, config.lm_words)}
+        if config.bidirectional:
+            params["lm"]["bwd"] = _dense_init(k_bwd, per_direction, config.lm_words)
     return params
+
+
+def language_model_loss(lm, y_BTH, tokens_BT, lengths_B, lm_words: int):
+    """Mean cross-entropy of the recurrent outputs as a language model, over the valid steps.
+
+    The forward outputs predict each next word and, for a bidirectional ``y_BTH``, the backward
+    outputs predict each previous word, with the heads ``lm["fwd"]`` and ``lm["bwd"]``: the
+    auxiliary objective of Rei 2017, "Semi-supervised multitask learning for sequence labeling".
+    Ids at or above ``lm_words`` (the rarer words; ids are ordered by frequency) share one class,
+    ``lm_words - 1``.
+    """
+    targets_BT = jnp.minimum(tokens_BT, lm_words - 1)
+    width = lm["fwd"]["w"].shape[0]
+    valid_BT = jnp.arange(tokens_BT.shape[1]) < lengths_B[:, None]
+    # (outputs, their targets, valid, head): forward output t predicts word t + 1, backward output t word t - 1
+    pairs = [(y_BTH[:, :-1, :width], targets_BT[:, 1:], valid_BT[:, 1:], lm["fwd"])]
+    if "bwd" in lm:
+        pairs.append((y_BTH[:, 1:, width:], targets_BT[:, :-1], valid_BT[:, 1:], lm["bwd"]))
+    total, count = 0.0, 0.0
+    for outputs, targets, valid, head in pairs:
+        losses = optax.softmax_cross_entropy_with_integer_labels(outputs @ head["w"] + head["b"], targets)
+        total, count = total + jnp.sum(jnp.where(valid, losses, 0.0)), count + jnp.sum(valid)
+    return total / jnp.maximum(count, 1.0)
 
 
 def rnn_width(layers) -> int:
@@ -146,19 +181,20 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, pooling: str, attention=None, *
     return jnp.where(lengths_B[:, None] > 0, pooled_BH, jnp.zeros((), pooled_BH.dtype))
 
 
-def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False, embed_delta_BTE=None, mixup=None):
+def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False, embed_delta_BTE=None, mixup=None, with_outputs=False):
     """Class logits ``(B, C)`` for padded token ids ``tokens_BT`` with true ``lengths_B`` (>= 1).
 
     ``embed_delta_BTE``, when given, is added to the embedded tokens before input dropout: the
     gradient with respect to it (at zero) is the gradient of the loss with respect to the inputs.
     ``mixup``, a ``(partner_B, share_B)`` pair from :func:`~lstm_jax.regularisers.mixup_partners`,
     mixes the pooled vectors of the rows before the head, the "senMixup" of Guo, Mao & Zhang 2019.
+    With ``with_outputs`` it returns ``(logits_BC, y_BTH)``, the top recurrent layer's outputs too.
     For an ensemble the result is the log of the members' mean probabilities, a deep ensemble
     (Lakshminarayanan et al. 2017): its softmax is that mean.
     """
     if config.ensemble > 1:
-        if mixup is not None:
-            raise ValueError("mixup applies to one model: classifier_loss draws it for each ensemble member")
+        if mixup is not None or with_outputs:
+            raise ValueError("mixup and with_outputs apply to one model: call classifier_logits for each member (over_members)")
         logits_KBC = member_logits(params, config, tokens_BT, lengths_B, key=key, train=train, embed_delta_BTE=embed_delta_BTE)
         return jax.nn.logsumexp(jax.nn.log_softmax(logits_KBC, axis=-1), axis=0) - jnp.log(config.ensemble)
     keys = jax.random.split(key, 6) if key is not None else [None] * 6
@@ -179,7 +215,8 @@ def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=
     if "hidden" in head:
         features_BH = jax.nn.relu(features_BH @ head["hidden"]["w"] + head["hidden"]["b"])
         features_BH = regularisers.dropout(keys[5], features_BH, config.output_dropout, train=train)
-    return features_BH @ head["out"]["w"] + head["out"]["b"]
+    logits_BC = features_BH @ head["out"]["w"] + head["out"]["b"]
+    return (logits_BC, y_BTH) if with_outputs else logits_BC
 
 
 def over_members(fn, params, config: ModelConfig, key=None):

@@ -19,7 +19,16 @@ import pytest
 from lstm_jax.cells import LSTM
 from lstm_jax.data import Batch
 from lstm_jax.gates import explain_classifier
-from lstm_jax.model import POOLINGS, ModelConfig, classifier_logits, init_classifier, member_config, pool, rnn_width
+from lstm_jax.model import (
+    POOLINGS,
+    ModelConfig,
+    classifier_logits,
+    init_classifier,
+    language_model_loss,
+    member_config,
+    pool,
+    rnn_width,
+)
 from lstm_jax.recurrence import rnn
 from lstm_jax.train import classifier_loss, weighted_cross_entropy
 
@@ -392,3 +401,43 @@ def test_ensemble_must_have_a_member_and_explain_asks_for_one():
     config = small_config(ensemble=2, pooling="max")
     with pytest.raises(ValueError, match="ensemble of 2; explain one member"):
         explain_classifier(random_params(config), config, np.array([3, 4, 5]))
+    with pytest.raises(ValueError, match="with_outputs apply to one model"):
+        classifier_logits(random_params(config), config, jnp.asarray(padded_tokens(LENGTHS, T)), jnp.asarray(LENGTHS), with_outputs=True)
+
+
+def numpy_language_model_loss(lm, y_BTH, tokens_BT, lengths_B, lm_words):
+    """Loop over rows and steps: forward output t predicts word t + 1, backward output t word t - 1."""
+    y_BTH, lm = np.asarray(y_BTH, np.float64), jax.tree.map(lambda a: np.asarray(a, np.float64), lm)
+    width = lm["fwd"]["w"].shape[0]
+
+    def nll(outputs_H, head, word):
+        logits = outputs_H @ head["w"] + head["b"]
+        top = logits.max()
+        return top + np.log(np.exp(logits - top).sum()) - logits[min(word, lm_words - 1)]
+
+    losses = []
+    for row, length in enumerate(lengths_B):
+        for t in range(length - 1):
+            losses.append(nll(y_BTH[row, t, :width], lm["fwd"], tokens_BT[row, t + 1]))
+            if "bwd" in lm:
+                losses.append(nll(y_BTH[row, t + 1, width:], lm["bwd"], tokens_BT[row, t]))
+    return np.mean(losses)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_language_model_loss_matches_numpy(bidirectional):
+    lm_words = 9  # below V, so some words fall in the shared rare class
+    config = small_config(bidirectional=bidirectional, lm_weight=0.5, lm_words=lm_words)
+    params = random_params(config, seed=8)
+    assert set(params["lm"]) == ({"fwd", "bwd"} if bidirectional else {"fwd"})
+    tokens = padded_tokens(LENGTHS, T)
+    _, y_BTH = classifier_logits(params, config, jnp.asarray(tokens), jnp.asarray(LENGTHS), with_outputs=True)
+    loss = language_model_loss(params["lm"], y_BTH, jnp.asarray(tokens), jnp.asarray(LENGTHS), lm_words)
+    expected = numpy_language_model_loss(params["lm"], y_BTH, tokens, LENGTHS, lm_words)
+    np.testing.assert_allclose(float(loss), expected, rtol=1e-5)
+    # The training loss adds it with its weight to the classification loss.
+    batch = Batch(tokens, LENGTHS, LABELS, (LENGTHS > 0).astype(np.float32))
+    without = {name: value for name, value in params.items() if name != "lm"}
+    plain, _ = classifier_loss(without, small_config(bidirectional=bidirectional), batch, jax.random.key(0))
+    with_lm, _ = classifier_loss(params, config, batch, jax.random.key(0))
+    np.testing.assert_allclose(float(with_lm), float(plain) + 0.5 * expected, rtol=1e-5)

@@ -27,6 +27,7 @@ from lstm_jax.train import (
     make_eval_step,
     make_train_step,
     params_sha256,
+    virtual_adversarial_loss,
     weighted_cross_entropy,
 )
 
@@ -301,6 +302,49 @@ def test_adversarial_loss_is_the_mean_of_clean_and_finite_difference_perturbed_l
     assert perturbed > clean + 0.01  # uphill
     loss, correct = classifier_loss(params, config, batch, key)
     np.testing.assert_allclose(float(loss), (clean + perturbed) / 2, rtol=1e-4)
+
+
+def test_virtual_adversarial_loss_matches_numpy_power_iteration_on_a_linear_model():
+    """For logits linear in the embedded inputs, the direction is A^T (q(probe) - p) per row, in float64."""
+    rng = np.random.default_rng(5)
+    B, T, E, C, epsilon = 4, 3, 5, 3, 0.8
+    A_TEC = rng.normal(size=(T, E, C))
+    base_BC = rng.normal(size=(B, C)) * 2
+    weights_B = np.array([1.0, 1.0, 0.0, 1.0])  # row 2 is batch padding
+    key = jax.random.key(9)
+    logits_at = lambda delta_BTE: jnp.asarray(base_BC, jnp.float32) + jnp.einsum("bte,tec->bc", delta_BTE, jnp.asarray(A_TEC, jnp.float32))
+    loss = virtual_adversarial_loss(logits_at, jnp.asarray(base_BC, jnp.float32), jnp.asarray(weights_B, jnp.float32), key, (B, T, E), epsilon)
+
+    def softmax(z):
+        e = np.exp(z - z.max(-1, keepdims=True))
+        return e / e.sum(-1, keepdims=True)
+
+    def per_text(v_BTE, norm):
+        return norm * v_BTE / np.sqrt((v_BTE**2).sum((1, 2), keepdims=True))
+
+    def kl_B(delta_BTE):
+        p, q = softmax(base_BC), softmax(base_BC + np.einsum("bte,tec->bc", delta_BTE, A_TEC))
+        return (p * (np.log(p) - np.log(q))).sum(-1)
+
+    probe = per_text(np.asarray(jax.random.normal(key, (B, T, E)), np.float64), epsilon / 10)
+    direction = np.einsum("tec,bc->bte", A_TEC, softmax(base_BC + np.einsum("bte,tec->bc", probe, A_TEC)) - softmax(base_BC))
+    expected = (kl_B(per_text(direction, epsilon)) * weights_B).sum() / weights_B.sum()
+    np.testing.assert_allclose(float(loss), expected, rtol=2e-3)
+    # The direction found changes the prediction more than random directions of the same norm.
+    random_kl = [(kl_B(per_text(rng.normal(size=(B, T, E)), epsilon)) * weights_B).sum() / weights_B.sum() for _ in range(20)]
+    assert expected > max(random_kl)
+
+
+def test_virtual_adversarial_training_adds_a_label_free_term():
+    config = dataclasses.replace(CONFIG, vat_epsilon=0.5, input_dropout=0.0, output_dropout=0.0, embed_dropout=0.0)
+    params = init_classifier(jax.random.key(3), config, VOCAB, CLASSES)
+    batch = classifier_batch([4, 2, 3, 0], 4, seed=3)
+    plain, _ = classifier_loss(params, dataclasses.replace(config, vat_epsilon=0.0), batch, jax.random.key(0))
+    with_vat, _ = classifier_loss(params, config, batch, jax.random.key(0))
+    flipped, _ = classifier_loss(params, config, batch._replace(labels_B=(batch.labels_B + 1) % CLASSES), jax.random.key(0))
+    flipped_plain, _ = classifier_loss(params, dataclasses.replace(config, vat_epsilon=0.0), batch._replace(labels_B=(batch.labels_B + 1) % CLASSES), jax.random.key(0))
+    assert float(with_vat) > float(plain)
+    np.testing.assert_allclose(float(with_vat) - float(plain), float(flipped) - float(flipped_plain), rtol=1e-4)  # no labels in it
 
 
 def test_adversarial_training_steps_are_finite_and_reduce_the_loss(classifier):
