@@ -136,8 +136,9 @@ def classifier_loss(params, config: ModelConfig, batch, key):
         loss = weighted_cross_entropy(logits_BC, batch.labels_B, batch.weights_B, label_smoothing=config.label_smoothing, mixup=mixup)
         return loss, (logits_BC, y_BTH)
 
+    delta_shape_BTE = (*batch.tokens_BT.shape, config.embed_dim)  # of a change to the embedded inputs
     if config.adversarial_epsilon > 0.0:
-        no_delta_BTE = jnp.zeros((*batch.tokens_BT.shape, config.embed_dim), params["embed"].dtype)
+        no_delta_BTE = jnp.zeros(delta_shape_BTE, params["embed"].dtype)
         (loss, (logits_BC, y_BTH)), grad_BTE = jax.value_and_grad(loss_and_logits, has_aux=True)(no_delta_BTE)
         adversarial_loss, _ = loss_and_logits(regularisers.adversarial_perturbation(grad_BTE, config.adversarial_epsilon))
         loss = (loss + adversarial_loss) / 2
@@ -145,9 +146,8 @@ def classifier_loss(params, config: ModelConfig, batch, key):
         loss, (logits_BC, y_BTH) = loss_and_logits(None)
     if config.vat_epsilon > 0.0:
         logits_at = lambda delta_BTE: loss_and_logits(delta_BTE)[1][0]
-        shape_BTE = (*batch.tokens_BT.shape, config.embed_dim)
         vat_key = jax.random.fold_in(key, 1)
-        loss = loss + virtual_adversarial_loss(logits_at, logits_BC, batch.weights_B, vat_key, shape_BTE, config.vat_epsilon)
+        loss = loss + virtual_adversarial_loss(logits_at, logits_BC, batch.weights_B, vat_key, delta_shape_BTE, config.vat_epsilon)
     if config.lm_weight > 0.0:
         loss = loss + config.lm_weight * language_model_loss(params["lm"], y_BTH, batch.tokens_BT, batch.lengths_B, config.lm_words)
     return loss, weighted_correct(logits_BC, batch.labels_B, batch.weights_B)
