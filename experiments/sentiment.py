@@ -55,7 +55,16 @@ from lstm_jax.loop import (
 )
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier, member_config
 from lstm_jax.optim import OptimConfig, make_optimizer, warmup_note
-from lstm_jax.train import classifier_loss, evaluate, init_train_state, make_eval_step, make_train_step, params_sha256
+from lstm_jax.train import (
+    classifier_loss,
+    evaluate,
+    init_train_state,
+    language_model_pretraining_loss,
+    make_eval_step,
+    make_language_model_eval_step,
+    make_train_step,
+    params_sha256,
+)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -233,6 +242,11 @@ def train_configs(configs: dict, mesh) -> dict:
         data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
     if mesh_cfg.shard_embedding and (note := parallel.unsplit_embedding_note(vocab_size, mesh)):
         print(note)
+    if model_cfg.lm_pretrain_epochs and not has_checkpoints(workdir):  # a classifier checkpoint holds the pre-trained weights
+        params = pretrain_language_model(params, configs, mesh, epoch_batches, val_split=eval_batches("validation"))
+        state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
+    pretraining_path = workdir / "pretrain" / "results.json"
+    pretraining = json.loads(pretraining_path.read_text()) if model_cfg.lm_pretrain_epochs and pretraining_path.exists() else None
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
     state, state_sharding, skipped_checkpoints = resume_on_mesh(
         state, checkpoints, mesh, resuming=resuming, shard_embedding=mesh_cfg.shard_embedding
@@ -273,11 +287,54 @@ def train_configs(configs: dict, mesh) -> dict:
         "params_sha256": params_sha256(state.params), "buckets": list(buckets),
         "truncated": {name: enc.num_truncated for name, (enc, _) in encoded.items()}, "config": config_dict(configs),
         "empty_texts": {name: enc.num_empty for name, (enc, _) in encoded.items()}, "skipped_checkpoints": skipped_checkpoints,
-        "jax_backend": jax.default_backend(), "mesh": dict(mesh.shape),
+        "jax_backend": jax.default_backend(), "mesh": dict(mesh.shape), "lm_pretraining": pretraining,
     }  # fmt: skip
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(f"validation accuracy {val['accuracy']:.4f}, test accuracy {test['accuracy'] if test else float('nan'):.4f}; results in {workdir / 'results.json'}")
     return results
+
+
+def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *, val_split) -> dict:
+    """The classifier's ``params`` with ``embed`` and ``rnn`` from a language model trained first.
+
+    The language model (:func:`~lstm_jax.train.language_model_pretraining_loss`, Dai & Le 2015) trains
+    for ``--lm-pretrain-epochs`` over the training texts with the run's optimiser settings, seed and
+    loop settings (not ``--max-steps``), in ``WORKDIR/pretrain``: its checkpoints, ``metrics.jsonl``
+    (accuracy there is next-word accuracy), ``curves.png`` and ``results.json``. A rerun resumes it. The weights taken
+    are the best checkpoint's evaluation weights by validation next-word accuracy; the language-model
+    heads come along when the classifier has them (``--lm-weight``).
+    """
+    model_cfg, optim_cfg, loop_cfg, run_cfg, mesh_cfg = (configs[name] for name in ("ModelConfig", "OptimConfig", "LoopConfig", "RunConfig", "MeshConfig"))
+    folder = Path(run_cfg.workdir) / "pretrain"
+    epochs = model_cfg.lm_pretrain_epochs
+    optimizer = make_optimizer(optim_cfg, epochs * len(epoch_batches(0)))
+    vocab_size, num_classes = params["embed"].shape[0], params["head"]["out"]["b"].shape[0]
+    lm_params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, num_classes, language_model=True)
+    state = init_train_state(lm_params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
+    checkpoints = RunCheckpoints(folder, keep=loop_cfg.keep)
+    state, state_sharding, _ = resume_on_mesh(state, checkpoints, mesh, resuming=has_checkpoints(folder), shard_embedding=mesh_cfg.shard_embedding)
+    print(f"language-model pre-training: {epochs} epoch(s) from step {int(state.step)}, in {folder}")
+    step_on_mesh = make_train_step(lambda p, batch, key: language_model_pretraining_loss(p, model_cfg, batch, key), optimizer,
+                                   ema_decay=optim_cfg.ema_decay, state_sharding=state_sharding, batch_sharding=parallel.batch_sharding(mesh))  # fmt: skip
+    eval_step = make_language_model_eval_step(model_cfg)
+    log = MetricsLog(folder / "metrics.jsonl", int(state.step))
+    state, summary = train_loop(
+        state, lambda state, batch: step_on_mesh(state, parallel.put_batch(batch, mesh)), epoch_batches,
+        lambda p: evaluate(lambda q, batch: eval_step(q, parallel.put_batch(batch, mesh)), p, val_split), checkpoints, log,
+        dataclasses.replace(loop_cfg, epochs=epochs, max_steps=0), meta={"pretraining": "language model"},
+        tokens_in=lambda batch: int(batch.lengths_B.sum()),
+    )  # fmt: skip
+    best = checkpoints.restore(state, which="best")
+    checkpoints.close()
+    save_curves(log.read(), folder / "curves.png", title="language-model pre-training (accuracy: next word)")
+    chosen = (best.state if best else state).eval_params
+    taken = [name for name in ("embed", "rnn", "lm") if name in params]
+    val = best.meta["val"] if best else summary["last_val"]
+    figures = {"epochs": epochs, "steps": summary["steps"], "best_step": best.step if best else None, "train_seconds": summary["train_seconds"],
+               "val_word_accuracy": val["accuracy"], "val_word_loss": val["loss"], "taken": taken}  # fmt: skip
+    atomic_write_text(folder / "results.json", json.dumps(figures, indent=2))
+    print(f"language model: validation next-word accuracy {val['accuracy']:.4f}, loss {val['loss']:.4f}; the classifier starts from its {', '.join(taken)}")
+    return {**params, **{name: chosen[name] for name in taken}}
 
 
 def read_run_file(path: Path, keys: tuple[str, ...], fix: str) -> dict:

@@ -47,6 +47,7 @@ class ModelConfig:
     unroll: int = dataclasses.field(default=1, metadata={"help": "lax.scan unroll factor"})
     lm_weight: float = dataclasses.field(default=0.0, metadata={"help": "also train the recurrent stack as a language model with this weight: the forward direction predicts each next word, the backward one each previous word, Rei 2017; the logged training loss includes it (0: off)"})
     lm_words: int = dataclasses.field(default=2000, metadata={"help": "the language-model loss tells apart the ids below this (with --tokenizer word, the most frequent words); the rest are one class"})
+    lm_pretrain_epochs: int = dataclasses.field(default=0, metadata={"help": "first train the embedding and recurrent stack alone as that language model (--lm-words) for this many epochs over the training texts, then the classifier from them: the LM-LSTM of Dai & Le 2015; that run is kept in WORKDIR/pretrain (0: off)"})
     ensemble: int = dataclasses.field(default=1, metadata={"help": "train this many independently initialised models side by side and average their probabilities"})
 
     def __post_init__(self):
@@ -59,6 +60,10 @@ class ModelConfig:
             raise ValueError(f"--adversarial-epsilon must be >= 0, got {self.adversarial_epsilon}")
         if self.vat_epsilon < 0:
             raise ValueError(f"--vat-epsilon must be >= 0, got {self.vat_epsilon}")
+        if self.lm_pretrain_epochs < 0:
+            raise ValueError(f"--lm-pretrain-epochs must be >= 0, got {self.lm_pretrain_epochs}")
+        if self.lm_pretrain_epochs and self.ensemble > 1:
+            raise ValueError("--lm-pretrain-epochs pre-trains one model; drop --ensemble or set --lm-pretrain-epochs 0")
         if self.mixup_alpha < 0:
             raise ValueError(f"--mixup-alpha must be >= 0, got {self.mixup_alpha}")
         if not 0.0 <= self.label_smoothing < 1.0:
@@ -74,15 +79,18 @@ def member_config(config: ModelConfig) -> ModelConfig:
     return dataclasses.replace(config, ensemble=1)
 
 
-def init_classifier(key, config: ModelConfig, vocab_size: int, num_classes: int) -> dict:
+def init_classifier(key, config: ModelConfig, vocab_size: int, num_classes: int, *, language_model: bool = False) -> dict:
     """Parameters: ``embed`` (V x E), ``rnn`` (a list of layers), optional ``attention``, ``head``.
+
+    ``lm`` holds the language-model heads of :func:`language_model_loss` when ``config.lm_weight``
+    > 0 or ``language_model`` is true (for pre-training).
 
     With ``config.ensemble`` = K > 1 every leaf gets a leading axis of K members, each
     initialised from its own key.
     """
     if config.ensemble > 1:
         keys = jax.random.split(key, config.ensemble)
-        return jax.vmap(lambda k: init_classifier(k, member_config(config), vocab_size, num_classes))(keys)
+        return jax.vmap(lambda k: init_classifier(k, member_config(config), vocab_size, num_classes, language_model=language_model))(keys)
     k_embed, k_rnn, k_attn, k_hidden, k_out = jax.random.split(key, 5)
     layers = init_rnn(
         k_rnn, get_cell(config.cell), config.embed_dim, config.hidden_size,
@@ -97,7 +105,7 @@ def init_classifier(key, config: ModelConfig, vocab_size: int, num_classes: int)
         params["head"] = {"hidden": _dense_init(k_hidden, pooled_width, config.head_hidden), "out": _dense_init(k_out, config.head_hidden, num_classes)}
     else:
         params["head"] = {"out": _dense_init(k_out, pooled_width, num_classes)}
-    if config.lm_weight > 0.0:
+    if config.lm_weight > 0.0 or language_model:
         per_direction = width // 2 if config.bidirectional else width
         k_fwd, k_bwd = jax.random.split(jax.random.fold_in(k_out, 1))
         params["lm"] = {"fwd": _dense_init(k_fwd, per_direction, config.lm_words)}
@@ -115,6 +123,15 @@ def language_model_loss(lm, y_BTH, tokens_BT, lengths_B, lm_words: int):
     Ids at or above ``lm_words`` (the rarer words; ids are ordered by frequency) share one class,
     ``lm_words - 1``.
     """
+    loss_sum, _, count = language_model_sums(lm, y_BTH, tokens_BT, lengths_B, lm_words)
+    return loss_sum / jnp.maximum(count, 1.0)
+
+
+def language_model_sums(lm, y_BTH, tokens_BT, lengths_B, lm_words: int):
+    """``(loss_sum, correct, count)`` of :func:`language_model_loss`'s predictions over the valid steps.
+
+    ``correct`` counts the predictions whose most likely class is the target's.
+    """
     targets_BT = jnp.minimum(tokens_BT, lm_words - 1)
     width = lm["fwd"]["w"].shape[0]
     valid_BT = jnp.arange(tokens_BT.shape[1]) < lengths_B[:, None]
@@ -122,11 +139,13 @@ def language_model_loss(lm, y_BTH, tokens_BT, lengths_B, lm_words: int):
     pairs = [(y_BTH[:, :-1, :width], targets_BT[:, 1:], valid_BT[:, 1:], lm["fwd"])]
     if "bwd" in lm:
         pairs.append((y_BTH[:, 1:, width:], targets_BT[:, :-1], valid_BT[:, 1:], lm["bwd"]))
-    total, count = 0.0, 0.0
+    total, correct, count = 0.0, 0.0, 0.0
     for outputs, targets, valid, head in pairs:
-        losses = optax.softmax_cross_entropy_with_integer_labels(outputs @ head["w"] + head["b"], targets)
+        logits = outputs @ head["w"] + head["b"]
+        losses = optax.softmax_cross_entropy_with_integer_labels(logits, targets)
         total, count = total + jnp.sum(jnp.where(valid, losses, 0.0)), count + jnp.sum(valid)
-    return total / jnp.maximum(count, 1.0)
+        correct = correct + jnp.sum(valid & (jnp.argmax(logits, axis=-1) == targets))
+    return total, correct, count
 
 
 def rnn_width(layers) -> int:

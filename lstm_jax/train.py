@@ -18,7 +18,7 @@ import optax
 from flax import struct
 
 from lstm_jax import regularisers
-from lstm_jax.model import ModelConfig, classifier_logits, language_model_loss, over_members
+from lstm_jax.model import ModelConfig, classifier_logits, language_model_loss, language_model_sums, over_members
 
 
 @struct.dataclass
@@ -153,6 +153,21 @@ def classifier_loss(params, config: ModelConfig, batch, key):
     return loss, weighted_correct(logits_BC, batch.labels_B, batch.weights_B)
 
 
+def language_model_pretraining_loss(params, config: ModelConfig, batch, key):
+    """Loss and aux of the embedding and recurrent stack trained alone as a language model.
+
+    The loss is :func:`~lstm_jax.model.language_model_loss` of the outputs under the classifier's
+    dropouts; the classifier head is not used. Pre-training the recurrent stack this way and then
+    training the classifier from it is the LM-LSTM of Dai & Le 2015, "Semi-supervised sequence
+    learning". The aux is the rows of the batch times its next-word accuracy, so that a loop that
+    divides it by the rows logs that accuracy.
+    """
+    _, y_BTH = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True, with_outputs=True)
+    loss_sum, correct, count = language_model_sums(params["lm"], y_BTH, batch.tokens_BT, batch.lengths_B, config.lm_words)
+    words = jnp.maximum(count, 1.0)
+    return loss_sum / words, jnp.sum(batch.weights_B) * correct / words
+
+
 def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
@@ -216,6 +231,16 @@ def make_eval_step(config: ModelConfig, *, params_sharding=None, batch_sharding=
     if params_sharding is None and batch_sharding is None:
         return jax.jit(eval_step)
     return jax.jit(eval_step, in_shardings=(params_sharding, batch_sharding))
+
+
+def make_language_model_eval_step(config: ModelConfig):
+    """A jitted ``(params, batch) -> (loss_sum, correct, count)`` of the language model over the predicted words."""
+
+    def eval_step(params, batch):
+        _, y_BTH = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, with_outputs=True)
+        return language_model_sums(params["lm"], y_BTH, batch.tokens_BT, batch.lengths_B, config.lm_words)
+
+    return jax.jit(eval_step)
 
 
 def evaluate(eval_step, params, batches) -> dict:

@@ -144,6 +144,32 @@ def test_sigkill_at_every_point_then_damage_resumes_to_the_same_bits(train_proce
     assert 30 in finished_steps(workdir / "checkpoints")
 
 
+def test_language_model_pretraining_killed_then_the_classifier_killed_resumes_to_the_same_bits(train_process, reference, tmp_path):
+    _, plain = reference
+    flags = ("--lm-pretrain-epochs", "1", "--lm-words", "100")
+    whole = tmp_path / "whole"
+    expected = results_of(train_process(whole, None, *flags), whole)
+    pretraining = expected["lm_pretraining"]
+    assert pretraining["steps"] == 20 and pretraining["best_step"] == 20 and pretraining["taken"] == ["embed", "rnn"]
+    assert expected["steps"] == plain["steps"] and expected["params_sha256"] != plain["params_sha256"]
+    assert 0.0 < pretraining["val_word_accuracy"] < 1.0
+    logged = [json.loads(line) for line in (whole / "pretrain" / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in logged if r["split"] == "validation"] == [15, 20]
+
+    workdir = tmp_path / "killed"
+    killed = train_process(workdir, "step:13", *flags)  # in pre-training, after its step-10 checkpoint
+    assert killed.returncode == -signal.SIGKILL and finished_steps(workdir / "checkpoints") == []
+    assert set(finished_steps(workdir / "pretrain" / "checkpoints")) <= {10}
+    killed = train_process(workdir, "save:30", *flags)  # pre-training (20 steps) finishes, then the classifier is killed
+    assert killed.returncode == -signal.SIGKILL and finished_steps(workdir / "pretrain" / "checkpoints")[-1] == 20
+    process = train_process(workdir, None, *flags)
+    results = results_of(process, workdir)
+    assert "language-model pre-training" not in process.stdout  # the classifier's checkpoint holds its weights
+    assert results["params_sha256"] == expected["params_sha256"] and results["resumed_from_step"] == 20
+    untimed = lambda figures: {k: v for k, v in figures.items() if k != "train_seconds"}
+    assert untimed(results["lm_pretraining"]) == untimed(pretraining)
+
+
 def test_rerunning_a_finished_run_reports_what_it_did(train_process, reference, tmp_path):
     """Also what a run killed after its last checkpoint but before ``results.json`` does."""
     ref_dir, ref = reference

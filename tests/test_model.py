@@ -25,12 +25,13 @@ from lstm_jax.model import (
     classifier_logits,
     init_classifier,
     language_model_loss,
+    language_model_sums,
     member_config,
     pool,
     rnn_width,
 )
 from lstm_jax.recurrence import rnn
-from lstm_jax.train import classifier_loss, weighted_cross_entropy
+from lstm_jax.train import classifier_loss, language_model_pretraining_loss, weighted_cross_entropy
 
 V, E, H, HEAD, C = 23, 4, 5, 6, 3
 NO_DROPOUT = {
@@ -405,23 +406,28 @@ def test_ensemble_must_have_a_member_and_explain_asks_for_one():
         classifier_logits(random_params(config), config, jnp.asarray(padded_tokens(LENGTHS, T)), jnp.asarray(LENGTHS), with_outputs=True)
 
 
-def numpy_language_model_loss(lm, y_BTH, tokens_BT, lengths_B, lm_words):
-    """Loop over rows and steps: forward output t predicts word t + 1, backward output t word t - 1."""
+def numpy_language_model_terms(lm, y_BTH, tokens_BT, lengths_B, lm_words):
+    """``(nll, correct)`` of every prediction, by a loop over rows and steps: forward output t predicts
+    word t + 1, backward output t word t - 1."""
     y_BTH, lm = np.asarray(y_BTH, np.float64), jax.tree.map(lambda a: np.asarray(a, np.float64), lm)
     width = lm["fwd"]["w"].shape[0]
 
-    def nll(outputs_H, head, word):
-        logits = outputs_H @ head["w"] + head["b"]
+    def term(outputs_H, head, word):
+        logits, target = outputs_H @ head["w"] + head["b"], min(word, lm_words - 1)
         top = logits.max()
-        return top + np.log(np.exp(logits - top).sum()) - logits[min(word, lm_words - 1)]
+        return top + np.log(np.exp(logits - top).sum()) - logits[target], float(np.argmax(logits) == target)
 
-    losses = []
+    terms = []
     for row, length in enumerate(lengths_B):
         for t in range(length - 1):
-            losses.append(nll(y_BTH[row, t, :width], lm["fwd"], tokens_BT[row, t + 1]))
+            terms.append(term(y_BTH[row, t, :width], lm["fwd"], tokens_BT[row, t + 1]))
             if "bwd" in lm:
-                losses.append(nll(y_BTH[row, t + 1, width:], lm["bwd"], tokens_BT[row, t]))
-    return np.mean(losses)
+                terms.append(term(y_BTH[row, t + 1, width:], lm["bwd"], tokens_BT[row, t]))
+    return np.array(terms)
+
+
+def numpy_language_model_loss(lm, y_BTH, tokens_BT, lengths_B, lm_words):
+    return numpy_language_model_terms(lm, y_BTH, tokens_BT, lengths_B, lm_words)[:, 0].mean()
 
 
 @pytest.mark.parametrize("bidirectional", [False, True])
@@ -441,3 +447,50 @@ def test_language_model_loss_matches_numpy(bidirectional):
     plain, _ = classifier_loss(without, small_config(bidirectional=bidirectional), batch, jax.random.key(0))
     with_lm, _ = classifier_loss(params, config, batch, jax.random.key(0))
     np.testing.assert_allclose(float(with_lm), float(plain) + 0.5 * expected, rtol=1e-5)
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_language_model_sums_count_the_predictions_and_the_right_ones(bidirectional):
+    lm_words = 9
+    config = small_config(bidirectional=bidirectional, lm_weight=0.5, lm_words=lm_words)
+    params = random_params(config, seed=3)
+    tokens = padded_tokens(LENGTHS, T)
+    _, y_BTH = classifier_logits(params, config, jnp.asarray(tokens), jnp.asarray(LENGTHS), with_outputs=True)
+    loss_sum, correct, count = language_model_sums(params["lm"], y_BTH, jnp.asarray(tokens), jnp.asarray(LENGTHS), lm_words)
+    terms = numpy_language_model_terms(params["lm"], y_BTH, tokens, LENGTHS, lm_words)
+    assert int(count) == len(terms) == (2 if bidirectional else 1) * sum(max(n - 1, 0) for n in LENGTHS)
+    np.testing.assert_allclose(float(loss_sum), terms[:, 0].sum(), rtol=1e-5)
+    assert int(correct) == int(terms[:, 1].sum()) > 0
+
+
+def test_language_model_pretraining_loss_trains_the_stack_not_the_head():
+    """The pre-training loss is the language-model loss alone; its aux is the rows times next-word accuracy."""
+    lm_words = 9
+    config = small_config(lm_words=lm_words)
+    params = random_params(config, seed=5)
+    params["lm"] = random_params(small_config(lm_weight=1.0, lm_words=lm_words), seed=6)["lm"]
+    tokens = padded_tokens(LENGTHS, T)
+    batch = Batch(tokens, LENGTHS, LABELS, (LENGTHS > 0).astype(np.float32))
+    (loss, aux), grads = jax.value_and_grad(language_model_pretraining_loss, has_aux=True)(params, config, batch, jax.random.key(0))
+    _, y_BTH = classifier_logits(params, config, jnp.asarray(tokens), jnp.asarray(LENGTHS), with_outputs=True)
+    terms = numpy_language_model_terms(params["lm"], y_BTH, tokens, LENGTHS, lm_words)
+    np.testing.assert_allclose(float(loss), terms[:, 0].mean(), rtol=1e-5)
+    np.testing.assert_allclose(float(aux), 4 * terms[:, 1].mean(), rtol=1e-6)  # four real rows
+    assert all(not np.any(np.asarray(g)) for g in jax.tree.leaves(grads["head"]))
+    assert all(np.any(np.asarray(g)) for g in jax.tree.leaves((grads["rnn"], grads["lm"])))
+    assert np.any(np.asarray(grads["embed"]))
+
+
+def init_classifier_shapes(config: ModelConfig, **options) -> dict:
+    return jax.eval_shape(lambda k: init_classifier(k, config, V, C, **options), jax.random.key(0))
+
+
+def test_init_classifier_adds_language_model_heads_for_pretraining_and_pretraining_refuses_an_ensemble():
+    config = small_config()
+    assert "lm" not in init_classifier_shapes(config)
+    heads = init_classifier_shapes(config, language_model=True)["lm"]
+    assert set(heads) == {"fwd", "bwd"} and heads["fwd"]["w"].shape == (H, config.lm_words)
+    with pytest.raises(ValueError, match="--lm-pretrain-epochs pre-trains one model"):
+        small_config(lm_pretrain_epochs=1, ensemble=2)
+    with pytest.raises(ValueError, match="--lm-pretrain-epochs must be >= 0"):
+        small_config(lm_pretrain_epochs=-1)
