@@ -108,6 +108,10 @@ DATASET_PRESETS = {
     "ag_news": {"max_len": 64, "epochs": 3},
 }
 
+# Pre-training's per-step keys fold the step into fold_in(key(seed), this); the classifier's fold it
+# into key(seed) with a step below 2**31, so the two phases never draw the same dropout masks.
+PRETRAINING_STREAM = 0xFFFFFFFF
+
 # The least value of each numeric flag that has one, checked before anything is read or written.
 FLAG_MINIMUMS = {"max_len": 1, "batch_size": 1, "eval_batch_size": 1, "num_buckets": 1, "vocab_size": 3, "epochs": 1,
                  "log_every": 1, "save_every": 1, "keep": 1, "max_steps": 0, "eval_every": 0, "skip_nonfinite": 0,
@@ -299,7 +303,8 @@ def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *,
 
     The language model (:func:`~lstm_jax.train.language_model_pretraining_loss`, Dai & Le 2015) trains
     for ``--lm-pretrain-epochs`` over the training texts with the run's optimiser settings, seed and
-    loop settings (not ``--max-steps``), in ``WORKDIR/pretrain``: its checkpoints, ``metrics.jsonl``
+    loop settings (not ``--max-steps``), and the classifier's batch order, but dropout masks of its own
+    (keys from :data:`PRETRAINING_STREAM`), in ``WORKDIR/pretrain``: its checkpoints, ``metrics.jsonl``
     (accuracy there is next-word accuracy), ``curves.png`` and ``results.json``. A rerun resumes it. The weights taken
     are the best checkpoint's evaluation weights by validation next-word accuracy; the language-model
     heads come along when the classifier has them (``--lm-weight``).
@@ -311,6 +316,7 @@ def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *,
     vocab_size, num_classes = params["embed"].shape[0], params["head"]["out"]["b"].shape[0]
     lm_params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, num_classes, language_model=True)
     state = init_train_state(lm_params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
+    state = state.replace(rng=jax.random.key_data(jax.random.fold_in(jax.random.key(run_cfg.seed), PRETRAINING_STREAM)))
     checkpoints = RunCheckpoints(folder, keep=loop_cfg.keep)
     state, state_sharding, _ = resume_on_mesh(state, checkpoints, mesh, resuming=has_checkpoints(folder), shard_embedding=mesh_cfg.shard_embedding)
     print(f"language-model pre-training: {epochs} epoch(s) from step {int(state.step)}, in {folder}")
