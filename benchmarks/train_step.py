@@ -32,6 +32,7 @@ import numpy as np
 import optax
 
 import lstm_jax as lj
+from lstm_jax.model import cast_floating
 
 VOCAB = 20_000
 NUM_CLASSES = 2
@@ -109,7 +110,8 @@ def _jax_system(name, params, logits_fn, shape):
     return System(name, train, lambda: forward(state["params"]).block_until_ready())
 
 
-def lstm_jax_system(shape: Shape) -> System:
+def lstm_jax_system(shape: Shape, compute_dtype=jnp.float32) -> System:
+    """lstm_jax's step; with a ``compute_dtype`` of bfloat16, mixed precision (float32 parameters, Adam and loss)."""
     k_embed, k_rnn, k_out = jax.random.split(jax.random.key(0), 3)
     params = {
         "embed": jax.random.normal(k_embed, (VOCAB, shape.embed)) * 0.1,
@@ -118,11 +120,13 @@ def lstm_jax_system(shape: Shape) -> System:
     }
 
     def logits(params, tokens_BT):
-        x_TBE = params["embed"][tokens_BT.T]  # gather straight into time-major: no transpose of activations
-        _, (carry,) = lj.rnn(lj.LSTM, params["rnn"], x_TBE, time_major=True)
-        return carry.h @ params["out"]
+        x_TBE = params["embed"][tokens_BT.T].astype(compute_dtype)  # gathered straight into time-major: no transpose
+        rnn_params, out = cast_floating((params["rnn"], params["out"]), compute_dtype)
+        _, (carry,) = lj.rnn(lj.LSTM, rnn_params, x_TBE, time_major=True)
+        return (carry.h @ out).astype(jnp.float32)
 
-    return _jax_system("lstm_jax", params, logits, shape)
+    name = "lstm_jax" if compute_dtype == jnp.float32 else f"lstm_jax {jnp.dtype(compute_dtype).name}"
+    return _jax_system(name, params, logits, shape)
 
 
 def flax_system(shape: Shape) -> System:
@@ -225,8 +229,8 @@ def time_calls(fn: Callable[[], None], count: int) -> list[float]:
     return times
 
 
-def build_systems(shape: Shape, on_gpu: bool) -> list[System]:
-    systems = [lstm_jax_system(shape), flax_system(shape)]
+def build_systems(shape: Shape, on_gpu: bool, bf16: bool = False) -> list[System]:
+    systems = [lstm_jax_system(shape), *([lstm_jax_system(shape, jnp.bfloat16)] if bf16 else []), flax_system(shape)]
     if on_gpu:
         systems.append(cudnn_jax_system(shape))
     peer = torch_system(shape)
@@ -235,8 +239,8 @@ def build_systems(shape: Shape, on_gpu: bool) -> list[System]:
     return systems
 
 
-def bench_shape(shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: bool, ceiling) -> dict:
-    systems = build_systems(shape, on_gpu)
+def bench_shape(shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: bool, ceiling, bf16: bool = False) -> dict:
+    systems = build_systems(shape, on_gpu, bf16)
     for system in systems:
         for _ in range(warmup):
             system.train()
@@ -264,7 +268,7 @@ def bench_shape(shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: b
             "train_spread_ms": 1e3 * float(np.subtract(*np.percentile(train_times[system.name], [75, 25]))),
         })  # fmt: skip
     ours = rows[0]
-    peers = rows[1:]
+    peers = [row for row in rows if not row["system"].startswith("lstm_jax")]
     best_train = min(peers, key=lambda r: r["train_ms"])
     best_infer = min(peers, key=lambda r: r["infer_ms"])
     for row in rows:
@@ -410,6 +414,8 @@ def main(argv=None):
     parser.add_argument("--rounds", type=int, default=3, help="interleaved rounds over the systems")
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per system after compiling")
     parser.add_argument("--json", help="write every number to this file")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time lstm_jax with bfloat16 compute and float32 master weights (default: on GPU only)")
     parser.add_argument(
         "--sst2", help="also time one epoch of the sentiment experiment on this dataset (path or Hub id)"
     )
@@ -422,7 +428,8 @@ def main(argv=None):
     print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}")
     for shape in shapes:
         load_before = os.getloadavg()[0]
-        options = {"steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "on_gpu": on_gpu}
+        options = {"steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "on_gpu": on_gpu,
+                   "bf16": on_gpu if args.bf16 is None else args.bf16}
         result = bench_shape(shape, ceiling=ceiling, **options)
         result["load_average"] = [
             load_before,

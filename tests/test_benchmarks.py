@@ -33,3 +33,14 @@ def test_train_step_benchmark_writes_a_report(tmp_path, capsys):
     assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])
     assert result["rows"][1]["train_vs_best_peer"] == pytest.approx(1.0) or len(systems) > 2
     assert "| 4,6,8,8 | lstm_jax |" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_bf16_row_is_timed_beside_ours_and_never_counts_as_a_peer(tmp_path):
+    out = tmp_path / "bench.json"
+    train_step.main(["--shape", "4,6,8,8", "--steps", "2", "--rounds", "1", "--warmup", "1", "--bf16", "--json", str(out)])
+    (result,) = json.loads(out.read_text())["results"]
+    systems = [row["system"] for row in result["rows"]]
+    assert systems[:3] == ["lstm_jax", "lstm_jax bfloat16", "flax OptimizedLSTMCell"]
+    assert not result["best_train_peer"].startswith("lstm_jax")
+    assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])

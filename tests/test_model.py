@@ -494,3 +494,25 @@ def test_init_classifier_adds_language_model_heads_for_pretraining_and_pretraini
         small_config(lm_pretrain_epochs=1, ensemble=2)
     with pytest.raises(ValueError, match="--lm-pretrain-epochs must be >= 0"):
         small_config(lm_pretrain_epochs=-1)
+
+
+def test_bfloat16_compute_tracks_float32_with_float32_logits_and_gradients():
+    config = small_config(pooling="max")
+    low = ModelConfig(**{**config.__dict__, "compute_dtype": "bfloat16"})
+    params = random_params(config, seed=4)
+    tokens, lengths = jnp.asarray(padded_tokens(LENGTHS, T)), jnp.asarray(LENGTHS)
+    logits = np.asarray(classifier_logits(params, config, tokens, lengths))
+    logits_low = classifier_logits(params, low, tokens, lengths)
+    assert logits_low.dtype == jnp.float32
+    gap = np.abs(np.asarray(logits_low) - logits).max()
+    assert 0.0 < gap < 0.05 * np.abs(logits).max()  # rounded, so it did run in bfloat16, but close
+    batch = Batch(np.asarray(tokens), LENGTHS, LABELS, (LENGTHS > 0).astype(np.float32))
+    grads = jax.grad(lambda p: classifier_loss(p, config, batch, jax.random.key(0))[0])(params)
+    grads_low = jax.grad(lambda p: classifier_loss(p, low, batch, jax.random.key(0))[0])(params)
+    for exact, rounded in zip(jax.tree.leaves(grads), jax.tree.leaves(grads_low)):
+        exact, rounded = np.ravel(exact), np.ravel(rounded)
+        assert rounded.dtype == np.float32
+        cosine = exact @ rounded / (np.linalg.norm(exact) * np.linalg.norm(rounded))
+        assert cosine > 0.99, cosine
+    with pytest.raises(ValueError, match="unknown --compute-dtype 'float16'"):
+        small_config(compute_dtype="float16")
