@@ -406,7 +406,10 @@ def test_ensemble_members_step_as_if_each_trained_alone():
         assert float(optax.tree.norm(grads)) > 0.01
         updates, _ = alone.update(grads, alone.init(member_params), member_params)
         expected = optax.apply_updates(member_params, updates)
-        jax.tree.map(lambda got, want: np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-7), new_state.params, expected)
+        # atol covers float32 rounding between the vmapped and the lone computation (seen: 1.6e-7 with jax 0.10.2).
+        # Adam's first step is g / |g|, blind to a gradient's scale, so this one step cannot tell joint from per-member
+        # clipping (measured: 6e-8 apart); it checks each member's own keys, gradient and step
+        jax.tree.map(lambda got, want: np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6), new_state.params, expected)
         member_losses.append(float(loss))
     assert float(metrics["loss"]) == pytest.approx(np.mean(member_losses), rel=1e-6)
 
