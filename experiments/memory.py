@@ -231,11 +231,8 @@ def train_one(configs: dict) -> dict:
     step_on_mesh = make_train_step(
         loss_fn, optimizer, ema_decay=optim_cfg.ema_decay, state_sharding=state_sharding, batch_sharding=parallel.batch_sharding(mesh)
     )
-
-    def train_step(state, batch):
-        return step_on_mesh(state, parallel.put_batch(batch, mesh))
     state, summary = train_loop(
-        state, train_step, epoch_batches, evaluate, checkpoints, log, loop_cfg,
+        state, parallel.host_batch_step(step_on_mesh, mesh), epoch_batches, evaluate, checkpoints, log, loop_cfg,
         meta=meta, tokens_in=lambda batch: batch.x_BTE.shape[0] * batch.x_BTE.shape[1],
     )  # fmt: skip
     checkpoints.close()

@@ -238,7 +238,6 @@ def train_configs(configs: dict, mesh) -> dict:
     if note := warmup_note(optim_cfg, loop_cfg.epochs * steps_per_epoch):
         print(note)
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
-    state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     # written only now, so a setting that fails above leaves no config.json to refuse the corrected rerun
     if not resuming:  # the config first: a tokenizer.json is only ever reused under its own config
         write_config(workdir, configs)
@@ -248,7 +247,7 @@ def train_configs(configs: dict, mesh) -> dict:
         print(note)
     if model_cfg.lm_pretrain_epochs and not has_checkpoints(workdir):  # a classifier checkpoint holds the pre-trained weights
         params = pretrain_language_model(params, configs, mesh, epoch_batches, val_split=eval_batches("validation"))
-        state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
+    state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     pretraining_path = workdir / "pretrain" / "results.json"
     pretraining = json.loads(pretraining_path.read_text()) if model_cfg.lm_pretrain_epochs and pretraining_path.exists() else None
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
@@ -261,27 +260,15 @@ def train_configs(configs: dict, mesh) -> dict:
     atomic_write_text(workdir / "run.json", json.dumps(meta, indent=2))
     val_split = eval_batches("validation")
     rows = parallel.batch_sharding(mesh)
-    eval_on_mesh = make_eval_step(model_cfg, params_sharding=state_sharding.eval_params, batch_sharding=rows)
-    step_on_mesh = make_train_step(lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer,
-                                   ema_decay=optim_cfg.ema_decay, state_sharding=state_sharding, batch_sharding=rows)  # fmt: skip
-
-    def eval_step(params, batch):
-        return eval_on_mesh(params, parallel.put_batch(batch, mesh))
-
-    def train_step(state, batch):
-        return step_on_mesh(state, parallel.put_batch(batch, mesh))
-
-    log = MetricsLog(workdir / "metrics.jsonl", start_step)
-    state, summary = train_loop(
-        state, train_step, epoch_batches, lambda p: evaluate(eval_step, p, val_split), checkpoints, log, loop_cfg,
-        meta=meta, tokens_in=lambda batch: int(batch.lengths_B.sum()),
+    eval_step = parallel.host_batch_step(make_eval_step(model_cfg, params_sharding=state_sharding.eval_params, batch_sharding=rows), mesh)
+    state, summary, best = train_phase(
+        state, state_sharding, lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer, eval_step, val_split,
+        configs, mesh, epoch_batches, checkpoints, workdir, loop_cfg, meta=meta, title=f"{data_cfg.dataset}: {model_cfg.cell}",
     )  # fmt: skip
-    best = checkpoints.restore(state, which="best")
     best_state = best.state if best else state
     val = evaluate(eval_step, best_state.eval_params, val_split)
     test = evaluate(eval_step, best_state.eval_params, eval_batches("test")) if "test" in encoded else None
     checkpoints.close()
-    save_curves(log.read(), workdir / "curves.png", title=f"{data_cfg.dataset}: {model_cfg.cell}")
     results = {
         "dataset": data_cfg.dataset, "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"] if test else None,
         "best_step": best.step if best else None, "final_val_accuracy": summary["last_val"]["accuracy"] if summary["last_val"] else None,
@@ -296,6 +283,26 @@ def train_configs(configs: dict, mesh) -> dict:
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
     print(f"validation accuracy {val['accuracy']:.4f}, test accuracy {test['accuracy'] if test else float('nan'):.4f}; results in {workdir / 'results.json'}")
     return results
+
+
+def train_phase(state, state_sharding, loss_fn, optimizer, eval_step, val_split, configs: dict, mesh, epoch_batches,
+                checkpoints: RunCheckpoints, folder: Path, loop_cfg: LoopConfig, *, meta: dict, title: str):
+    """Trains ``state`` by ``loss_fn`` through :func:`~lstm_jax.loop.train_loop` in ``folder`` (``metrics.jsonl``,
+    ``curves.png``, ``checkpoints``), on ``mesh``; evaluates ``eval_step`` (host batches) on ``val_split``.
+
+    Returns ``(state, summary, best)``: the last state, the loop's summary and the best checkpoint by
+    validation accuracy (None if there is none). ``checkpoints`` stay open.
+    """
+    step_on_mesh = make_train_step(loss_fn, optimizer, ema_decay=configs["OptimConfig"].ema_decay, state_sharding=state_sharding,
+                                   batch_sharding=parallel.batch_sharding(mesh))  # fmt: skip
+    log = MetricsLog(folder / "metrics.jsonl", int(state.step))
+    state, summary = train_loop(
+        state, parallel.host_batch_step(step_on_mesh, mesh), epoch_batches, lambda p: evaluate(eval_step, p, val_split),
+        checkpoints, log, loop_cfg, meta=meta, tokens_in=lambda batch: int(batch.lengths_B.sum()),
+    )  # fmt: skip
+    best = checkpoints.restore(state, which="best")
+    save_curves(log.read(), folder / "curves.png", title=title)
+    return state, summary, best
 
 
 def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *, val_split) -> dict:
@@ -320,19 +327,13 @@ def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *,
     checkpoints = RunCheckpoints(folder, keep=loop_cfg.keep)
     state, state_sharding, _ = resume_on_mesh(state, checkpoints, mesh, resuming=has_checkpoints(folder), shard_embedding=mesh_cfg.shard_embedding)
     print(f"language-model pre-training: {epochs} epoch(s) from step {int(state.step)}, in {folder}")
-    step_on_mesh = make_train_step(lambda p, batch, key: language_model_pretraining_loss(p, model_cfg, batch, key), optimizer,
-                                   ema_decay=optim_cfg.ema_decay, state_sharding=state_sharding, batch_sharding=parallel.batch_sharding(mesh))  # fmt: skip
-    eval_step = make_language_model_eval_step(model_cfg)
-    log = MetricsLog(folder / "metrics.jsonl", int(state.step))
-    state, summary = train_loop(
-        state, lambda state, batch: step_on_mesh(state, parallel.put_batch(batch, mesh)), epoch_batches,
-        lambda p: evaluate(lambda q, batch: eval_step(q, parallel.put_batch(batch, mesh)), p, val_split), checkpoints, log,
-        dataclasses.replace(loop_cfg, epochs=epochs, max_steps=0), meta={"pretraining": "language model"},
-        tokens_in=lambda batch: int(batch.lengths_B.sum()),
+    state, summary, best = train_phase(
+        state, state_sharding, lambda p, batch, key: language_model_pretraining_loss(p, model_cfg, batch, key), optimizer,
+        parallel.host_batch_step(make_language_model_eval_step(model_cfg), mesh), val_split, configs, mesh, epoch_batches,
+        checkpoints, folder, dataclasses.replace(loop_cfg, epochs=epochs, max_steps=0), meta={"pretraining": "language model"},
+        title="language-model pre-training (accuracy: next word)",
     )  # fmt: skip
-    best = checkpoints.restore(state, which="best")
     checkpoints.close()
-    save_curves(log.read(), folder / "curves.png", title="language-model pre-training (accuracy: next word)")
     chosen = (best.state if best else state).eval_params
     taken = [name for name in ("embed", "rnn", "lm") if name in params]
     val = best.meta["val"] if best else summary["last_val"]

@@ -15,6 +15,7 @@ deterministic batch list and feeds only its own rows of each batch
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import jax
 import numpy as np
@@ -149,3 +150,12 @@ def put_batch(batch, mesh: Mesh):
         return jax.make_array_from_process_local_data(sharding, local, array.shape)
 
     return jax.tree.map(host_rows, batch)
+
+
+def host_batch_step(step: Callable, mesh: Mesh) -> Callable:
+    """``(first, batch) -> step(first, put_batch(batch, mesh))``: a jitted train or eval step that takes host batches."""
+
+    def placed_step(first, batch):
+        return step(first, put_batch(batch, mesh))
+
+    return placed_step

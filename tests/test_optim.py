@@ -250,3 +250,27 @@ def test_clipping_bounds_the_gradient_that_reaches_adam(clip_norm):
                 rtol=1e-4,
                 atol=1e-6 * grad_norm,
             )
+
+
+def test_ensemble_members_are_clipped_and_stepped_each_on_its_own():
+    """Two members through ``make_optimizer(ensemble=2)`` against NumPy AdamW run on each member alone.
+
+    Member 1's gradient is 1e4 times member 0's on step 1 and equal on step 2, so a global norm taken over
+    both members would clip member 0 by a different factor on each step and change its second update.
+    """
+    config = OptimConfig(learning_rate=0.05, schedule="constant", warmup_steps=0, weight_decay=0.1, clip_norm=1.0)
+    members = [small_params(seed=0), small_params(seed=1)]
+    stacked = jax.tree.map(lambda *leaves: jnp.stack(leaves), *members)
+    rng = np.random.default_rng(2)
+    member_grads = [[jax.tree.map(lambda x, s=s: jnp.asarray(s * rng.standard_normal(x.shape), jnp.float32), members[0])
+                     for s in scales] for scales in ((3.0, 3.0), (3e4, 3.0))]  # fmt: skip
+    optimizer = make_optimizer(config, total_steps=10, ensemble=2)
+    state, current = optimizer.init(stacked), stacked
+    for step in range(2):
+        grads = jax.tree.map(lambda *leaves: jnp.stack(leaves), *(member_grads[i][step] for i in range(2)))
+        updates, state = jax.jit(optimizer.update)(grads, state, current)
+        current = optax.apply_updates(current, updates)
+    for i in range(2):
+        expected = numpy_adamw(members[i], member_grads[i], config, total_steps=10)
+        for actual, want in zip(jax.tree.leaves(current), expected):
+            np.testing.assert_allclose(np.asarray(actual)[i], want, rtol=2e-4, atol=1e-6)

@@ -408,7 +408,8 @@ def test_ensemble_members_step_as_if_each_trained_alone():
         expected = optax.apply_updates(member_params, updates)
         # atol covers float32 rounding between the vmapped and the lone computation (seen: 1.6e-7 with jax 0.10.2).
         # Adam's first step is g / |g|, blind to a gradient's scale, so this one step cannot tell joint from per-member
-        # clipping (measured: 6e-8 apart); it checks each member's own keys, gradient and step
+        # clipping (measured: 6e-8 apart); it checks each member's own keys, gradient and step, and
+        # test_optim.test_ensemble_members_are_clipped_and_stepped_each_on_its_own checks the clipping over two steps
         jax.tree.map(lambda got, want: np.testing.assert_allclose(got[i], want, rtol=1e-5, atol=1e-6), new_state.params, expected)
         member_losses.append(float(loss))
     assert float(metrics["loss"]) == pytest.approx(np.mean(member_losses), rel=1e-6)
