@@ -108,8 +108,8 @@ DATASET_PRESETS = {
     "ag_news": {"max_len": 64, "epochs": 3},
 }
 
-# Pre-training's per-step keys fold the step into fold_in(key(seed), this); the classifier's fold it
-# into key(seed) with a step below 2**31, so the two phases never draw the same dropout masks.
+# Pre-training's per-step keys fold the step into fold_in(key(seed), this), the classifier's into
+# fold_in(key(seed), train.STEP_STREAM), so the two phases never draw the same dropout masks.
 PRETRAINING_STREAM = 0xFFFFFFFF
 
 # The least value of each numeric flag that has one, checked before anything is read or written.
@@ -322,8 +322,7 @@ def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *,
     optimizer = make_optimizer(optim_cfg, epochs * len(epoch_batches(0)))
     vocab_size, num_classes = params["embed"].shape[0], params["head"]["out"]["b"].shape[0]
     lm_params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, num_classes, language_model=True)
-    state = init_train_state(lm_params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
-    state = state.replace(rng=jax.random.key_data(jax.random.fold_in(jax.random.key(run_cfg.seed), PRETRAINING_STREAM)))
+    state = init_train_state(lm_params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0, stream=PRETRAINING_STREAM)
     checkpoints = RunCheckpoints(folder, keep=loop_cfg.keep)
     state, state_sharding, _ = resume_on_mesh(state, checkpoints, mesh, resuming=has_checkpoints(folder), shard_embedding=mesh_cfg.shard_embedding)
     print(f"language-model pre-training: {epochs} epoch(s) from step {int(state.step)}, in {folder}")

@@ -1,7 +1,9 @@
 """The training state and jitted train / eval steps for classifiers.
 
 Randomness comes from ``fold_in(rng, step)``, so a run's keys depend only on its
-seed and step: a resumed run draws the same dropout masks as an uninterrupted one.
+seed and step: a resumed run draws the same dropout masks as an uninterrupted one. ``rng`` is
+``fold_in(key(seed), stream)`` with a stream (:data:`STEP_STREAM` by default) that no initialiser's
+``split(key(seed), n)`` reaches, so no step reuses the key that drew a weight.
 A step whose loss or gradient is not finite is never applied, to the parameters, the
 optimiser state or their average; it is counted in ``state.nonfinite_steps`` and the
 loop decides whether to stop.
@@ -36,10 +38,18 @@ class TrainState:
         return self.params if self.ema_params is None else self.ema_params
 
 
-def init_train_state(params, optimizer: optax.GradientTransformation, seed: int, *, ema: bool = False) -> TrainState:
+# split(key, n)[i] is fold_in(key, i) (threefry, partitionable), so initialisers that split key(seed)
+# use its small fold-ins; the steps fold into a stream far above them.
+STEP_STREAM = 0x7FFFFFFF
+
+
+def init_train_state(params, optimizer: optax.GradientTransformation, seed: int, *, ema: bool = False,
+                     stream: int = STEP_STREAM) -> TrainState:  # fmt: skip
+    """Step 0 of a run: ``params``, fresh optimiser state (and average, with ``ema``), and the key
+    ``fold_in(key(seed), stream)`` that each step folds its index into."""
     return TrainState(
         step=jnp.zeros((), jnp.int32), params=params, opt_state=optimizer.init(params),
-        rng=jax.random.key_data(jax.random.key(seed)), nonfinite_steps=jnp.zeros((), jnp.int32),
+        rng=jax.random.key_data(jax.random.fold_in(jax.random.key(seed), stream)), nonfinite_steps=jnp.zeros((), jnp.int32),
         ema_params=jax.tree.map(jnp.copy, params) if ema else None,
     )  # fmt: skip
 

@@ -21,6 +21,7 @@ from lstm_jax.data import Batch
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier, member_config
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.train import (
+    STEP_STREAM,
     classifier_loss,
     evaluate,
     init_train_state,
@@ -126,15 +127,29 @@ def test_step_metrics_and_bookkeeping():
     assert not trees_equal(state.params, TINY_PARAMS)
 
 
-def test_step_keys_are_fold_in_of_seed_and_step():
-    """A resumed run draws what an uninterrupted one does: the key of step t is fold_in(key(seed), t)."""
-    state = tiny_state(seed=7)
-    draws = []
-    for _ in range(3):
-        state, metrics = TINY_STEP(state, tiny_batch())
-        draws.append(float(metrics["aux"]))
-    expected = [float(jax.random.uniform(jax.random.fold_in(jax.random.key(7), t))) for t in range(3)]
-    assert draws == expected
+def test_step_keys_are_fold_in_of_seed_stream_and_step():
+    """A resumed run draws what an uninterrupted one does: step t's key is fold_in(fold_in(key(seed), stream), t)."""
+    for stream in (STEP_STREAM, 12345):
+        state = tiny_state(seed=7, stream=stream)
+        draws = []
+        for _ in range(3):
+            state, metrics = TINY_STEP(state, tiny_batch())
+            draws.append(float(metrics["aux"]))
+        stream_key = jax.random.fold_in(jax.random.key(7), stream)
+        assert draws == [float(jax.random.uniform(jax.random.fold_in(stream_key, t))) for t in range(3)]
+
+
+def test_no_step_key_is_an_initialisers_key():
+    """``init_classifier`` splits key(seed) (and splits those keys again); no step of the first thousand may get one of them."""
+    seed = 3
+    init_keys = list(jax.random.split(jax.random.key(seed), 8))
+    init_keys += [k for parent in init_keys for k in jax.random.split(parent, 8)]
+    init_bits = {tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in init_keys}
+    step_base = jax.random.wrap_key_data(tiny_state(seed=seed).rng)
+    step_bits = {tuple(np.asarray(jax.random.key_data(jax.random.fold_in(step_base, t))).tolist()) for t in range(1000)}
+    step_bits |= {tuple(np.asarray(jax.random.key_data(k)).tolist()) for t in range(8) for k in jax.random.split(jax.random.fold_in(step_base, t), 8)}
+    assert len(init_bits) == 72 and len(step_bits) == 1064
+    assert not init_bits & step_bits
 
 
 @pytest.mark.parametrize("bad", ["nan_loss", "nonfinite_gradient_only"])
