@@ -33,10 +33,14 @@ def run(*args) -> dict:
     return sentiment.train([str(a) for a in args])
 
 
+def trained_run_args(sst2_slice) -> list:
+    return ["--dataset", sst2_slice, "--epochs", 3, *SMALL_MODEL, "--num-buckets", 4]
+
+
 @pytest.fixture(scope="module")
 def trained_run(sst2_slice, tmp_path_factory) -> tuple[Path, dict]:
     workdir = tmp_path_factory.mktemp("run")
-    results = run("--dataset", sst2_slice, "--workdir", workdir, "--epochs", 3, *SMALL_MODEL)
+    results = run(*trained_run_args(sst2_slice), "--workdir", workdir)
     return workdir, results
 
 
@@ -92,9 +96,10 @@ def test_explain_plots_gates_and_ends_on_the_predicted_probability(trained_run, 
 
 
 @pytest.mark.slow
-def test_resume_after_max_steps_matches_an_uninterrupted_run(sst2_slice, tmp_path):
-    args = ["--dataset", sst2_slice, "--epochs", 2, *SMALL_MODEL, "--save-every", 25]
-    whole = run(*args, "--workdir", tmp_path / "whole")
+def test_resume_after_max_steps_matches_an_uninterrupted_run(sst2_slice, trained_run, tmp_path):
+    """Stopped by --max-steps inside epoch 1 (between saves), then rerun: the bits of ``trained_run``, never stopped."""
+    _, whole = trained_run
+    args = [*trained_run_args(sst2_slice), "--save-every", 25]  # --save-every is resumable; it changes no bits
     first = run(*args, "--workdir", tmp_path / "split", "--max-steps", 37)
     assert first["steps"] == 37 and first["params_sha256"] != whole["params_sha256"]
     resumed = run(*args, "--workdir", tmp_path / "split")
@@ -195,7 +200,7 @@ def test_help_lists_the_dataset_presets(capsys):
 
 @pytest.mark.slow
 def test_an_ensemble_run_predicts_the_mean_of_its_members_and_explains_each(sst2_slice, tmp_path, capsys):
-    results = run("--dataset", sst2_slice, "--workdir", tmp_path, "--epochs", 3, "--ensemble", 2, *SMALL_MODEL)
+    results = run("--dataset", sst2_slice, "--workdir", tmp_path, "--epochs", 3, "--ensemble", 2, *SMALL_MODEL, "--num-buckets", 2)
     assert results["val_accuracy"] > 444 / 872 + 0.05
     model_cfg, _, _, _, params = sentiment.load_run(tmp_path)
     assert model_cfg.ensemble == 2 and params["embed"].shape[0] == 2
