@@ -17,7 +17,7 @@ writes ``config.json``, ``tokenizer.json``, ``metrics.jsonl``, ``curves.png``,
 
 Expected result on 2 CPU cores (the README has the full tables): the default SST-2 run (its preset adds
 adversarial training, ``--adversarial-epsilon 0.1``) reaches about 84.8 % validation and 84.9 % test
-accuracy (84.40-85.21 % validation over seeds 0-2, measured 2026-12-01) in about 7.5 minutes of wall
+accuracy (84.40-85.21 % validation over seeds 0-2, measured 2026-12-01) in 7.5 to 12 minutes of wall
 time alone on the machine, compiling included. The IMDB preset reaches 91.6-92.1 %
 validation and 89.3-89.6 % test accuracy (seeds 0 and 1) in about an hour of wall time.
 """
