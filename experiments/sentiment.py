@@ -245,8 +245,9 @@ def train_configs(configs: dict, mesh) -> dict:
         data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
     if mesh_cfg.shard_embedding and (note := parallel.unsplit_embedding_note(vocab_size, mesh)):
         print(note)
+    val_split = eval_batches("validation")
     if model_cfg.lm_pretrain_epochs and not has_checkpoints(workdir):  # a classifier checkpoint holds the pre-trained weights
-        params = pretrain_language_model(params, configs, mesh, epoch_batches, val_split=eval_batches("validation"))
+        params = pretrain_language_model(params, configs, mesh, epoch_batches, val_split=val_split)
     state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     pretraining_path = workdir / "pretrain" / "results.json"
     pretraining = json.loads(pretraining_path.read_text()) if model_cfg.lm_pretrain_epochs and pretraining_path.exists() else None
@@ -258,12 +259,11 @@ def train_configs(configs: dict, mesh) -> dict:
     meta = {"dataset": data_cfg.dataset, "num_classes": splits.num_classes, "label_names": list(splits.label_names),
             "vocab_size": vocab_size, "buckets": list(buckets)}  # fmt: skip
     atomic_write_text(workdir / "run.json", json.dumps(meta, indent=2))
-    val_split = eval_batches("validation")
     rows = parallel.batch_sharding(mesh)
     eval_step = parallel.host_batch_step(make_eval_step(model_cfg, params_sharding=state_sharding.eval_params, batch_sharding=rows), mesh)
     state, summary, best = train_phase(
         state, state_sharding, lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer, eval_step, val_split,
-        configs, mesh, epoch_batches, checkpoints, workdir, loop_cfg, meta=meta, title=f"{data_cfg.dataset}: {model_cfg.cell}",
+        mesh, epoch_batches, checkpoints, workdir, loop_cfg, ema_decay=optim_cfg.ema_decay, meta=meta, title=f"{data_cfg.dataset}: {model_cfg.cell}",
     )  # fmt: skip
     best_state = best.state if best else state
     val = evaluate(eval_step, best_state.eval_params, val_split)
@@ -285,15 +285,15 @@ def train_configs(configs: dict, mesh) -> dict:
     return results
 
 
-def train_phase(state, state_sharding, loss_fn, optimizer, eval_step, val_split, configs: dict, mesh, epoch_batches,
-                checkpoints: RunCheckpoints, folder: Path, loop_cfg: LoopConfig, *, meta: dict, title: str):
+def train_phase(state, state_sharding, loss_fn, optimizer, eval_step, val_split, mesh, epoch_batches,
+                checkpoints: RunCheckpoints, folder: Path, loop_cfg: LoopConfig, *, ema_decay: float, meta: dict, title: str):
     """Trains ``state`` by ``loss_fn`` through :func:`~lstm_jax.loop.train_loop` in ``folder`` (``metrics.jsonl``,
     ``curves.png``, ``checkpoints``), on ``mesh``; evaluates ``eval_step`` (host batches) on ``val_split``.
 
     Returns ``(state, summary, best)``: the last state, the loop's summary and the best checkpoint by
     validation accuracy (None if there is none). ``checkpoints`` stay open.
     """
-    step_on_mesh = make_train_step(loss_fn, optimizer, ema_decay=configs["OptimConfig"].ema_decay, state_sharding=state_sharding,
+    step_on_mesh = make_train_step(loss_fn, optimizer, ema_decay=ema_decay, state_sharding=state_sharding,
                                    batch_sharding=parallel.batch_sharding(mesh))  # fmt: skip
     log = MetricsLog(folder / "metrics.jsonl", int(state.step))
     state, summary = train_loop(
@@ -328,9 +328,9 @@ def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *,
     print(f"language-model pre-training: {epochs} epoch(s) from step {int(state.step)}, in {folder}")
     state, summary, best = train_phase(
         state, state_sharding, lambda p, batch, key: language_model_pretraining_loss(p, model_cfg, batch, key), optimizer,
-        parallel.host_batch_step(make_language_model_eval_step(model_cfg), mesh), val_split, configs, mesh, epoch_batches,
-        checkpoints, folder, dataclasses.replace(loop_cfg, epochs=epochs, max_steps=0), meta={"pretraining": "language model"},
-        title="language-model pre-training (accuracy: next word)",
+        parallel.host_batch_step(make_language_model_eval_step(model_cfg), mesh), val_split, mesh, epoch_batches,
+        checkpoints, folder, dataclasses.replace(loop_cfg, epochs=epochs, max_steps=0), ema_decay=optim_cfg.ema_decay,
+        meta={"pretraining": "language model"}, title="language-model pre-training (accuracy: next word)",
     )  # fmt: skip
     checkpoints.close()
     chosen = (best.state if best else state).eval_params

@@ -142,12 +142,15 @@ def test_step_keys_are_fold_in_of_seed_stream_and_step():
 def test_no_step_key_is_an_initialisers_key():
     """``init_classifier`` splits key(seed) (and splits those keys again); no step of the first thousand may get one of them."""
     seed = 3
+
+    def bits(key):
+        return tuple(np.asarray(jax.random.key_data(key)).tolist())
+
     init_keys = list(jax.random.split(jax.random.key(seed), 8))
-    init_keys += [k for parent in init_keys for k in jax.random.split(parent, 8)]
-    init_bits = {tuple(np.asarray(jax.random.key_data(k)).tolist()) for k in init_keys}
+    init_bits = {bits(k) for k in init_keys + [k for parent in init_keys for k in jax.random.split(parent, 8)]}
     step_base = jax.random.wrap_key_data(tiny_state(seed=seed).rng)
-    step_bits = {tuple(np.asarray(jax.random.key_data(jax.random.fold_in(step_base, t))).tolist()) for t in range(1000)}
-    step_bits |= {tuple(np.asarray(jax.random.key_data(k)).tolist()) for t in range(8) for k in jax.random.split(jax.random.fold_in(step_base, t), 8)}
+    step_bits = {bits(jax.random.fold_in(step_base, t)) for t in range(1000)}
+    step_bits |= {bits(k) for t in range(8) for k in jax.random.split(jax.random.fold_in(step_base, t), 8)}
     assert len(init_bits) == 72 and len(step_bits) == 1064
     assert not init_bits & step_bits
 
