@@ -73,6 +73,7 @@ class System(NamedTuple):
     name: str
     train: Callable[[], None]
     infer: Callable[[], None]
+    peer: bool = True  # False for lstm_jax's own rows: they are never the peer that ratios are taken against
 
 
 def random_batch(shape: Shape, seed: int = 0):
@@ -110,8 +111,11 @@ def _jax_system(name, params, logits_fn, shape):
     return System(name, train, lambda: forward(state["params"]).block_until_ready())
 
 
-def lstm_jax_system(shape: Shape, compute_dtype=jnp.float32) -> System:
-    """lstm_jax's step; with a ``compute_dtype`` of bfloat16, mixed precision (float32 parameters, Adam and loss)."""
+def lstm_jax_system(shape: Shape, compute_dtype=jnp.float32, kernel=True) -> System:
+    """lstm_jax's step; with a ``compute_dtype`` of bfloat16, mixed precision (float32 parameters, Adam and loss).
+
+    ``kernel=False`` traces it with the ``lax.scan`` loops instead of the CPU kernel of ``lstm_jax.native``.
+    """
     k_embed, k_rnn, k_out = jax.random.split(jax.random.key(0), 3)
     params = {
         "embed": jax.random.normal(k_embed, (VOCAB, shape.embed)) * 0.1,
@@ -126,7 +130,18 @@ def lstm_jax_system(shape: Shape, compute_dtype=jnp.float32) -> System:
         return (carry.h @ out).astype(jnp.float32)
 
     name = "lstm_jax" if compute_dtype == jnp.float32 else f"lstm_jax {jnp.dtype(compute_dtype).name}"
-    return _jax_system(name, params, logits, shape)
+    if not kernel:
+        system = _jax_system(f"{name} (lax.scan loops)", params, logits, shape)
+        return system._replace(train=_without_kernel(system.train), infer=_without_kernel(system.infer), peer=False)
+    return _jax_system(name, params, logits, shape)._replace(peer=False)
+
+
+def _without_kernel(call):
+    def traced_with_scan_loops():
+        with lj.native.disabled():  # only the first call traces; the later ones just run
+            call()
+
+    return traced_with_scan_loops
 
 
 def flax_system(shape: Shape) -> System:
@@ -229,8 +244,13 @@ def time_calls(fn: Callable[[], None], count: int) -> list[float]:
     return times
 
 
-def build_systems(shape: Shape, on_gpu: bool, bf16: bool = False) -> list[System]:
-    systems = [lstm_jax_system(shape), *([lstm_jax_system(shape, jnp.bfloat16)] if bf16 else []), flax_system(shape)]
+def build_systems(shape: Shape, on_gpu: bool, bf16: bool = False, scan_loops: bool = False) -> list[System]:
+    systems = [
+        lstm_jax_system(shape),
+        *([lstm_jax_system(shape, jnp.bfloat16)] if bf16 else []),
+        *([lstm_jax_system(shape, kernel=False)] if scan_loops else []),
+        flax_system(shape),
+    ]
     if on_gpu:
         systems.append(cudnn_jax_system(shape))
     peer = torch_system(shape)
@@ -239,8 +259,10 @@ def build_systems(shape: Shape, on_gpu: bool, bf16: bool = False) -> list[System
     return systems
 
 
-def bench_shape(shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: bool, ceiling, bf16: bool = False) -> dict:
-    systems = build_systems(shape, on_gpu, bf16)
+def bench_shape(
+    shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: bool, ceiling, bf16: bool = False, scan_loops=False
+) -> dict:
+    systems = build_systems(shape, on_gpu, bf16, scan_loops)
     for system in systems:
         for _ in range(warmup):
             system.train()
@@ -268,7 +290,7 @@ def bench_shape(shape: Shape, *, steps: int, rounds: int, warmup: int, on_gpu: b
             "train_spread_ms": 1e3 * float(np.subtract(*np.percentile(train_times[system.name], [75, 25]))),
         })  # fmt: skip
     ours = rows[0]
-    peers = [row for row in rows if not row["system"].startswith("lstm_jax")]
+    peers = [row for row, system in zip(rows, systems, strict=True) if system.peer]
     best_train = min(peers, key=lambda r: r["train_ms"])
     best_infer = min(peers, key=lambda r: r["infer_ms"])
     for row in rows:
@@ -416,6 +438,9 @@ def main(argv=None):
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
                         help="also time lstm_jax with bfloat16 compute and float32 master weights (default: on GPU only)")
+    parser.add_argument("--scan-loops", action=argparse.BooleanOptionalAction, default=None,
+                        help="also time lstm_jax with its lax.scan loops instead of the CPU kernel of lstm_jax.native "
+                        "(default: on CPU where the kernel builds)")
     parser.add_argument(
         "--sst2", help="also time one epoch of the sentiment experiment on this dataset (path or Hub id)"
     )
@@ -429,7 +454,8 @@ def main(argv=None):
     for shape in shapes:
         load_before = os.getloadavg()[0]
         options = {"steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "on_gpu": on_gpu,
-                   "bf16": on_gpu if args.bf16 is None else args.bf16}
+                   "bf16": on_gpu if args.bf16 is None else args.bf16,
+                   "scan_loops": (not on_gpu and lj.native.enabled()) if args.scan_loops is None else args.scan_loops}
         result = bench_shape(shape, ceiling=ceiling, **options)
         result["load_average"] = [
             load_before,

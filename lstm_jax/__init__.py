@@ -1,6 +1,6 @@
 """lstm_jax: LSTM cells, one scan driver and regularisers as pure functions over parameter dicts."""
 
-from lstm_jax import fused, interop, parallel, regularisers
+from lstm_jax import fused, interop, native, parallel, regularisers
 from lstm_jax.cells import (
     CELLS,
     CIFG_LSTM,

@@ -15,6 +15,10 @@
   performance of recurrent neural networks on GPUs").
 * The forward pass saves the gate activations and the cell states, so the backward
   pass recomputes no matmul.
+* On CPU, for float32, both loops run in the C++ kernel of :mod:`lstm_jax.native`,
+  which keeps each core's slice of the weights in its cache across the steps; the
+  backward pass's ``dx`` is then one matmul after its loop. Elsewhere they are
+  ``lax.scan`` loops.
 
 Gates are in the order ``i, f, g, o``, as everywhere in :mod:`lstm_jax.cells`. The
 recurrent-dropout mask is a constant: no gradient flows into it.
@@ -27,6 +31,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from jax import lax
+
+from lstm_jax import native
 
 
 def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=False, unroll=1):
@@ -72,8 +78,21 @@ def _gate_activations(z_NG):
     return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
-def _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
-    """The forward scan; also returns the gate activations and the carried states for the backward pass."""
+def _uses_native(*arrays):
+    return jax.default_backend() == "cpu" and native.applies(*arrays)
+
+
+def _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, save=True):
+    """The forward loop; also returns the gate activations and the carried states for the backward pass.
+
+    ``save=False`` lets the CPU kernel skip storing them (they are then None).
+    """
+    if _uses_native(w_x, w_h, b, x_TNE, h_NH, c_NH):
+        return _native_forward(reverse, unroll, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH)
+    return _scan_forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH)
+
+
+def _scan_forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
     w_KG = jnp.concatenate([w_x, w_h], axis=0)
 
     def step(carry, inputs):
@@ -94,13 +113,53 @@ def _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH)
     return h_NH, c_NH, acts_TNG, h_TNH, c_TNH
 
 
+# The kernel's calls as functions that JAX can differentiate again. Training needs only their values (the
+# kernel's backward pass is the VJP of its forward pass), but a gradient of a gradient, such as adversarial
+# training's gradient with respect to the input inside the loss, differentiates them too: those derivatives
+# come from the lax.scan loops, which compute the same functions.
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _native_forward(reverse, unroll, save, *operands):
+    return native.forward(reverse, save, *operands)
+
+
+@_native_forward.defjvp
+def _native_forward_jvp(reverse, unroll, save, operands, tangents):
+    _, tangents_out = jax.jvp(functools.partial(_scan_forward, reverse, unroll), operands, tangents)
+    if not save:  # the kernel returned no gate activations nor cell states
+        tangents_out = (*tangents_out[:2], None, tangents_out[3], None)
+    return _native_forward(reverse, unroll, save, *operands), tangents_out
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
+def _native_backward(reverse, unroll, *operands):
+    return native.backward(reverse, *operands)
+
+
+@_native_backward.defjvp
+def _native_backward_jvp(reverse, unroll, operands, tangents):
+    _, tangents_out = jax.jvp(functools.partial(_scan_backward, reverse, unroll), operands, tangents)
+    return _native_backward(reverse, unroll, *operands), tangents_out
+
+
+def _scan_backward(reverse, unroll, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH,
+                   valid_TN, mask_NH):  # fmt: skip
+    """What ``native.backward`` returns, from the lax.scan loop: ``(dz, dx, dw_x, dw_h, dh0, dc0)``."""
+    dz_TNG, dx_TNE, dh0_NH, dc0_NH = _backward_scan(
+        reverse, unroll, w_x, w_h, dy_TNH, acts_TNG, c_TNH, c0_NH, dh_NH, dc_NH, valid_TN, mask_NH
+    )
+    dw_x, dw_h = _weight_gradients(x_TNE, h_TNH, h0_NH, mask_NH, dz_TNG, reverse)
+    return dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH
+
+
 def _outputs(h_TNH, valid_TN):
     return h_TNH if valid_TN is None else jnp.where(valid_TN[..., None], h_TNH, jnp.zeros((), h_TNH.dtype))
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _lstm_scan(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
-    h_NH, c_NH, _, h_TNH, _ = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH)
+    h_NH, c_NH, _, h_TNH, _ = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, save=False)
     return h_NH, c_NH, _outputs(h_TNH, valid_TN)
 
 
@@ -117,10 +176,9 @@ def _previous(series_TNH, initial_NH, reverse):
     return jnp.concatenate([initial_NH[None], series_TNH[:-1]], axis=0)
 
 
-def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
-    w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH = saved
-    dh_NH, dc_NH, dy_TNH = cotangents
-    input_size = x_TNE.shape[-1]
+def _backward_scan(reverse, unroll, w_x, w_h, dy_TNH, acts_TNG, c_TNH, c0_NH, dh_NH, dc_NH, valid_TN, mask_NH):
+    """The backward loop as a scan: ``(dz_TNG, dx_TNE, dh0_NH, dc0_NH)``."""
+    input_size = w_x.shape[0]
     w_GK = jnp.concatenate([w_x, w_h], axis=0).T
     c_prev_TNH = _previous(c_TNH, c0_NH, reverse)
 
@@ -157,14 +215,30 @@ def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
 
     inputs = (dy_TNH, acts_TNG, c_TNH, c_prev_TNH, valid_TN)
     (dh0_NH, dc0_NH), (dz_TNG, dx_TNE) = lax.scan(step, (dh_NH, dc_NH), inputs, reverse=not reverse, unroll=unroll)
+    return dz_TNG, dx_TNE, dh0_NH, dc0_NH
+
+
+def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
+    w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH = saved
+    dh_NH, dc_NH, dy_TNH = cotangents
+    operands = (w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH)
+    native_operands = (w_x, w_h, x_TNE, dy_TNH, acts_TNG, c_TNH, c0_NH, dh_NH, dc_NH)
+    backward = _native_backward if _uses_native(*native_operands) else _scan_backward
+    dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = backward(reverse, unroll, *operands)
+    no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
+    db = dz_TNG.reshape(-1, dz_TNG.shape[-1]).sum(0)
+    return dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH, no_grad(valid_TN), no_grad(mask_NH)
+
+
+def _weight_gradients(x_TNE, h_TNH, h0_NH, mask_NH, dz_TNG, reverse):
+    """``[X, H_prev]^T dZ`` over all steps: one large matmul each instead of ``T`` small accumulations."""
     h_in_TNH = _previous(h_TNH, h0_NH, reverse)
     if mask_NH is not None:
         h_in_TNH = h_in_TNH * mask_NH
     dz_MG = dz_TNG.reshape(-1, dz_TNG.shape[-1])
-    dw_x = x_TNE.reshape(-1, input_size).T @ dz_MG
+    dw_x = x_TNE.reshape(-1, x_TNE.shape[-1]).T @ dz_MG
     dw_h = h_in_TNH.reshape(-1, h_in_TNH.shape[-1]).T @ dz_MG
-    no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
-    return dw_x, dw_h, dz_MG.sum(0), dx_TNE, dh0_NH, dc0_NH, no_grad(valid_TN), no_grad(mask_NH)
+    return dw_x, dw_h
 
 
 _lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)

@@ -1,0 +1,569 @@
+// A persistent LSTM sequence kernel for CPUs, called from JAX through XLA's FFI.
+//
+// It computes exactly the two loops of lstm_jax/fused.py (same inputs, same saved
+// activations, same gradients), but keeps each core's slice of the weights packed and
+// resident in its cache for the whole sequence, and fuses the gate nonlinearities and
+// the cell update into the step, as oneDNN's and cuDNN's persistent RNN kernels do
+// (Appleyard, Kocisky & Blunsom 2016). XLA's CPU backend cannot express that: it
+// launches every step's matmul and elementwise ops as separate kernels.
+//
+// Work split: thread t owns a contiguous block of hidden units and computes all four
+// gates, the cell state and h of those units, for every batch row. A step's matmul
+// therefore needs only the thread's own columns of [W_x; W_h] (forward) or rows of
+// W_h (backward), which stay in its core's cache. Threads meet at one barrier per
+// step, where the new h (forward) or dz (backward) becomes visible to all.
+// Every output element is summed in the same order whatever the thread count, so the
+// results do not depend on it.
+//
+// Gates are in the order i, f, g, o. Shapes: T steps, N rows, E inputs, H units.
+
+#include <algorithm>
+#include <atomic>
+#include <cmath>
+#include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <sched.h>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+// Vectors of 16 floats where the CPU has AVX-512, else of 8 (AVX2; two 128-bit registers on NEON).
+#ifndef LSTM_JAX_LANES
+#ifdef __AVX512F__
+#define LSTM_JAX_LANES 16
+#else
+#define LSTM_JAX_LANES 8
+#endif
+#endif
+constexpr int64_t kLanes = LSTM_JAX_LANES;
+using vfloat = float __attribute__((vector_size(4 * kLanes)));
+using vint = int32_t __attribute__((vector_size(4 * kLanes)));
+constexpr int64_t kTileRows = 6;       // a register tile: 6 rows of 2 vectors, 12 accumulator registers
+constexpr int64_t kPanel = 2 * kLanes;  // columns of a register tile and of a packed panel
+
+inline vfloat splat(float a) { return vfloat{} + a; }
+
+inline vfloat load(const float* p, int64_t n = kLanes) {
+  vfloat v = splat(0.0f);
+  if (n == kLanes) {
+    std::memcpy(&v, p, sizeof v);
+  } else {
+    std::memcpy(&v, p, sizeof(float) * n);
+  }
+  return v;
+}
+
+inline void store(float* p, vfloat v, int64_t n = kLanes) {
+  if (n == kLanes) {
+    std::memcpy(p, &v, sizeof v);
+  } else {
+    std::memcpy(p, &v, sizeof(float) * n);
+  }
+}
+
+// exp, lane by lane: 2^n * p(r) with x = n ln 2 + r, |r| <= ln(2) / 2 (Cephes' expf polynomial).
+inline vfloat exp_v(vfloat x) {
+  x = x < splat(88.0f) ? x : splat(88.0f);
+  x = x > splat(-87.0f) ? x : splat(-87.0f);
+  const vfloat magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
+  vfloat t = x * splat(1.44269504088896341f) + magic;
+  vfloat n = t - magic;
+  vfloat r = x - n * splat(0.693359375f) + n * splat(2.12194440e-4f);
+  vfloat p = splat(1.9875691500e-4f);
+  p = p * r + splat(1.3981999507e-3f);
+  p = p * r + splat(8.3334519073e-3f);
+  p = p * r + splat(4.1665795894e-2f);
+  p = p * r + splat(1.6666665459e-1f);
+  p = p * r + splat(5.0000001201e-1f);
+  p = p * r * r + r + splat(1.0f);
+  vint ti, magic_bits;
+  std::memcpy(&ti, &t, sizeof t);
+  std::memcpy(&magic_bits, &magic, sizeof magic);
+  vint scale_bits = ((ti - magic_bits) + 127) << 23;
+  vfloat scale;
+  std::memcpy(&scale, &scale_bits, sizeof scale);
+  return p * scale;
+}
+
+inline vfloat sigmoid_v(vfloat x) { return splat(1.0f) / (splat(1.0f) + exp_v(-x)); }
+
+// tanh from exp(-2|x|), and its Taylor series near 0 where 1 - t would cancel.
+inline vfloat tanh_v(vfloat x) {
+  vfloat a = x < splat(0.0f) ? -x : x;
+  vfloat t = exp_v(splat(-2.0f) * a);
+  vfloat far = (splat(1.0f) - t) / (splat(1.0f) + t);
+  vfloat a2 = a * a;
+  vfloat near = a + a * a2 * (splat(-1.0f / 3) + a2 * (splat(2.0f / 15) + a2 * splat(-17.0f / 315)));
+  vfloat y = a < splat(0.0625f) ? near : far;
+  return x < splat(0.0f) ? -y : y;
+}
+
+// Rows of the left operand, for k < depth: element (r, k) is a[r * lda + k] (step 1), or, for rows packed
+// by pack_rows (step kTileRows), a[(r / 6) * 6 * depth + k * 6 + r % 6].
+struct Rows {
+  const float* a;
+  int64_t lda;
+  int64_t depth;
+  int64_t step = 1;
+};
+
+// c[r][0:P] (+)= sum_k A[r][k] * panel[k][0:P], for a packed panel (rows of P = kPanel floats).
+// kPackedRows: A is a packed tile, A[r][k] = a[k * 6 + r]; otherwise A's rows are contiguous (step 1).
+template <int64_t R, bool kPackedRows>
+void tile(Rows a, const float* panel, float* c, int64_t ldc, bool accumulate) {
+  vfloat acc[R][2];
+  for (int64_t r = 0; r < R; ++r) {
+    acc[r][0] = accumulate ? load(c + r * ldc) : splat(0.0f);
+    acc[r][1] = accumulate ? load(c + r * ldc + kLanes) : splat(0.0f);
+  }
+  const float* column = a.a;
+  for (int64_t k = 0; k < a.depth; ++k, panel += kPanel, column += kPackedRows ? kTileRows : 1) {
+    vfloat b0 = load(panel), b1 = load(panel + kLanes);
+    for (int64_t r = 0; r < R; ++r) {
+      vfloat a_rk = splat(column[kPackedRows ? r : r * a.lda]);
+      acc[r][0] += a_rk * b0;
+      acc[r][1] += a_rk * b1;
+    }
+  }
+  for (int64_t r = 0; r < R; ++r) {
+    store(c + r * ldc, acc[r][0]);
+    store(c + r * ldc + kLanes, acc[r][1]);
+  }
+}
+
+template <int64_t R>
+void tile_at(Rows a, int64_t row, const float* panel, float* c, int64_t ldc, bool accumulate) {
+  if (a.step == 1) {
+    tile<R, false>({a.a + row * a.lda, a.lda, a.depth}, panel, c + row * ldc, ldc, accumulate);
+  } else {  // packed tiles of kTileRows rows, one after the other
+    tile<R, true>({a.a + row * a.depth, 1, a.depth, kTileRows}, panel, c + row * ldc, ldc, accumulate);
+  }
+}
+
+// All rows of one panel's columns for one block of depth.
+void panel_block(Rows a, int64_t rows, const float* panel, float* c, int64_t ldc, bool accumulate) {
+  int64_t row = 0;
+  for (; row + kTileRows <= rows; row += kTileRows) tile_at<kTileRows>(a, row, panel, c, ldc, accumulate);
+  switch (rows - row) {
+    case 5: tile_at<5>(a, row, panel, c, ldc, accumulate); break;
+    case 4: tile_at<4>(a, row, panel, c, ldc, accumulate); break;
+    case 3: tile_at<3>(a, row, panel, c, ldc, accumulate); break;
+    case 2: tile_at<2>(a, row, panel, c, ldc, accumulate); break;
+    case 1: tile_at<1>(a, row, panel, c, ldc, accumulate); break;
+    default: break;
+  }
+}
+
+constexpr int64_t kDepthBlock = 128;  // a block of a panel (8 or 16 KiB) stays in L1 while every row passes over it
+
+// C (rows x kPanel * panels) = [first, second] @ packed, panel by panel and depth block by depth block.
+void gemm(Rows first, Rows second, int64_t rows, const float* packed, int64_t panels, float* c, int64_t ldc) {
+  const int64_t depth = first.depth + second.depth;
+  for (int64_t p = 0; p < panels; ++p) {
+    const float* panel = packed + p * depth * kPanel;
+    bool accumulate = false;
+    for (const Rows& operand : {first, second}) {
+      for (int64_t k = 0; k < operand.depth; k += kDepthBlock) {
+        const Rows block{operand.a + k, operand.lda, std::min(kDepthBlock, operand.depth - k)};
+        panel_block(block, rows, panel, c + p * kPanel, ldc, accumulate);
+        panel += block.depth * kPanel;
+        accumulate = true;
+      }
+    }
+  }
+}
+
+int64_t panels_for(int64_t columns) { return (columns + kPanel - 1) / kPanel; }
+
+// The thread's share [begin, end) of `count` items.
+std::pair<int64_t, int64_t> share(int64_t count, int64_t thread, int64_t threads) {
+  return {thread * count / threads, (thread + 1) * count / threads};
+}
+
+// A^T's rows [0, K) over depth [m, m + depth), for A (M x K) row-major, as packed tiles of kTileRows
+// rows: element (r, k) at packed[(r / 6) * 6 * depth + k * 6 + r % 6]. A is read row after row.
+void pack_rows(const float* a, int64_t K, int64_t m, int64_t depth, float* packed) {
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* row = a + (m + k) * K;
+    for (int64_t r0 = 0; r0 < K; r0 += kTileRows) {
+      float* out = packed + r0 * depth + k * kTileRows;
+      if (r0 + kTileRows <= K) {
+        for (int64_t r = 0; r < kTileRows; ++r) out[r] = row[r0 + r];
+      } else {
+        for (int64_t r = 0; r < K - r0; ++r) out[r] = row[r0 + r];
+      }
+    }
+  }
+}
+
+// Columns [first, first + width) of B (rows x G) over rows [m, m + depth), as panels: element (k, j) at
+// packed[(j / P) * P * depth + k * P + j % P], P = kPanel (zeros past column G). B is read row after row.
+void pack_columns(const float* b, int64_t G, int64_t first, int64_t width, int64_t m, int64_t depth, float* packed) {
+  for (int64_t k = 0; k < depth; ++k) {
+    const float* row = b + (m + k) * G;
+    for (int64_t j = 0; j < width; j += kPanel) {
+      float* out = packed + j * depth + k * kPanel;
+      const int64_t columns = std::clamp<int64_t>(G - first - j, 0, kPanel);
+      store(out, load(row + first + j, std::min(kLanes, columns)));
+      store(out + kLanes, load(row + first + j + kLanes, std::max<int64_t>(0, columns - kLanes)));
+    }
+  }
+}
+
+// C (K x G) = A^T B for A (M x K) and B (M x G), both row-major: the weight gradients, summed over all
+// M = T * N rows after the loop. The thread computes its share of C's panels, a block of rows at a time,
+// from copies of A^T and of its panels of B in the layout the tiles read. (Read in place, both would be
+// read down their columns, with rows a multiple of 1 KiB apart: few cache sets and no prefetching.)
+void weight_gradient(const float* a, int64_t K, const float* b, int64_t M, int64_t G, float* c, int64_t thread,
+                     int64_t threads) {
+  constexpr int64_t kRowsBlock = 128;
+  const auto [first, last] = share(panels_for(G), thread, threads);
+  const int64_t width = (last - first) * kPanel;
+  std::vector<float> a_t((K + kTileRows - 1) / kTileRows * kTileRows * kRowsBlock), panels(width * kRowsBlock);
+  std::vector<float> c_mine(K * width);
+  for (int64_t m = 0; m < M; m += kRowsBlock) {
+    const int64_t depth = std::min(kRowsBlock, M - m);
+    pack_rows(a, K, m, depth, a_t.data());
+    pack_columns(b, G, first * kPanel, width, m, depth, panels.data());
+    for (int64_t p = 0; p < last - first; ++p) {
+      panel_block({a_t.data(), 1, depth, kTileRows}, K, panels.data() + p * kPanel * depth, c_mine.data() + p * kPanel,
+                  width, m > 0);
+    }
+  }
+  const int64_t columns = std::max<int64_t>(0, std::min(width, G - first * kPanel));
+  for (int64_t k = 0; k < K; ++k) std::copy_n(c_mine.begin() + k * width, columns, c + k * G + first * kPanel);
+}
+
+class Barrier {
+ public:
+  explicit Barrier(int64_t parties) : parties_(parties) {}
+  void wait() {
+    const int64_t generation = generation_.load(std::memory_order_acquire);
+    if (arrived_.fetch_add(1, std::memory_order_acq_rel) == parties_ - 1) {
+      arrived_.store(0, std::memory_order_relaxed);
+      generation_.fetch_add(1, std::memory_order_release);
+      return;
+    }
+    for (int64_t spins = 0; generation_.load(std::memory_order_acquire) == generation; ++spins) {
+      if (spins > 4000) std::this_thread::yield();  // a shared machine may have descheduled the other party
+    }
+  }
+
+ private:
+  const int64_t parties_;
+  std::atomic<int64_t> arrived_{0};
+  std::atomic<int64_t> generation_{0};
+};
+
+// The cores this process may run on (its affinity mask, which a container's cpuset narrows).
+int64_t usable_cores() {
+#ifdef __linux__
+  cpu_set_t set;
+  if (sched_getaffinity(0, sizeof set, &set) == 0) return CPU_COUNT(&set);
+#endif
+  return std::max<unsigned>(1, std::thread::hardware_concurrency());
+}
+
+// One thread per usable core (or LSTM_JAX_NUM_THREADS), but none without a vector of units to own.
+int64_t thread_count(int64_t hidden) {
+  int64_t threads = usable_cores();
+  if (const char* env = std::getenv("LSTM_JAX_NUM_THREADS")) threads = std::max(1L, std::atol(env));
+  return std::max<int64_t>(1, std::min(threads, (hidden + kLanes - 1) / kLanes));
+}
+
+// The hidden units [begin, begin + count) of one thread: blocks of whole vectors.
+struct Units {
+  int64_t begin;
+  int64_t count;
+};
+
+Units units_of(int64_t thread, int64_t threads, int64_t hidden) {
+  const int64_t per_thread = ((hidden + threads - 1) / threads + kLanes - 1) / kLanes * kLanes;
+  const int64_t begin = std::min(hidden, thread * per_thread);
+  return {begin, std::min(hidden, begin + per_thread) - begin};
+}
+
+template <typename Work>
+void run_threads(int64_t threads, Work work) {
+  Barrier barrier(threads);
+  std::vector<std::thread> helpers;
+  for (int64_t t = 1; t < threads; ++t) helpers.emplace_back([&, t] { work(t, barrier); });
+  work(0, barrier);
+  for (auto& helper : helpers) helper.join();
+}
+
+// Panels of the thread's gate columns of [W_x; W_h]: column q * count + j is gate q of unit begin + j.
+std::vector<float> pack_forward(const float* w_x, const float* w_h, int64_t inputs, int64_t hidden, Units units) {
+  const int64_t depth = inputs + hidden, gates = 4 * hidden;
+  std::vector<float> packed(panels_for(4 * units.count) * depth * kPanel, 0.0f);
+  for (int64_t k = 0; k < depth; ++k) {  // W's rows in order: a strided walk down its columns is far slower
+    const float* row = k < inputs ? w_x + k * gates : w_h + (k - inputs) * gates;
+    for (int64_t column = 0; column < 4 * units.count; ++column) {
+      const int64_t source = (column / units.count) * hidden + units.begin + column % units.count;
+      packed[(column / kPanel) * depth * kPanel + k * kPanel + column % kPanel] = row[source];
+    }
+  }
+  return packed;
+}
+
+// Panels of W^T's columns [first, first + count), for W (rows x depth): column j is W's row first + j.
+std::vector<float> pack_transposed(const float* w, int64_t depth, int64_t first, int64_t count) {
+  std::vector<float> packed(panels_for(count) * depth * kPanel, 0.0f);
+  for (int64_t j = 0; j < count; ++j) {
+    const float* row = w + (first + j) * depth;
+    float* out = packed.data() + (j / kPanel) * depth * kPanel + j % kPanel;
+    for (int64_t k = 0; k < depth; ++k) out[k * kPanel] = row[k];
+  }
+  return packed;
+}
+
+struct Sequence {
+  int64_t steps, rows, inputs, hidden;
+  bool reverse;
+  const bool* valid;   // (T, N) or null
+  const float* mask;   // (N, H) or null: multiplies h where it enters the recurrent matmul
+  int64_t step(int64_t s) const { return reverse ? steps - 1 - s : s; }
+  bool keep(int64_t t, int64_t n) const { return valid == nullptr || valid[t * rows + n]; }
+};
+
+// With acts null (inference), nothing is saved for a backward pass: c_seq is then (N, H), the cell
+// state updated in place, which each thread reads and writes only in its own units.
+void forward(const Sequence& seq, const float* x, const float* h0, const float* c0, const float* w_x,
+             const float* w_h, const float* bias, float* acts, float* h_seq, float* c_seq) {
+  const int64_t N = seq.rows, E = seq.inputs, H = seq.hidden, G = 4 * H;
+  const int64_t threads = thread_count(H);
+  std::vector<float> masked_h(seq.mask ? 2 * N * H : 0);  // h * mask, double-buffered by step parity
+  run_threads(threads, [&](int64_t thread, Barrier& barrier) {
+    const Units units = units_of(thread, threads, H);
+    const int64_t columns = 4 * units.count, panels = panels_for(columns), ldz = panels * kPanel;
+    const std::vector<float> packed = pack_forward(w_x, w_h, E, H, units);
+    std::vector<float> z(N * ldz);
+    if (seq.mask) {
+      for (int64_t n = 0; n < N; ++n)
+        for (int64_t j = units.begin; j < units.begin + units.count; ++j)
+          masked_h[n * H + j] = h0[n * H + j] * seq.mask[n * H + j];
+    }
+    if (!acts) {
+      for (int64_t n = 0; n < N; ++n)
+        std::memcpy(c_seq + n * H + units.begin, c0 + n * H + units.begin, sizeof(float) * units.count);
+    }
+    barrier.wait();
+    for (int64_t s = 0; s < seq.steps; ++s) {
+      const int64_t t = seq.step(s), t_prev = seq.step(s - 1);
+      const float* h_prev = s == 0 ? h0 : h_seq + t_prev * N * H;
+      const float* c_prev = !acts ? c_seq : s == 0 ? c0 : c_seq + t_prev * N * H;
+      float* c_next = acts ? c_seq + t * N * H : c_seq;
+      const float* h_in = seq.mask ? masked_h.data() + (s % 2) * N * H : h_prev;
+      if (units.count > 0) gemm({x + t * N * E, E, E}, {h_in, H, H}, N, packed.data(), panels, z.data(), ldz);
+      float* next_masked = masked_h.data() + ((s + 1) % 2) * N * H;
+      for (int64_t n = 0; n < N; ++n) {
+        const float* z_row = z.data() + n * ldz;
+        const int64_t at = (t * N + n) * H, prev_at = n * H;
+        const bool keep = seq.keep(t, n);
+        for (int64_t j = 0; j < units.count; j += kLanes) {
+          const int64_t lanes = std::min(kLanes, units.count - j), unit = units.begin + j;
+          const float* b = bias + unit;
+          vfloat i = sigmoid_v(load(z_row + j, lanes) + load(b, lanes));
+          vfloat f = sigmoid_v(load(z_row + units.count + j, lanes) + load(b + H, lanes));
+          vfloat g = tanh_v(load(z_row + 2 * units.count + j, lanes) + load(b + 2 * H, lanes));
+          vfloat o = sigmoid_v(load(z_row + 3 * units.count + j, lanes) + load(b + 3 * H, lanes));
+          vfloat c = f * load(c_prev + prev_at + unit, lanes) + i * g;
+          vfloat h = o * tanh_v(c);
+          if (!keep) c = load(c_prev + prev_at + unit, lanes), h = load(h_prev + prev_at + unit, lanes);
+          if (acts) {
+            float* act = acts + (t * N + n) * G + unit;
+            store(act, i, lanes), store(act + H, f, lanes), store(act + 2 * H, g, lanes), store(act + 3 * H, o, lanes);
+          }
+          store(c_next + prev_at + unit, c, lanes), store(h_seq + at + unit, h, lanes);
+          if (seq.mask) store(next_masked + prev_at + unit, h * load(seq.mask + prev_at + unit, lanes), lanes);
+        }
+      }
+      barrier.wait();
+    }
+  });
+}
+
+// What the forward pass read and saved.
+struct Saved {
+  const float *x, *h0, *c0, *w_x, *w_h, *acts, *h_seq, *c_seq;
+};
+
+struct Gradients {
+  float *dz, *dx, *dw_x, *dw_h, *dh0, *dc0;
+};
+
+// dx (rows x E) = dz (rows x G) @ W_x^T, in blocks of rows through a buffer as wide as whole panels.
+void input_gradient(const float* dz, int64_t rows, int64_t G, const std::vector<float>& w_x_t, int64_t E, float* dx) {
+  constexpr int64_t kRowsBlock = 16 * kTileRows;
+  const int64_t panels = panels_for(E), width = panels * kPanel;
+  std::vector<float> block(kRowsBlock * width);
+  for (int64_t row = 0; row < rows; row += kRowsBlock) {
+    const int64_t count = std::min(kRowsBlock, rows - row);
+    gemm({dz + row * G, G, G}, {nullptr, 0, 0}, count, w_x_t.data(), panels, block.data(), width);
+    for (int64_t r = 0; r < count; ++r) std::copy_n(block.begin() + r * width, E, dx + (row + r) * E);
+  }
+}
+
+void backward(const Sequence& seq, const Saved& saved, const float* dy, const float* dh_last, const float* dc_last,
+              const Gradients& out) {
+  const int64_t T = seq.steps, N = seq.rows, E = seq.inputs, H = seq.hidden, G = 4 * H;
+  const float *acts = saved.acts, *c_seq = saved.c_seq, *c0 = saved.c0;
+  float* dz = out.dz;
+  const int64_t threads = thread_count(H);
+  std::unique_ptr<float[]> h_in(new float[T * N * H]);  // the h that entered each step's matmul
+  run_threads(threads, [&](int64_t thread, Barrier& barrier) {
+    const Units units = units_of(thread, threads, H);
+    const int64_t panels = panels_for(units.count), ldd = panels * kPanel;
+    const std::vector<float> packed = pack_transposed(saved.w_h, G, units.begin, units.count);
+    // The thread's columns of the carried (dh, dc), of dz @ W_h^T and of the gradient that skips a padded step.
+    std::vector<float> dh(N * units.count), dc(N * units.count), dh_in(N * ldd), dh_skip(N * units.count, 0.0f);
+    for (int64_t n = 0; n < N; ++n) {
+      std::memcpy(&dh[n * units.count], dh_last + n * H + units.begin, sizeof(float) * units.count);
+      std::memcpy(&dc[n * units.count], dc_last + n * H + units.begin, sizeof(float) * units.count);
+    }
+    for (int64_t s = seq.steps - 1; s >= 0; --s) {
+      const int64_t t = seq.step(s), t_prev = seq.step(s - 1);
+      const float* c_prev = s == 0 ? c0 : c_seq + t_prev * N * H;
+      for (int64_t n = 0; n < N; ++n) {
+        const bool keep = seq.keep(t, n);
+        const int64_t at = (t * N + n) * H, mine = n * units.count;
+        for (int64_t j = 0; j < units.count; j += kLanes) {
+          const int64_t lanes = std::min(kLanes, units.count - j), unit = units.begin + j;
+          const float* act = acts + (t * N + n) * G + unit;
+          vfloat i = load(act, lanes), f = load(act + H, lanes), g = load(act + 2 * H, lanes), o = load(act + 3 * H, lanes);
+          vfloat dh_new = load(&dh[mine + j], lanes) + load(dy + at + unit, lanes);
+          vfloat dc_in = load(&dc[mine + j], lanes), dc_skip = splat(0.0f);
+          if (!keep) {
+            store(&dh_skip[mine + j], load(&dh[mine + j], lanes), lanes);
+            dc_skip = dc_in, dh_new = dc_in = splat(0.0f);
+          }
+          vfloat tanh_c = tanh_v(load(c_seq + at + unit, lanes));
+          vfloat dc_new = dc_in + dh_new * o * (splat(1.0f) - tanh_c * tanh_c);
+          float* dz_row = dz + (t * N + n) * G + unit;
+          store(dz_row, dc_new * g * i * (splat(1.0f) - i), lanes);
+          store(dz_row + H, dc_new * load(c_prev + n * H + unit, lanes) * f * (splat(1.0f) - f), lanes);
+          store(dz_row + 2 * H, dc_new * i * (splat(1.0f) - g * g), lanes);
+          store(dz_row + 3 * H, dh_new * tanh_c * o * (splat(1.0f) - o), lanes);
+          store(&dc[mine + j], dc_new * f + dc_skip, lanes);
+        }
+      }
+      barrier.wait();  // every thread's columns of dz_t are written
+      if (units.count > 0) gemm({dz + t * N * G, G, G}, {nullptr, 0, 0}, N, packed.data(), panels, dh_in.data(), ldd);
+      for (int64_t n = 0; n < N; ++n) {
+        const int64_t mine = n * units.count;
+        for (int64_t j = 0; j < units.count; j += kLanes) {
+          const int64_t lanes = std::min(kLanes, units.count - j);
+          vfloat grad = load(&dh_in[n * ldd + j], lanes);
+          if (seq.mask) grad *= load(seq.mask + n * H + units.begin + j, lanes);
+          store(&dh[mine + j], grad + load(&dh_skip[mine + j], lanes), lanes);
+          if (!seq.keep(t, n)) store(&dh_skip[mine + j], splat(0.0f), lanes);
+        }
+      }
+    }
+    for (int64_t n = 0; n < N; ++n) {
+      std::memcpy(out.dh0 + n * H + units.begin, &dh[n * units.count], sizeof(float) * units.count);
+      std::memcpy(out.dc0 + n * H + units.begin, &dc[n * units.count], sizeof(float) * units.count);
+    }
+    // After the loop, the gradients that need every step's dz: each a matmul over all T * N rows.
+    const auto [row_begin, row_end] = share(T * N, thread, threads);
+    for (int64_t row = row_begin; row < row_end; ++row) {
+      const int64_t t = row / N, n = row % N, t_prev = seq.reverse ? t + 1 : t - 1;
+      const float* h = (t_prev < 0 || t_prev >= T ? saved.h0 : saved.h_seq + t_prev * N * H) + n * H;
+      for (int64_t j = 0; j < H; ++j) h_in[row * H + j] = seq.mask ? h[j] * seq.mask[n * H + j] : h[j];
+    }
+    input_gradient(dz + row_begin * G, row_end - row_begin, G, pack_transposed(saved.w_x, G, 0, E), E,
+                   out.dx + row_begin * E);
+    barrier.wait();  // all of h_in is written
+    weight_gradient(saved.x, E, dz, T * N, G, out.dw_x, thread, threads);
+    weight_gradient(h_in.get(), H, dz, T * N, G, out.dw_h, thread, threads);
+  });
+}
+
+Sequence sequence_of(ffi::Buffer<ffi::F32> x_or_dy, int64_t hidden, int64_t reverse, ffi::Buffer<ffi::PRED> valid,
+                     int64_t has_valid, ffi::Buffer<ffi::F32> mask, int64_t has_mask) {
+  auto dims = x_or_dy.dimensions();
+  return {dims[0], dims[1], dims[2], hidden, reverse != 0, has_valid ? valid.typed_data() : nullptr,
+          has_mask ? mask.typed_data() : nullptr};
+}
+
+ffi::Error ForwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                       ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> bias,
+                       ffi::Buffer<ffi::PRED> valid, ffi::Buffer<ffi::F32> mask, int64_t reverse, int64_t has_valid,
+                       int64_t has_mask, int64_t save, ffi::ResultBuffer<ffi::F32> acts,
+                       ffi::ResultBuffer<ffi::F32> h_seq, ffi::ResultBuffer<ffi::F32> c_seq) {
+  const int64_t hidden = h0.dimensions()[1];
+  Sequence seq = sequence_of(x, hidden, reverse, valid, has_valid, mask, has_mask);
+  forward(seq, x.typed_data(), h0.typed_data(), c0.typed_data(), w_x.typed_data(), w_h.typed_data(),
+          bias.typed_data(), save ? acts->typed_data() : nullptr, h_seq->typed_data(), c_seq->typed_data());
+  return ffi::Error::Success();
+}
+
+ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ffi::Buffer<ffi::F32> c0,
+                        ffi::Buffer<ffi::F32> w_x, ffi::Buffer<ffi::F32> w_h, ffi::Buffer<ffi::F32> acts,
+                        ffi::Buffer<ffi::F32> h_seq, ffi::Buffer<ffi::F32> c_seq, ffi::Buffer<ffi::F32> dy,
+                        ffi::Buffer<ffi::F32> dh_last, ffi::Buffer<ffi::F32> dc_last, ffi::Buffer<ffi::PRED> valid,
+                        ffi::Buffer<ffi::F32> mask, int64_t reverse, int64_t has_valid, int64_t has_mask,
+                        ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw_x,
+                        ffi::ResultBuffer<ffi::F32> dw_h, ffi::ResultBuffer<ffi::F32> dh0,
+                        ffi::ResultBuffer<ffi::F32> dc0) {
+  const int64_t hidden = h0.dimensions()[1];
+  const Sequence seq = sequence_of(x, hidden, reverse, valid, has_valid, mask, has_mask);
+  const Saved saved{x.typed_data(),    h0.typed_data(),   c0.typed_data(),    w_x.typed_data(),
+                    w_h.typed_data(),  acts.typed_data(), h_seq.typed_data(), c_seq.typed_data()};
+  backward(seq, saved, dy.typed_data(), dh_last.typed_data(), dc_last.typed_data(),
+           {dz->typed_data(), dx->typed_data(), dw_x->typed_data(), dw_h->typed_data(), dh0->typed_data(),
+            dc0->typed_data()});
+  return ffi::Error::Success();
+}
+
+}  // namespace
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmForward, ForwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (T, N, E)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0 (N, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c0 (N, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_x (E, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_h (H, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // b (4H)
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid (T, N), read if has_valid
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // mask (N, H), read if has_mask
+                                  .Attr<int64_t>("reverse")
+                                  .Attr<int64_t>("has_valid")
+                                  .Attr<int64_t>("has_mask")
+                                  .Attr<int64_t>("save")          // 0: inference, nothing saved
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // gate activations (T, N, 4H); empty if !save
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // h (T, N, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // c (T, N, H); the final c (N, H) if !save
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, BackwardImpl,
+                              ffi::Ffi::Bind()
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // x (T, N, E)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h0 (N, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c0 (N, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_x (E, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // w_h (H, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // gate activations (T, N, 4H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // h (T, N, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // c (T, N, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dy (T, N, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dh after the last step (N, H)
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // dc after the last step (N, H)
+                                  .Arg<ffi::Buffer<ffi::PRED>>()  // valid (T, N), read if has_valid
+                                  .Arg<ffi::Buffer<ffi::F32>>()   // mask (N, H), read if has_mask
+                                  .Attr<int64_t>("reverse")
+                                  .Attr<int64_t>("has_valid")
+                                  .Attr<int64_t>("has_mask")
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dz (T, N, 4H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dx (T, N, E)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw_x (E, 4H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dw_h (H, 4H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dh0 (N, H)
+                                  .Ret<ffi::Buffer<ffi::F32>>());  // dc0 (N, H)

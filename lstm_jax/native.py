@@ -1,0 +1,170 @@
+"""The CPU LSTM kernel of ``csrc/lstm_cpu.cc``: built on first use, called through XLA's FFI.
+
+:mod:`lstm_jax.fused` runs its two loops through this kernel on CPU for float32, and
+through ``lax.scan`` everywhere else. The kernel keeps each core's slice of the weights
+in its cache for the whole sequence and fuses the gates into the step; ``benchmarks/NOTES.md``
+(section 8) has the measurements that motivate it.
+
+The shared library is compiled with the system's C++ compiler (``$CXX``, else ``c++``)
+for the CPU it runs on, once per source, compiler and CPU, into ``$LSTM_JAX_CACHE``
+(default ``~/.cache/lstm_jax``). Without a compiler, or with ``LSTM_JAX_NATIVE=0``, the
+``lax.scan`` loops run instead, after one warning in the first case. ``LSTM_JAX_NUM_THREADS``
+caps the kernel's threads (default: the cores this process may use); the results do not
+depend on it.
+"""
+
+import contextlib
+import ctypes
+import functools
+import hashlib
+import os
+import platform
+import shlex
+import shutil
+import subprocess
+import tempfile
+import warnings
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+SOURCE = Path(__file__).parent / "csrc" / "lstm_cpu.cc"
+FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
+TARGETS = {"forward": "lstm_jax_cpu_forward", "backward": "lstm_jax_cpu_backward"}
+_registered = []  # the library whose handlers XLA holds
+
+
+_scan_only = []  # non-empty inside `disabled()`
+
+
+def enabled():
+    """Whether :mod:`lstm_jax.fused` uses the kernel in what it traces now.
+
+    True unless ``LSTM_JAX_NATIVE=0``, inside :func:`disabled`, or where the kernel cannot be built.
+    """
+    return os.environ.get("LSTM_JAX_NATIVE", "1") != "0" and not _scan_only and load()
+
+
+@contextlib.contextmanager
+def disabled():
+    """Trace with the ``lax.scan`` loops instead of the kernel, e.g. to compare the two in one process.
+
+    The choice is made when a function is traced: a function jitted and first called inside the block keeps
+    the scan loops afterwards, and one traced before keeps the kernel.
+    """
+    _scan_only.append(True)
+    try:
+        yield
+    finally:
+        _scan_only.pop()
+
+
+def _cpu_signature():
+    try:
+        with open("/proc/cpuinfo") as cpuinfo:
+            return next((line for line in cpuinfo if line.startswith("flags")), "")
+    except OSError:
+        return platform.processor()
+
+
+def _compiler():
+    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+
+
+def _flags():
+    """The compiler flags: ``FLAGS`` and ``$LSTM_JAX_CXXFLAGS`` (e.g. ``-DLSTM_JAX_LANES=16``, the AVX-512 layout)."""
+    return [*FLAGS, *shlex.split(os.environ.get("LSTM_JAX_CXXFLAGS", ""))]
+
+
+def library_path(compiler):
+    """Where the build for this source, compiler, flags, jaxlib and CPU lives."""
+    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = "\n".join([SOURCE.read_text(), compiler, version, " ".join(_flags()), jax.__version__, _cpu_signature()])
+    cache = Path(os.environ.get("LSTM_JAX_CACHE") or Path.home() / ".cache" / "lstm_jax")
+    return cache / f"lstm_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
+
+
+def build(compiler, path):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
+        partial = Path(scratch) / path.name
+        command = [compiler, *_flags(), "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+        subprocess.run(command, capture_output=True, text=True, check=True)
+        os.replace(partial, path)  # atomic: a concurrent process sees the whole library or none
+
+
+@functools.cache
+def load():
+    """Build (once) and register the kernel; False, with one warning, where that is impossible."""
+    compiler = _compiler()
+    try:
+        if compiler is None:
+            raise FileNotFoundError("no C++ compiler found (set CXX)")
+        path = library_path(compiler)
+        if not path.exists():
+            build(compiler, path)
+        library = ctypes.cdll.LoadLibrary(str(path))
+    except (OSError, subprocess.CalledProcessError) as error:
+        detail = getattr(error, "stderr", None) or str(error)
+        warnings.warn(
+            f"lstm_jax: the CPU LSTM kernel could not be built ({detail.strip().splitlines()[-1] if detail else error}); "
+            "using the lax.scan loops instead. Install a C++ compiler or set LSTM_JAX_NATIVE=0 to silence this.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
+        return False
+    if not _registered:  # XLA keeps the first registration of a name for the life of the process
+        jax.ffi.register_ffi_target(TARGETS["forward"], jax.ffi.pycapsule(library.LstmForward), platform="cpu")
+        jax.ffi.register_ffi_target(TARGETS["backward"], jax.ffi.pycapsule(library.LstmBackward), platform="cpu")
+        _registered.append(path)
+    return True
+
+
+def _optional(valid_TN, mask_NH):
+    """The optional inputs as the kernel takes them: a placeholder and a flag where one is absent."""
+    valid = jnp.zeros((1,), bool) if valid_TN is None else valid_TN
+    mask = jnp.zeros((1,), jnp.float32) if mask_NH is None else mask_NH
+    return (valid, mask), dict(has_valid=int(valid_TN is not None), has_mask=int(mask_NH is not None))
+
+
+def forward(reverse, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
+    """The forward loop of :func:`lstm_jax.fused._forward`: ``(h_NH, c_NH, acts_TNG, h_TNH, c_TNH)``.
+
+    Without ``save`` (inference) the kernel stores no gate activations nor cell states, and
+    ``acts_TNG`` and ``c_TNH`` are None.
+    """
+    num_steps, rows, _ = x_TNE.shape
+    hidden = h_NH.shape[-1]
+    result = (
+        jax.ShapeDtypeStruct((num_steps if save else 0, rows, 4 * hidden), jnp.float32),
+        jax.ShapeDtypeStruct((num_steps, rows, hidden), jnp.float32),
+        jax.ShapeDtypeStruct((num_steps, rows, hidden) if save else (rows, hidden), jnp.float32),
+    )
+    optional, flags = _optional(valid_TN, mask_NH)
+    call = jax.ffi.ffi_call(TARGETS["forward"], result, vmap_method="sequential")
+    acts_TNG, h_TNH, c = call(x_TNE, h_NH, c_NH, w_x, w_h, b, *optional, reverse=int(reverse), save=int(save), **flags)
+    last = 0 if reverse else -1
+    if not save:
+        return h_TNH[last], c, None, h_TNH, None
+    return h_TNH[last], c[last], acts_TNG, h_TNH, c
+
+
+def backward(reverse, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH):
+    """The backward pass of :func:`lstm_jax.fused._lstm_scan_bwd`: ``(dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH)``.
+
+    The weight gradients are the matmuls over all steps that ``fused`` does after its loop, done here
+    with the kernel's own tiles.
+    """
+    like = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32)
+    result = tuple(map(like, (acts_TNG, x_TNE, w_x, w_h, dh_NH, dc_NH)))
+    optional, flags = _optional(valid_TN, mask_NH)
+    call = jax.ffi.ffi_call(TARGETS["backward"], result, vmap_method="sequential")
+    operands = (x_TNE, h0_NH, c0_NH, w_x, w_h, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, *optional)
+    return call(*operands, reverse=int(reverse), **flags)
+
+
+def applies(*arrays):
+    """Whether the kernel takes these operands: all float32, a non-empty sequence and batch."""
+    return all(a.dtype == np.float32 for a in arrays) and all(a.size > 0 for a in arrays) and enabled()

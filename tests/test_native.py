@@ -1,0 +1,194 @@
+"""The CPU kernel of ``lstm_jax.native`` against the ``lax.scan`` loops of ``lstm_jax.fused``.
+
+``test_fused.py`` checks the same kernel (it is what ``fused`` runs on CPU for float32)
+against autodiff of the plain scan over ``LSTM.recur`` at small sizes. These tests use
+sizes that exercise every partial tile of the kernel (hidden units that are not a
+multiple of a vector or a panel, rows that are not a multiple of a register tile, a
+depth longer than one depth block) and check what only the kernel has: its
+dispatch, its threads and its fallback.
+"""
+
+import os
+import subprocess
+import sys
+import warnings
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lstm_jax import native
+from lstm_jax.cells import Carry
+from lstm_jax.fused import lstm_sequence
+
+T, N, E, H = 9, 13, 37, 70  # 13 rows: two 6-row tiles and one; 4H = 280 columns: 17.5 panels
+LENGTHS = (9, 1, 4, 0, 9, 2, 7, 9, 3, 5, 8, 6, 9)
+
+pytestmark = pytest.mark.skipif(not native.load(), reason="the CPU kernel could not be built here")
+
+
+def problem(seed=0, input_size=E, hidden_size=H):
+    rng = np.random.default_rng(seed)
+    normal = lambda *shape: jnp.asarray(0.5 * rng.standard_normal(shape), jnp.float32)
+    params = dict(
+        w_x=normal(input_size, 4 * hidden_size), w_h=normal(hidden_size, 4 * hidden_size), b=normal(4 * hidden_size)
+    )
+    x = normal(T, N, input_size)
+    carry = Carry(normal(N, hidden_size), normal(N, hidden_size))
+    valid = jnp.arange(T)[:, None] < jnp.array(LENGTHS)[None, :]
+    mask = jnp.asarray(rng.random((N, hidden_size)) < 0.7, jnp.float32) / 0.7
+    return params, x, carry, valid, mask
+
+
+def value_and_grads(options, mode, monkeypatch, threads=None):
+    """Value and gradient of a loss over every output and the final carry, with the kernel on ("1") or off ("0")."""
+    monkeypatch.setenv("LSTM_JAX_NATIVE", mode)
+    if threads is not None:
+        monkeypatch.setenv("LSTM_JAX_NUM_THREADS", str(threads))
+    params, x, carry, valid, mask = problem()
+
+    def loss(params, x, carry):
+        final, y = lstm_sequence(
+            params,
+            x,
+            carry=carry,
+            valid_T=valid if options["lengths"] else None,
+            h_mask=mask if options["mask"] else None,
+            reverse=options["reverse"],
+        )
+        weights = jnp.linspace(0.5, 1.5, y.size).reshape(y.shape)
+        return jnp.sum(weights * y) + jnp.sum(jnp.sin(final.h)) + jnp.sum(final.c**2)
+
+    # a new function object per call, so that jit traces again under the environment just set
+    return jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1, 2)))(params, x, carry)
+
+
+OPTIONS = [
+    dict(lengths=False, mask=False, reverse=False),
+    dict(lengths=True, mask=False, reverse=False),
+    dict(lengths=True, mask=True, reverse=True),
+    dict(lengths=False, mask=True, reverse=False),
+]
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: "-".join(k for k, v in o.items() if v) or "plain")
+def test_kernel_matches_the_scan_loops(options, monkeypatch):
+    kernel = value_and_grads(options, "1", monkeypatch)
+    scan = value_and_grads(options, "0", monkeypatch)
+    for a, e in zip(jax.tree.leaves(kernel), jax.tree.leaves(scan), strict=True):
+        # float32 sums over 117 rows in two orders: both sit about 3e-5 from a float64 run, far below any bug
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5 * float(np.abs(e).max()))
+
+
+def test_gradients_of_gradients_match_the_scan_loops(monkeypatch):
+    """Adversarial training differentiates a gradient: the kernel's calls carry derivatives of their own."""
+    params, x, carry, valid, mask = problem(seed=2)
+
+    def input_gradient_norm(params, x):
+        loss = lambda x: jnp.sum(jnp.tanh(lstm_sequence(params, x, carry=carry, valid_T=valid, h_mask=mask)[1]))
+        return jnp.sum(jax.grad(loss)(x) ** 2)
+
+    results = {}
+    for mode in "10":
+        monkeypatch.setenv("LSTM_JAX_NATIVE", mode)
+        second_order = jax.jit(jax.value_and_grad(lambda *a: input_gradient_norm(*a), argnums=(0, 1)))
+        results[mode] = second_order(params, x)
+        if mode == "1":
+            assert native.TARGETS["backward"] in second_order.lower(params, x).as_text()
+    for a, e in zip(jax.tree.leaves(results["1"]), jax.tree.leaves(results["0"]), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5 * float(np.abs(e).max()))
+
+
+def test_results_do_not_depend_on_the_thread_count(monkeypatch):
+    options = dict(lengths=True, mask=True, reverse=False)
+    runs = [value_and_grads(options, "1", monkeypatch, threads) for threads in (1, 2, 3)]
+    for other in runs[1:]:
+        for a, e in zip(jax.tree.leaves(other), jax.tree.leaves(runs[0]), strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def test_inference_outputs_equal_the_training_forward(monkeypatch):
+    """The forward pass without saved activations (no gradient taken) gives the same bits as the one that saves them."""
+    monkeypatch.setenv("LSTM_JAX_NATIVE", "1")
+    params, x, carry, valid, _ = problem(seed=1)
+    run = lambda p: lstm_sequence(p, x, carry=carry, valid_T=valid)
+    inference = jax.jit(run)(params)
+    training = jax.jit(lambda p: jax.vjp(run, p)[0])(params)  # the forward pass that saves the gate activations
+    for a, e in zip(jax.tree.leaves(training), jax.tree.leaves(inference), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def lowered_text(dtype, monkeypatch, mode="1"):
+    monkeypatch.setenv("LSTM_JAX_NATIVE", mode)
+    params, x, carry, _, _ = problem()
+    cast = lambda tree: jax.tree.map(lambda a: a.astype(dtype), tree)
+    loss = lambda p, x: jnp.sum(lstm_sequence(p, x, carry=cast(carry))[1])
+    return jax.jit(jax.grad(lambda *a: loss(*a))).lower(cast(params), cast(x)).as_text()
+
+
+def test_kernel_runs_for_float32_on_cpu_and_not_otherwise(monkeypatch):
+    text = lowered_text(jnp.float32, monkeypatch)
+    assert native.TARGETS["forward"] in text and native.TARGETS["backward"] in text
+    assert native.TARGETS["forward"] not in lowered_text(jnp.bfloat16, monkeypatch)
+    assert native.TARGETS["forward"] not in lowered_text(jnp.float32, monkeypatch, mode="0")
+
+
+def test_disabled_traces_with_the_scan_loops_inside_the_block_only(monkeypatch):
+    with native.disabled():
+        assert native.TARGETS["forward"] not in lowered_text(jnp.float32, monkeypatch)
+    assert native.TARGETS["forward"] in lowered_text(jnp.float32, monkeypatch)
+
+
+def test_kernel_under_vmap_matches_a_loop(monkeypatch):
+    """``vmap`` (the ensemble's) runs the kernel once per member."""
+    monkeypatch.setenv("LSTM_JAX_NATIVE", "1")
+    members = [problem(seed) for seed in range(2)]
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *[(p, x, c) for p, x, c, _, _ in members])
+    run = lambda p, x, c: jax.grad(lambda p: jnp.sum(lstm_sequence(p, x, carry=c)[1] ** 2))(p)
+    batched = jax.jit(jax.vmap(run))(*stacked)
+    for k, (p, x, c, _, _) in enumerate(members):
+        for a, e in zip(jax.tree.leaves(batched), jax.tree.leaves(jax.jit(run)(p, x, c)), strict=True):
+            np.testing.assert_allclose(np.asarray(a[k]), np.asarray(e), rtol=1e-6, atol=1e-6)
+
+
+def test_without_a_compiler_the_scan_loops_run_after_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setattr(native, "_compiler", lambda: None)
+    native.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built.*LSTM_JAX_NATIVE=0"):
+            assert not native.enabled()
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # the warning is given once, not on every trace
+            assert not native.enabled()
+            assert native.TARGETS["forward"] not in lowered_text(jnp.float32, monkeypatch)
+    finally:
+        native.load.cache_clear()
+
+
+def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
+    monkeypatch.setenv("LSTM_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", "false")  # a "compiler" that fails
+    native.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="CPU LSTM kernel could not be built"):
+            assert not native.load()
+        assert not list(tmp_path.glob("*.so"))
+    finally:
+        native.load.cache_clear()
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(bool(os.environ.get("LSTM_JAX_CXXFLAGS")), reason="already the build under test")
+def test_the_avx512_layout_passes_these_tests_too(tmp_path):
+    """On AVX-512 CPUs the kernel uses 16-float vectors and 32-column panels. This CPU may lack AVX-512, so the
+    same layout is built here from generic 16-lane vectors, and this file's comparisons run against it."""
+    env = {**os.environ, "LSTM_JAX_CXXFLAGS": "-DLSTM_JAX_LANES=16", "LSTM_JAX_CACHE": str(tmp_path)}
+    tests = "matches_the_scan_loops or thread_count or inference or gradients_of_gradients"
+    run = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
+        env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
+    assert "7 passed" in run.stdout, run.stdout[-1000:]
+    assert len(list(tmp_path.glob("lstm_cpu-*.so"))) == 1  # the 16-lane build, not one from the shared cache
