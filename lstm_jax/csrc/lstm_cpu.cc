@@ -26,6 +26,7 @@
 #include <memory>
 #include <sched.h>
 #include <thread>
+#include <utility>
 #include <vector>
 
 #include "xla/ffi/api/ffi.h"
@@ -48,7 +49,13 @@ using vint = int32_t __attribute__((vector_size(4 * kLanes)));
 constexpr int64_t kTileRows = 6;       // a register tile: 6 rows of 2 vectors, 12 accumulator registers
 constexpr int64_t kPanel = 2 * kLanes;  // columns of a register tile and of a packed panel
 
-inline vfloat splat(float a) { return vfloat{} + a; }
+// A vector of copies of a, written as {a, a, ...}: the one form that compiles to a single broadcast
+// (vfloat{} + a costs an add, since 0 + a is not a for a = -0, and a loop over the lanes, inserts).
+template <size_t... Lane>
+inline vfloat splat_lanes(float a, std::index_sequence<Lane...>) {
+  return vfloat{((void)Lane, a)...};
+}
+inline vfloat splat(float a) { return splat_lanes(a, std::make_index_sequence<kLanes>{}); }
 
 inline vfloat load(const float* p, int64_t n = kLanes) {
   vfloat v = splat(0.0f);
