@@ -307,8 +307,13 @@ def bench_shape(
     }
 
 
-def sst2_epoch(path: str) -> dict:
-    """Training throughput of one SST-2 epoch through the real pipeline and the default classifier (its preset applied)."""
+def sst2_epoch(path: str, scan_loops: bool = False, flags: tuple[str, ...] = ()) -> dict:
+    """Training throughput of one SST-2 epoch through the real pipeline and the default classifier (its preset applied).
+
+    With ``scan_loops``, the same epoch also runs through a second train step traced with the ``lax.scan`` loops
+    instead of the CPU kernel, from the same start, interleaved with the first in blocks of 64 steps so that the
+    machine's drift hits both alike. ``flags`` are further flags of the sentiment experiment.
+    """
     import tempfile
 
     from experiments import sentiment
@@ -318,7 +323,7 @@ def sst2_epoch(path: str) -> dict:
     from lstm_jax.train import classifier_loss, init_train_state, make_train_step
 
     with tempfile.TemporaryDirectory() as workdir:
-        configs, _ = sentiment.parse_train_args(["--dataset", path, "--workdir", workdir])
+        configs, _ = sentiment.parse_train_args(["--dataset", path, "--workdir", workdir, *flags])
         data_config, model_config, optim_config, loop_config = (
             configs[name] for name in ("DataConfig", "ModelConfig", "OptimConfig", "LoopConfig")
         )
@@ -327,27 +332,50 @@ def sst2_epoch(path: str) -> dict:
     batches = lj_data.epoch_batches(tokens, labels, batch_size=data_config.batch_size, buckets=buckets, seed=0, epoch=0)
     optimizer = make_optimizer(optim_config, loop_config.epochs * len(batches), ensemble=model_config.ensemble)
     params = init_classifier(jax.random.key(0), model_config, tokenizer.get_vocab_size(), splits.num_classes)
-    state = init_train_state(params, optimizer, 0, ema=optim_config.ema_decay > 0)
-    step = make_train_step(
-        lambda p, batch, key: classifier_loss(p, model_config, batch, key), optimizer, ema_decay=optim_config.ema_decay
-    )
-    compile_start = time.perf_counter()
-    for length in sorted({b.tokens_BT.shape[1] for b in batches}):  # compile every bucket before timing
-        state, metrics = step(state, next(b for b in batches if b.tokens_BT.shape[1] == length))
-    jax.block_until_ready(metrics)
-    compile_s = time.perf_counter() - compile_start
-    start = time.perf_counter()
-    for batch in batches:
-        state, metrics = step(state, batch)
-    jax.block_until_ready(metrics)
-    seconds = time.perf_counter() - start
+
+    def runner(trace_context):
+        """A train step and its state, compiled for every bucket (inside ``trace_context``) before any timing."""
+        step = make_train_step(
+            lambda p, batch, key: classifier_loss(p, model_config, batch, key), optimizer, ema_decay=optim_config.ema_decay
+        )
+        own_params = jax.tree.map(jnp.copy, params)  # the step donates its state's buffers
+        state = {"state": init_train_state(own_params, optimizer, 0, ema=optim_config.ema_decay > 0), "seconds": 0.0}
+        start = time.perf_counter()
+        with trace_context:
+            for length in sorted({b.tokens_BT.shape[1] for b in batches}):
+                state["state"], metrics = step(state["state"], next(b for b in batches if b.tokens_BT.shape[1] == length))
+            jax.block_until_ready(metrics)
+        state["compile_seconds"] = time.perf_counter() - start
+
+        def run(block):
+            start = time.perf_counter()
+            for batch in block:
+                state["state"], metrics = step(state["state"], batch)
+            jax.block_until_ready(metrics)
+            state["seconds"] += time.perf_counter() - start
+
+        return run, state
+
+    import contextlib
+
+    runners = {"kernel": runner(contextlib.nullcontext())}
+    if scan_loops:
+        runners["scan_loops"] = runner(lj.native.disabled())
+    for first in range(0, len(batches), 64):
+        for run, _ in runners.values():
+            run(batches[first : first + 64])
     real_tokens = int(sum(int(b.lengths_B.sum()) for b in batches))
     padded_tokens = int(sum(b.tokens_BT.size for b in batches))
-    return {
+    seconds, compile_s = runners["kernel"][1]["seconds"], runners["kernel"][1]["compile_seconds"]
+    result = {
         "steps": len(batches), "seconds": seconds, "compile_seconds": compile_s,
         "real_tokens_per_s": real_tokens / seconds, "padded_tokens_per_s": padded_tokens / seconds,
         "padding_fraction": 1 - real_tokens / padded_tokens,
     }  # fmt: skip
+    if scan_loops:
+        result["scan_loops_seconds"] = runners["scan_loops"][1]["seconds"]
+        result["scan_loops_compile_seconds"] = runners["scan_loops"][1]["compile_seconds"]
+    return result
 
 
 def git_commit() -> str:
@@ -421,6 +449,11 @@ def markdown(report: dict) -> str:
             f"{e['steps']} steps in {e['seconds']:.0f} s plus {e['compile_seconds']:.0f} s compiling, "
             f"{e['real_tokens_per_s']:.0f} real tokens/s ({100 * e['padding_fraction']:.0f} % padding)."
         )
+        if "scan_loops_seconds" in e:
+            epoch += (
+                f" The same epoch with the lax.scan loops instead of the CPU kernel, interleaved with it: "
+                f"{e['scan_loops_seconds']:.0f} s ({e['scan_loops_seconds'] / e['seconds']:.2f}x the kernel's time)."
+            )
         lines += ["", epoch]
     return "\n".join(lines) + "\n"
 
@@ -451,11 +484,12 @@ def main(argv=None):
     report = {"machine": machine_description(), "backend": jax.default_backend(), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "cores": os.cpu_count() or 1, "results": []}  # fmt: skip
     print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}")
+    scan_loops = (not on_gpu and lj.native.enabled()) if args.scan_loops is None else args.scan_loops
     for shape in shapes:
         load_before = os.getloadavg()[0]
         options = {"steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "on_gpu": on_gpu,
                    "bf16": on_gpu if args.bf16 is None else args.bf16,
-                   "scan_loops": (not on_gpu and lj.native.enabled()) if args.scan_loops is None else args.scan_loops}
+                   "scan_loops": scan_loops}
         result = bench_shape(shape, ceiling=ceiling, **options)
         result["load_average"] = [
             load_before,
@@ -466,7 +500,7 @@ def main(argv=None):
         if args.json:  # after every shape, so that a long run leaves partial results
             Path(args.json).write_text(json.dumps(report, indent=2))
     if args.sst2:
-        report["sst2_epoch"] = sst2_epoch(args.sst2)
+        report["sst2_epoch"] = sst2_epoch(args.sst2, scan_loops=scan_loops)
         e = report["sst2_epoch"]
         print(f"\nSST-2 epoch: {e['steps']} steps in {e['seconds']:.1f} s (+{e['compile_seconds']:.1f} s compile), "
               f"{e['real_tokens_per_s']:.0f} real tokens/s, {100 * e['padding_fraction']:.0f}% padding")  # fmt: skip

@@ -1,6 +1,7 @@
 """The benchmark scripts still run (tiny shapes; speed itself is never asserted in tests)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
@@ -49,3 +50,17 @@ def test_bf16_row_is_timed_beside_ours_and_never_counts_as_a_peer(tmp_path):
     assert systems[:3] == ["lstm_jax", "lstm_jax bfloat16", "flax OptimizedLSTMCell"]
     assert not result["best_train_peer"].startswith("lstm_jax")
     assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])
+
+
+@pytest.mark.slow
+def test_sst2_epoch_times_the_kernel_and_the_scan_loops_over_the_same_batches(tmp_path):
+    import pyarrow.parquet as pq
+
+    sst2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
+    pq.write_table(pq.read_table(sst2 / "train.parquet").slice(0, 300), tmp_path / "train.parquet")
+    pq.write_table(pq.read_table(sst2 / "validation.parquet").slice(0, 50), tmp_path / "validation.parquet")
+    epoch = train_step.sst2_epoch(str(tmp_path), scan_loops=lj.native.enabled(), flags=("--num-buckets", "2"))
+    assert 5 <= epoch["steps"] <= 6  # 300 rows in batches of 64 from 2 length buckets
+    assert epoch["seconds"] > 0 and 0 < epoch["padding_fraction"] < 1
+    if lj.native.enabled():
+        assert epoch["scan_loops_seconds"] > 0 and epoch["scan_loops_compile_seconds"] > 0
