@@ -141,7 +141,7 @@ def classifier_loss(params, config: ModelConfig, batch, key):
         key, mixup_key = jax.random.split(key)
         mixup = regularisers.mixup_partners(mixup_key, batch.labels_B.shape[0], config.mixup_alpha)
 
-    def loss_and_logits(embed_delta_BTE):
+    def loss_and_logits(embed_delta_BTE, params=params):
         logits_BC, y_BTH = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True, embed_delta_BTE=embed_delta_BTE, mixup=mixup, with_outputs=True)
         loss = weighted_cross_entropy(logits_BC, batch.labels_B, batch.weights_B, label_smoothing=config.label_smoothing, mixup=mixup)
         return loss, (logits_BC, y_BTH)
@@ -149,7 +149,12 @@ def classifier_loss(params, config: ModelConfig, batch, key):
     delta_shape_BTE = (*batch.tokens_BT.shape, config.embed_dim)  # of a change to the embedded inputs
     if config.adversarial_epsilon > 0.0:
         no_delta_BTE = jnp.zeros(delta_shape_BTE, params["embed"].dtype)
-        (loss, (logits_BC, y_BTH)), grad_BTE = jax.value_and_grad(loss_and_logits, has_aux=True)(no_delta_BTE)
+        loss, (logits_BC, y_BTH) = loss_and_logits(no_delta_BTE)
+        # The direction is a constant of the loss, as in the paper, so it is taken with the parameters held constant
+        # as well: no pass then needs second derivatives, and the CPU kernel (lstm_jax.native) runs every one.
+        # XLA computes the clean forward pass once for both.
+        frozen_params = jax.lax.stop_gradient(params)
+        grad_BTE = jax.grad(lambda delta_BTE: loss_and_logits(delta_BTE, frozen_params)[0])(no_delta_BTE)
         adversarial_loss, _ = loss_and_logits(regularisers.adversarial_perturbation(grad_BTE, config.adversarial_epsilon))
         loss = (loss + adversarial_loss) / 2
     else:
