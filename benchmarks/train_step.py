@@ -16,6 +16,7 @@ f32 matmul, timed in the same rounds, gives the GFLOP/s ceiling.
 """
 
 import argparse
+import contextlib
 import dataclasses
 import json
 import os
@@ -130,10 +131,10 @@ def lstm_jax_system(shape: Shape, compute_dtype=jnp.float32, kernel=True) -> Sys
         return (carry.h @ out).astype(jnp.float32)
 
     name = "lstm_jax" if compute_dtype == jnp.float32 else f"lstm_jax {jnp.dtype(compute_dtype).name}"
+    system = _jax_system(name if kernel else f"{name} (lax.scan loops)", params, logits, shape)._replace(peer=False)
     if not kernel:
-        system = _jax_system(f"{name} (lax.scan loops)", params, logits, shape)
-        return system._replace(train=_without_kernel(system.train), infer=_without_kernel(system.infer), peer=False)
-    return _jax_system(name, params, logits, shape)._replace(peer=False)
+        system = system._replace(train=_without_kernel(system.train), infer=_without_kernel(system.infer))
+    return system
 
 
 def _without_kernel(call):
@@ -333,48 +334,48 @@ def sst2_epoch(path: str, scan_loops: bool = False, flags: tuple[str, ...] = ())
     optimizer = make_optimizer(optim_config, loop_config.epochs * len(batches), ensemble=model_config.ensemble)
     params = init_classifier(jax.random.key(0), model_config, tokenizer.get_vocab_size(), splits.num_classes)
 
-    def runner(trace_context):
-        """A train step and its state, compiled for every bucket (inside ``trace_context``) before any timing."""
+    def runner(trace_context, timing):
+        """A train step from ``params``, compiled for every bucket (inside ``trace_context``) before any timing;
+        it returns a function that runs a block of batches and adds its time to ``timing["seconds"]``."""
         step = make_train_step(
             lambda p, batch, key: classifier_loss(p, model_config, batch, key), optimizer, ema_decay=optim_config.ema_decay
         )
         own_params = jax.tree.map(jnp.copy, params)  # the step donates its state's buffers
-        state = {"state": init_train_state(own_params, optimizer, 0, ema=optim_config.ema_decay > 0), "seconds": 0.0}
-        start = time.perf_counter()
-        with trace_context:
-            for length in sorted({b.tokens_BT.shape[1] for b in batches}):
-                state["state"], metrics = step(state["state"], next(b for b in batches if b.tokens_BT.shape[1] == length))
-            jax.block_until_ready(metrics)
-        state["compile_seconds"] = time.perf_counter() - start
+        state = [init_train_state(own_params, optimizer, 0, ema=optim_config.ema_decay > 0)]
 
         def run(block):
             start = time.perf_counter()
             for batch in block:
-                state["state"], metrics = step(state["state"], batch)
+                state[0], metrics = step(state[0], batch)
             jax.block_until_ready(metrics)
-            state["seconds"] += time.perf_counter() - start
+            return time.perf_counter() - start
 
-        return run, state
+        with trace_context:
+            timing["compile_seconds"] = run([next(b for b in batches if b.tokens_BT.shape[1] == n) for n in lengths])
 
-    import contextlib
+        def timed(block):
+            timing["seconds"] += run(block)
 
-    runners = {"kernel": runner(contextlib.nullcontext())}
-    if scan_loops:
-        runners["scan_loops"] = runner(lj.native.disabled())
+        return timed
+
+    lengths = sorted({b.tokens_BT.shape[1] for b in batches})
+    timings = {"kernel": {"seconds": 0.0}, **({"scan_loops": {"seconds": 0.0}} if scan_loops else {})}
+    contexts = {"kernel": contextlib.nullcontext(), "scan_loops": lj.native.disabled()}
+    runs = [runner(contexts[name], timing) for name, timing in timings.items()]
     for first in range(0, len(batches), 64):
-        for run, _ in runners.values():
+        for run in runs:
             run(batches[first : first + 64])
     real_tokens = int(sum(int(b.lengths_B.sum()) for b in batches))
     padded_tokens = int(sum(b.tokens_BT.size for b in batches))
-    seconds, compile_s = runners["kernel"][1]["seconds"], runners["kernel"][1]["compile_seconds"]
+    seconds, compile_s = timings["kernel"]["seconds"], timings["kernel"]["compile_seconds"]
     result = {
         "steps": len(batches), "seconds": seconds, "compile_seconds": compile_s,
         "real_tokens_per_s": real_tokens / seconds, "padded_tokens_per_s": padded_tokens / seconds,
         "padding_fraction": 1 - real_tokens / padded_tokens,
     }  # fmt: skip
     if scan_loops:
-        result["scan_loops_seconds"] = runners["scan_loops"][1]["seconds"]
-        result["scan_loops_compile_seconds"] = runners["scan_loops"][1]["compile_seconds"]
+        result["scan_loops_seconds"] = timings["scan_loops"]["seconds"]
+        result["scan_loops_compile_seconds"] = timings["scan_loops"]["compile_seconds"]
     return result
 
 

@@ -189,6 +189,11 @@ void gemm(Rows first, Rows second, int64_t rows, const float* packed, int64_t pa
 
 int64_t panels_for(int64_t columns) { return (columns + kPanel - 1) / kPanel; }
 
+// The first `columns` floats of each of `rows` rows, from rows `from_ld` apart to rows `to_ld` apart.
+void copy_rows(const float* from, int64_t from_ld, float* to, int64_t to_ld, int64_t rows, int64_t columns) {
+  for (int64_t r = 0; r < rows; ++r) std::copy_n(from + r * from_ld, columns, to + r * to_ld);
+}
+
 // The thread's share [begin, end) of `count` items.
 std::pair<int64_t, int64_t> share(int64_t count, int64_t thread, int64_t threads) {
   return {thread * count / threads, (thread + 1) * count / threads};
@@ -245,7 +250,7 @@ void weight_gradient(const float* a, int64_t K, const float* b, int64_t M, int64
     }
   }
   const int64_t columns = std::max<int64_t>(0, std::min(width, G - first * kPanel));
-  for (int64_t k = 0; k < K; ++k) std::copy_n(c_mine.begin() + k * width, columns, c + k * G + first * kPanel);
+  copy_rows(c_mine.data(), width, c + first * kPanel, G, K, columns);
 }
 
 class Barrier {
@@ -357,10 +362,7 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
         for (int64_t j = units.begin; j < units.begin + units.count; ++j)
           masked_h[n * H + j] = h0[n * H + j] * seq.mask[n * H + j];
     }
-    if (!acts) {
-      for (int64_t n = 0; n < N; ++n)
-        std::memcpy(c_seq + n * H + units.begin, c0 + n * H + units.begin, sizeof(float) * units.count);
-    }
+    if (!acts) copy_rows(c0 + units.begin, H, c_seq + units.begin, H, N, units.count);
     barrier.wait();
     for (int64_t s = 0; s < seq.steps; ++s) {
       const int64_t t = seq.step(s), t_prev = seq.step(s - 1);
@@ -414,7 +416,7 @@ void input_gradient(const float* dz, int64_t rows, int64_t G, const std::vector<
   for (int64_t row = 0; row < rows; row += kRowsBlock) {
     const int64_t count = std::min(kRowsBlock, rows - row);
     gemm({dz + row * G, G, G}, {nullptr, 0, 0}, count, w_x_t.data(), panels, block.data(), width);
-    for (int64_t r = 0; r < count; ++r) std::copy_n(block.begin() + r * width, E, dx + (row + r) * E);
+    copy_rows(block.data(), width, dx + row * E, E, count, E);
   }
 }
 
@@ -425,16 +427,15 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
   float* dz = out.dz;
   const int64_t threads = thread_count(H);
   std::unique_ptr<float[]> h_in(new float[T * N * H]);  // the h that entered each step's matmul
+  const std::vector<float> w_x_t = pack_transposed(saved.w_x, G, 0, E);  // for dx, which every thread needs whole
   run_threads(threads, [&](int64_t thread, Barrier& barrier) {
     const Units units = units_of(thread, threads, H);
     const int64_t panels = panels_for(units.count), ldd = panels * kPanel;
     const std::vector<float> packed = pack_transposed(saved.w_h, G, units.begin, units.count);
     // The thread's columns of the carried (dh, dc), of dz @ W_h^T and of the gradient that skips a padded step.
     std::vector<float> dh(N * units.count), dc(N * units.count), dh_in(N * ldd), dh_skip(N * units.count, 0.0f);
-    for (int64_t n = 0; n < N; ++n) {
-      std::memcpy(&dh[n * units.count], dh_last + n * H + units.begin, sizeof(float) * units.count);
-      std::memcpy(&dc[n * units.count], dc_last + n * H + units.begin, sizeof(float) * units.count);
-    }
+    copy_rows(dh_last + units.begin, H, dh.data(), units.count, N, units.count);
+    copy_rows(dc_last + units.begin, H, dc.data(), units.count, N, units.count);
     for (int64_t s = seq.steps - 1; s >= 0; --s) {
       const int64_t t = seq.step(s), t_prev = seq.step(s - 1);
       const float* c_prev = s == 0 ? c0 : c_seq + t_prev * N * H;
@@ -474,10 +475,8 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
         }
       }
     }
-    for (int64_t n = 0; n < N; ++n) {
-      std::memcpy(out.dh0 + n * H + units.begin, &dh[n * units.count], sizeof(float) * units.count);
-      std::memcpy(out.dc0 + n * H + units.begin, &dc[n * units.count], sizeof(float) * units.count);
-    }
+    copy_rows(dh.data(), units.count, out.dh0 + units.begin, H, N, units.count);
+    copy_rows(dc.data(), units.count, out.dc0 + units.begin, H, N, units.count);
     // After the loop, the gradients that need every step's dz: each a matmul over all T * N rows.
     const auto [row_begin, row_end] = share(T * N, thread, threads);
     for (int64_t row = row_begin; row < row_end; ++row) {
@@ -485,8 +484,7 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
       const float* h = (t_prev < 0 || t_prev >= T ? saved.h0 : saved.h_seq + t_prev * N * H) + n * H;
       for (int64_t j = 0; j < H; ++j) h_in[row * H + j] = seq.mask ? h[j] * seq.mask[n * H + j] : h[j];
     }
-    input_gradient(dz + row_begin * G, row_end - row_begin, G, pack_transposed(saved.w_x, G, 0, E), E,
-                   out.dx + row_begin * E);
+    input_gradient(dz + row_begin * G, row_end - row_begin, G, w_x_t, E, out.dx + row_begin * E);
     barrier.wait();  // all of h_in is written
     weight_gradient(saved.x, E, dz, T * N, G, out.dw_x, thread, threads);
     weight_gradient(h_in.get(), H, dz, T * N, G, out.dw_h, thread, threads);
