@@ -86,25 +86,28 @@ def weighted_correct(logits_BC, labels_B, weights_B):
     return jnp.sum((logits_BC.argmax(-1) == labels_B) * weights_B)
 
 
-def virtual_adversarial_loss(logits_at, logits_BC, weights_B, key, shape_BTE, epsilon: float):
+def virtual_adversarial_loss(logits_at, logits_BC, weights_B, key, shape_BTE, epsilon: float, probe_logits_at=None):
     """``KL(p(x) || p(x + r))`` averaged over the real rows, with ``r`` of norm ``epsilon`` per text
     along the direction that changes the prediction most, found by one power iteration from a
     random direction: virtual adversarial training (Miyato et al. 2017, "Adversarial training
     methods for semi-supervised text classification", sec. 4; Miyato et al. 2016 for VAT).
 
     ``logits_at(delta_BTE)`` gives the logits with ``delta_BTE`` added to the embedded inputs,
-    under the dropout masks of ``logits_BC``. ``p(x)`` is treated as a constant. The finite
-    difference of the power iteration is a tenth of ``epsilon``. It needs no labels.
+    under the dropout masks of ``logits_BC``. ``p(x)`` is treated as a constant, and so is the
+    direction, as in the paper. ``probe_logits_at`` (default ``logits_at``) gives the logits
+    for the power iteration: the same function with the parameters held constant keeps the
+    parameter gradient first-order (the CPU kernel of ``lstm_jax.native`` then runs every pass).
+    The finite difference of the power iteration is a tenth of ``epsilon``. It needs no labels.
     """
     p_BC = jax.nn.softmax(jax.lax.stop_gradient(logits_BC))
     log_p_BC = jax.nn.log_softmax(jax.lax.stop_gradient(logits_BC))
 
-    def divergence(delta_BTE):
+    def divergence(delta_BTE, logits_at=logits_at):
         kl_B = jnp.sum(p_BC * (log_p_BC - jax.nn.log_softmax(logits_at(delta_BTE))), axis=-1)
         return jnp.sum(kl_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
 
     probe_BTE = regularisers.adversarial_perturbation(jax.random.normal(key, shape_BTE, logits_BC.dtype), epsilon / 10)
-    direction_BTE = jax.grad(divergence)(probe_BTE)
+    direction_BTE = jax.grad(divergence)(probe_BTE, probe_logits_at or logits_at)
     return divergence(regularisers.adversarial_perturbation(direction_BTE, epsilon))
 
 
@@ -147,13 +150,13 @@ def classifier_loss(params, config: ModelConfig, batch, key):
         return loss, (logits_BC, y_BTH)
 
     delta_shape_BTE = (*batch.tokens_BT.shape, config.embed_dim)  # of a change to the embedded inputs
+    # The perturbations' directions are constants of the loss, as in the papers, so they are taken with the
+    # parameters held constant as well: no pass then needs second derivatives, and the CPU kernel
+    # (lstm_jax.native) runs every one.
+    frozen_params = jax.lax.stop_gradient(params)
     if config.adversarial_epsilon > 0.0:
         no_delta_BTE = jnp.zeros(delta_shape_BTE, params["embed"].dtype)
-        loss, (logits_BC, y_BTH) = loss_and_logits(no_delta_BTE)
-        # The direction is a constant of the loss, as in the paper, so it is taken with the parameters held constant
-        # as well: no pass then needs second derivatives, and the CPU kernel (lstm_jax.native) runs every one.
-        # XLA computes the clean forward pass once for both.
-        frozen_params = jax.lax.stop_gradient(params)
+        loss, (logits_BC, y_BTH) = loss_and_logits(no_delta_BTE)  # XLA computes it once for this and the next line
         grad_BTE = jax.grad(lambda delta_BTE: loss_and_logits(delta_BTE, frozen_params)[0])(no_delta_BTE)
         adversarial_loss, _ = loss_and_logits(regularisers.adversarial_perturbation(grad_BTE, config.adversarial_epsilon))
         loss = (loss + adversarial_loss) / 2
@@ -161,8 +164,11 @@ def classifier_loss(params, config: ModelConfig, batch, key):
         loss, (logits_BC, y_BTH) = loss_and_logits(None)
     if config.vat_epsilon > 0.0:
         logits_at = lambda delta_BTE: loss_and_logits(delta_BTE)[1][0]
+        probe_logits_at = lambda delta_BTE: loss_and_logits(delta_BTE, frozen_params)[1][0]
         vat_key = jax.random.fold_in(key, 1)
-        loss = loss + virtual_adversarial_loss(logits_at, logits_BC, batch.weights_B, vat_key, delta_shape_BTE, config.vat_epsilon)
+        loss = loss + virtual_adversarial_loss(
+            logits_at, logits_BC, batch.weights_B, vat_key, delta_shape_BTE, config.vat_epsilon, probe_logits_at
+        )
     if config.lm_weight > 0.0:
         loss = loss + config.lm_weight * language_model_loss(params["lm"], y_BTH, batch.tokens_BT, batch.lengths_B, config.lm_words)
     return loss, weighted_correct(logits_BC, batch.labels_B, batch.weights_B)

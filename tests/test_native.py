@@ -20,7 +20,10 @@ import pytest
 
 from lstm_jax import native
 from lstm_jax.cells import Carry
+from lstm_jax.data import Batch
 from lstm_jax.fused import lstm_sequence
+from lstm_jax.model import ModelConfig, init_classifier
+from lstm_jax.train import classifier_loss
 
 T, N, E, H = 9, 13, 37, 70  # 13 rows: two 6-row tiles and one; 4H = 280 columns: 17.5 panels
 LENGTHS = (9, 1, 4, 0, 9, 2, 7, 9, 3, 5, 8, 6, 9)
@@ -117,6 +120,21 @@ def test_inference_outputs_equal_the_training_forward(monkeypatch):
     training = jax.jit(lambda p: jax.vjp(run, p)[0])(params)  # the forward pass that saves the gate activations
     for a, e in zip(jax.tree.leaves(training), jax.tree.leaves(inference), strict=True):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+def test_adversarial_training_runs_every_lstm_pass_in_the_kernel(monkeypatch):
+    """Both perturbations' directions are taken with the parameters held constant, so the classifier's
+    gradient needs no second derivatives: no lax.scan is traced. (That the gradient is the same as with
+    the directions differentiated through is checked in test_train.py.)"""
+    monkeypatch.setenv("LSTM_JAX_NATIVE", "1")
+    config = ModelConfig(embed_dim=8, hidden_size=12, bidirectional=True, adversarial_epsilon=0.3, vat_epsilon=0.3)
+    params = init_classifier(jax.random.key(0), config, 30, 3)
+    batch = Batch(jnp.ones((4, 5), jnp.int32), jnp.array([5, 3, 1, 4]), jnp.array([0, 2, 1, 1]), jnp.ones(4))
+    gradient = jax.grad(lambda p: classifier_loss(p, config, batch, jax.random.key(1))[0])
+    jaxpr = str(jax.make_jaxpr(gradient)(params))
+    assert " scan[" not in jaxpr
+    # per direction: the clean loss, its input gradient, the adversarial loss, the power iteration, the VAT loss
+    assert jaxpr.count(native.TARGETS["backward"]) == 2 * 5
 
 
 def lowered_text(dtype, monkeypatch, mode="1"):

@@ -353,6 +353,37 @@ def test_virtual_adversarial_loss_matches_numpy_power_iteration_on_a_linear_mode
     assert expected > max(random_kl)
 
 
+def test_virtual_adversarial_direction_is_a_constant_of_the_parameter_gradient():
+    """For logits ``base + delta . A``, the gradient in ``A`` with the direction ``r`` held fixed is
+    ``sum_b w_b r_b (q_b - p_b) / sum_b w_b`` (float64 NumPy). The power iteration run with the
+    parameters held constant (``probe_logits_at``, what the classifier's loss passes) gives it too."""
+    rng = np.random.default_rng(6)
+    B, T, E, C, epsilon = 4, 3, 5, 3, 0.8
+    A_TEC = jnp.asarray(rng.normal(size=(T, E, C)), jnp.float32)
+    base_BC = jnp.asarray(rng.normal(size=(B, C)) * 2, jnp.float32)
+    weights_B = jnp.asarray([1.0, 0.0, 1.0, 1.0])
+    key = jax.random.key(2)
+    logits_with = lambda A: lambda delta_BTE: base_BC + jnp.einsum("bte,tec->bc", delta_BTE, A)
+
+    def vat(A, freeze):
+        probe = logits_with(jax.lax.stop_gradient(A)) if freeze else None
+        return virtual_adversarial_loss(logits_with(A), base_BC, weights_B, key, (B, T, E), epsilon, probe)
+
+    grads = {freeze: np.asarray(jax.grad(vat)(A_TEC, freeze), np.float64) for freeze in (True, False)}
+    # the direction, rebuilt in float64 as in the power-iteration test above
+    A, base, w = np.asarray(A_TEC, np.float64), np.asarray(base_BC, np.float64), np.asarray(weights_B, np.float64)
+    softmax = lambda z: np.exp(log_softmax(z))
+    per_text = lambda v, norm: norm * v / np.sqrt((v**2).sum((1, 2), keepdims=True))
+    probe = per_text(np.asarray(jax.random.normal(key, (B, T, E)), np.float64), epsilon / 10)
+    p = softmax(base)
+    r = per_text(np.einsum("tec,bc->bte", A, softmax(base + np.einsum("bte,tec->bc", probe, A)) - p), epsilon)
+    q = softmax(base + np.einsum("bte,tec->bc", r, A))
+    expected = np.einsum("bte,bc->tec", r, (q - p) * w[:, None]) / w.sum()
+    for grad in grads.values():
+        np.testing.assert_allclose(grad, expected, rtol=2e-3, atol=1e-6)
+    np.testing.assert_allclose(grads[True], grads[False], rtol=1e-5, atol=1e-8)
+
+
 def test_virtual_adversarial_training_adds_a_label_free_term():
     config = dataclasses.replace(CONFIG, vat_epsilon=0.5, input_dropout=0.0, output_dropout=0.0, embed_dropout=0.0)
     params = init_classifier(jax.random.key(3), config, VOCAB, CLASSES)
