@@ -247,11 +247,18 @@ def train_configs(configs: dict, mesh) -> dict:
     if mesh_cfg.shard_embedding and (note := parallel.unsplit_embedding_note(vocab_size, mesh)):
         print(note)
     val_split = eval_batches("validation")
-    if model_cfg.lm_pretrain_epochs and not has_checkpoints(workdir):  # a classifier checkpoint holds the pre-trained weights
+    pretraining_steps = model_cfg.lm_pretrain_epochs * steps_per_epoch
+    if pretraining_steps and not has_checkpoints(workdir):  # a classifier checkpoint holds the pre-trained weights
         params = pretrain_language_model(params, configs, mesh, epoch_batches, val_split=val_split)
-    state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     pretraining_path = workdir / "pretrain" / "results.json"
-    pretraining = json.loads(pretraining_path.read_text()) if model_cfg.lm_pretrain_epochs and pretraining_path.exists() else None
+    pretraining = json.loads(pretraining_path.read_text()) if pretraining_steps and pretraining_path.exists() else None
+    if loop_cfg.max_steps and pretraining_steps:  # --max-steps counts the pre-training steps too
+        if loop_cfg.max_steps <= pretraining_steps:
+            print(f"--max-steps {loop_cfg.max_steps} ends the run in language-model pre-training ({pretraining_steps} steps); "
+                  "the classifier has not started: rerun with a larger --max-steps, or none, to go on")  # fmt: skip
+            return {"steps": 0, "lm_pretraining": pretraining}
+        loop_cfg = dataclasses.replace(loop_cfg, max_steps=loop_cfg.max_steps - pretraining_steps)
+    state = init_train_state(params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0)
     checkpoints = RunCheckpoints(workdir, keep=loop_cfg.keep)
     state, state_sharding, skipped_checkpoints = resume_on_mesh(
         state, checkpoints, mesh, resuming=resuming, shard_embedding=mesh_cfg.shard_embedding
@@ -311,11 +318,12 @@ def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *,
 
     The language model (:func:`~lstm_jax.train.language_model_pretraining_loss`, Dai & Le 2015) trains
     for ``--lm-pretrain-epochs`` over the training texts with the run's optimiser settings, seed and
-    loop settings (not ``--max-steps``), and the classifier's batch order, but dropout masks of its own
+    loop settings, and the classifier's batch order, but dropout masks of its own
     (keys from :data:`PRETRAINING_STREAM`), in ``WORKDIR/pretrain``: its checkpoints, ``metrics.jsonl``
     (accuracy there is next-word accuracy), ``curves.png`` and ``results.json``. A rerun resumes it. The weights taken
     are the best checkpoint's evaluation weights by validation next-word accuracy; the language-model
-    heads come along when the classifier has them (``--lm-weight``).
+    heads come along when the classifier has them (``--lm-weight``). ``--max-steps`` counts these steps
+    too, so it can stop the language model's training (then the caller does not start the classifier).
     """
     model_cfg, optim_cfg, loop_cfg, run_cfg, mesh_cfg = (configs[name] for name in ("ModelConfig", "OptimConfig", "LoopConfig", "RunConfig", "MeshConfig"))
     folder = Path(run_cfg.workdir) / "pretrain"
@@ -330,7 +338,7 @@ def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *,
     state, summary, best = train_phase(
         state, state_sharding, lambda p, batch, key: language_model_pretraining_loss(p, model_cfg, batch, key), optimizer,
         parallel.host_batch_step(make_language_model_eval_step(model_cfg), mesh), val_split, mesh, epoch_batches,
-        checkpoints, folder, dataclasses.replace(loop_cfg, epochs=epochs, max_steps=0), ema_decay=optim_cfg.ema_decay,
+        checkpoints, folder, dataclasses.replace(loop_cfg, epochs=epochs), ema_decay=optim_cfg.ema_decay,
         meta={"pretraining": "language model"}, title="language-model pre-training (accuracy: next word)",
     )  # fmt: skip
     checkpoints.close()

@@ -160,12 +160,16 @@ def test_language_model_pretraining_killed_then_the_classifier_killed_resumes_to
     killed = train_process(workdir, "step:13", *flags)  # in pre-training, after its step-10 checkpoint
     assert killed.returncode == -signal.SIGKILL and finished_steps(workdir / "checkpoints") == []
     assert set(finished_steps(workdir / "pretrain" / "checkpoints")) <= {10}
-    killed = train_process(workdir, "save:30", *flags)  # pre-training (20 steps) finishes, then the classifier is killed
-    assert killed.returncode == -signal.SIGKILL and finished_steps(workdir / "pretrain" / "checkpoints")[-1] == 20
+    stopped = train_process(workdir, None, *flags, "--max-steps", "17")  # counts pre-training's steps: stops in it
+    assert stopped.returncode == 0 and "--max-steps 17 ends the run in language-model pre-training" in stopped.stdout
+    assert finished_steps(workdir / "checkpoints") == [] and not (workdir / "results.json").exists()
+    assert json.loads((workdir / "pretrain" / "results.json").read_text())["steps"] == 17
+    results = results_of(train_process(workdir, None, *flags, "--max-steps", "25"), workdir)  # 20 + 5 of the classifier
+    assert results["steps"] == 5 and results["lm_pretraining"]["steps"] == 20
     process = train_process(workdir, None, *flags)
     results = results_of(process, workdir)
     assert "language-model pre-training" not in process.stdout  # the classifier's checkpoint holds its weights
-    assert results["params_sha256"] == expected["params_sha256"] and results["resumed_from_step"] == 20
+    assert results["params_sha256"] == expected["params_sha256"] and results["resumed_from_step"] == 5
     untimed = lambda figures: {k: v for k, v in figures.items() if k != "train_seconds"}
     assert untimed(results["lm_pretraining"]) == untimed(pretraining)
 
