@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from lstm_jax import native
+from lstm_jax import native, varying
 
 
 def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=False, unroll=1):
@@ -66,9 +66,8 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
         if h_mask is None
         else jnp.broadcast_to(lax.stop_gradient(h_mask), (*batch_shape, hidden_size)).reshape(rows, hidden_size)
     )
-    h_NH, c_NH, y_TNH = _lstm_scan(
-        reverse, unroll, params["w_x"], params["w_h"], params["b"], x_TNE, h_NH, c_NH, valid_TN, mask_NH
-    )
+    operands = (params["w_x"], params["w_h"], params["b"], x_TNE, h_NH, c_NH, valid_TN, mask_NH)
+    h_NH, c_NH, y_TNH = _lstm_scan(reverse, unroll, *varying.vary(operands, varying.varying_axes(operands)))
     unflatten = functools.partial(jnp.reshape, shape=(*batch_shape, hidden_size))
     return Carry(unflatten(h_NH), unflatten(c_NH)), y_TNH.reshape(num_steps, *batch_shape, hidden_size)
 

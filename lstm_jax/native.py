@@ -30,6 +30,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lstm_jax import varying
+
 SOURCE = Path(__file__).parent / "csrc" / "lstm_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
 TARGETS = {"forward": "lstm_jax_cpu_forward", "backward": "lstm_jax_cpu_backward"}
@@ -138,9 +140,9 @@ def forward(reverse, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
     num_steps, rows, _ = x_TNE.shape
     hidden = h_NH.shape[-1]
     result = (
-        jax.ShapeDtypeStruct((num_steps if save else 0, rows, 4 * hidden), jnp.float32),
-        jax.ShapeDtypeStruct((num_steps, rows, hidden), jnp.float32),
-        jax.ShapeDtypeStruct((num_steps, rows, hidden) if save else (rows, hidden), jnp.float32),
+        varying.result_type((num_steps if save else 0, rows, 4 * hidden), jnp.float32, x_TNE),
+        varying.result_type((num_steps, rows, hidden), jnp.float32, x_TNE),
+        varying.result_type((num_steps, rows, hidden) if save else (rows, hidden), jnp.float32, x_TNE),
     )
     optional, flags = _optional(valid_TN, mask_NH)
     call = jax.ffi.ffi_call(TARGETS["forward"], result, vmap_method="sequential")
@@ -157,7 +159,7 @@ def backward(reverse, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_
     The weight gradients are the matmuls over all steps that ``fused`` does after its loop, done here
     with the kernel's own tiles.
     """
-    like = lambda a: jax.ShapeDtypeStruct(a.shape, jnp.float32)
+    like = lambda a: varying.result_type(a.shape, jnp.float32, x_TNE)
     result = tuple(map(like, (acts_TNG, x_TNE, w_x, w_h, dh_NH, dc_NH)))
     optional, flags = _optional(valid_TN, mask_NH)
     call = jax.ffi.ffi_call(TARGETS["backward"], result, vmap_method="sequential")

@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from lstm_jax import regularisers
+from lstm_jax import regularisers, varying
 from lstm_jax.cells import Carry, Cell, output_size
 
 Layer = Any  # a cell's params, or {"fwd": params, "bwd": params} for a bidirectional layer
@@ -70,6 +70,7 @@ def scan_layer(
     else:
         carry = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (*batch_shape, leaf.shape[-1])), carry)
     valid_T = None if lengths is None else valid_mask(lengths, num_steps)
+    carry = varying.vary(carry, varying.varying_axes(params, x_TE, valid_T, carry, h_mask, key))  # see lstm_jax.varying
     if cell.sequence is not None and zoneout == 0.0:
         return cell.sequence(params, x_TE, carry=carry, valid_T=valid_T, h_mask=h_mask, reverse=reverse, unroll=unroll)
     xp_TG = cell.project(params, x_TE)

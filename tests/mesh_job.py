@@ -6,11 +6,13 @@ the shardings seen inside the compiled step, and accuracies after restoring a
 checkpoint onto another mesh.
 """
 
+import contextlib
 import json
 import sys
 import tempfile
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 from lstm_jax import parallel
@@ -109,6 +111,31 @@ def max_relative_difference(a, b):
     )
 
 
+def shard_map_gradient_differences(mesh) -> dict:
+    """The gradient of a stacked, bidirectional LSTM with lengths (and, as a generic cell, a GRU), taken inside
+    ``jax.shard_map`` over a batch split along ``data``, against the same gradient on one device; per system."""
+    from jax.sharding import PartitionSpec as P
+
+    import lstm_jax as lj
+    from lstm_jax import native
+
+    x = jax.random.normal(jax.random.key(1), (8, 5, 6))
+    lengths = jnp.array([5, 3, 1, 4, 5, 2, 2, 5])
+    differences = {}
+    for cell_name, cell in (("lstm", lj.LSTM), ("gru", lj.GRU)):
+        params = lj.init_rnn(jax.random.key(0), cell, 6, 10, num_layers=2, bidirectional=True)
+        loss = lambda p, x, lengths: jnp.sum(jnp.sin(lj.rnn(cell, p, x, lengths)[0]))
+        split = (P(), P("data"), P("data"))
+        for name, context in (("kernel", contextlib.nullcontext), ("scan_loops", native.disabled)):
+            with context():
+                sharded = jax.jit(jax.shard_map(jax.grad(loss), mesh=mesh, in_specs=split, out_specs=P()))
+                whole = jax.jit(jax.grad(loss))
+                differences[f"{cell_name}_{name}"] = max_relative_difference(
+                    sharded(params, x, lengths), whole(params, x, lengths)
+                )
+    return differences
+
+
 def main():
     assert len(jax.devices()) == 4, "set XLA_FLAGS=--xla_force_host_platform_device_count=4"
     train_batches, eval_batches = make_batches(NUM_STEPS, seed=1), make_batches(4, seed=2)
@@ -151,6 +178,7 @@ def main():
         report["accuracy_1"] = accuracy_on(one, state_1.eval_params, eval_batches)
         report["accuracy_1_restored_on_4"] = accuracy_on(four, on_four.eval_params, eval_batches)
         report["restored_difference_4_to_1"] = max_relative_difference(on_one.params, state_4.params)
+    report["shard_map_gradient_differences"] = shard_map_gradient_differences(four)
     try:
         parallel.check_batch_size(6, four)
     except ValueError as error:

@@ -39,6 +39,15 @@ def test_mesh_losses_track_single_device_at_every_step(mesh_report, mesh):
 
 
 @pytest.mark.slow
+def test_recurrent_gradients_inside_shard_map_equal_the_single_device_ones(mesh_report):
+    """Zero initial carries and replicated weights are brought to the batch's varying mesh axes, so both the
+    kernel and the lax.scan loops (and a generic cell's scan) run inside ``jax.shard_map``."""
+    differences = mesh_report["shard_map_gradient_differences"]
+    assert set(differences) == {"lstm_kernel", "lstm_scan_loops", "gru_kernel", "gru_scan_loops"}
+    assert max(differences.values()) < 1e-5, differences
+
+
+@pytest.mark.slow
 def test_every_batch_is_split_over_the_data_axis(mesh_report):
     assert mesh_report["batch_spec"] == "P('data',)"
     assert mesh_report["batch_shard_shapes"] == [[4, 12]] * 4
