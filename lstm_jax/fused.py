@@ -113,9 +113,10 @@ def _scan_forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mas
 
 
 # The kernel's calls as functions that JAX can differentiate again. Training needs only their values (the
-# kernel's backward pass is the VJP of its forward pass), but a gradient of a gradient, such as adversarial
-# training's gradient with respect to the input inside the loss, differentiates them too: those derivatives
-# come from the lax.scan loops, which compute the same functions.
+# kernel's backward pass is the VJP of its forward pass), but a gradient of a gradient, such as a penalty on
+# the input gradient's norm, differentiates them too: those derivatives come from the lax.scan loops, which
+# compute the same functions. (Adversarial and virtual adversarial training avoid it: lstm_jax.train takes
+# their directions with the parameters held constant.)
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))

@@ -85,7 +85,7 @@ def test_kernel_matches_the_scan_loops(options, monkeypatch):
 
 
 def test_gradients_of_gradients_match_the_scan_loops(monkeypatch):
-    """Adversarial training differentiates a gradient: the kernel's calls carry derivatives of their own."""
+    """A gradient of a gradient (here of the input gradient's norm): the kernel's calls carry derivatives of their own."""
     params, x, carry, valid, mask = problem(seed=2)
 
     def input_gradient_norm(params, x):
