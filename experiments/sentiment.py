@@ -214,7 +214,8 @@ def train(argv: list[str]) -> dict:
 
 
 def train_configs(configs: dict, mesh) -> dict:
-    """Train (or resume) the run that ``configs`` describe, on ``mesh``; returns ``results.json``'s contents."""
+    """Train (or resume) the run that ``configs`` describe, on ``mesh``; returns ``results.json``'s contents, or
+    ``{"steps": 0, "lm_pretraining": ...}`` when ``--max-steps`` ends the run in language-model pre-training."""
     data_cfg, model_cfg, optim_cfg, loop_cfg, run_cfg, mesh_cfg = (configs[cls.__name__] for cls in CONFIG_CLASSES)
     workdir = Path(run_cfg.workdir)
     resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)

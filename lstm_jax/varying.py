@@ -40,11 +40,10 @@ def vary(tree, axes: frozenset):
 
 def result_type(shape, dtype, like) -> jax.ShapeDtypeStruct:
     """The type of an FFI call's result that varies along the axes ``like`` varies along."""
-    aval = jax.typeof(like) if hasattr(jax, "typeof") else None
-    manual = getattr(aval, "mat", None)
-    if manual is not None and manual.varying:  # typed on the (manual) mesh of ``like``, replicated within a shard
+    if not varying_axes(like):
+        return jax.ShapeDtypeStruct(shape, dtype)
+    aval = jax.typeof(like)
+    if getattr(aval, "mat", None) is not None:  # typed on the (manual) mesh of ``like``, replicated within a shard
         sharding = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
-        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, manual_axis_type=manual)
-    if getattr(aval, "vma", None):
-        return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
-    return jax.ShapeDtypeStruct(shape, dtype)
+        return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, manual_axis_type=aval.mat)
+    return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
