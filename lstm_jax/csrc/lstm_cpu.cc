@@ -23,7 +23,6 @@
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
-#include <memory>
 #include <sched.h>
 #ifdef __linux__
 #include <sys/mman.h>
@@ -31,6 +30,9 @@
 #include <thread>
 #include <utility>
 #include <vector>
+#if defined(__AVX__)
+#include <immintrin.h>
+#endif
 
 #include "xla/ffi/api/ffi.h"
 
@@ -76,6 +78,25 @@ inline void store(float* p, vfloat v, int64_t n = kLanes) {
   } else {
     std::memcpy(p, &v, sizeof(float) * n);
   }
+}
+
+// A store that bypasses the caches, for data written once and not read again in this call (the gate
+// activations, read only by the backward pass): it leaves the cache to the weights and the step's rows, and
+// skips reading each line before writing it. A plain store where the CPU or the address does not allow it.
+inline void store_streaming(float* p, vfloat v, int64_t n = kLanes) {
+#if defined(__AVX512F__) && LSTM_JAX_LANES == 16
+  if (n == kLanes && reinterpret_cast<uintptr_t>(p) % 64 == 0) return _mm512_stream_ps(p, reinterpret_cast<__m512&>(v));
+#elif defined(__AVX__) && LSTM_JAX_LANES == 8
+  if (n == kLanes && reinterpret_cast<uintptr_t>(p) % 32 == 0) return _mm256_stream_ps(p, reinterpret_cast<__m256&>(v));
+#endif
+  store(p, v, n);
+}
+
+// Streaming stores are not ordered with other stores: fence them before another thread or call reads them.
+inline void fence_streaming() {
+#if defined(__AVX__)
+  _mm_sfence();
+#endif
 }
 
 // exp, lane by lane: 2^n * p(r) with x = n ln 2 + r, |r| <= ln(2) / 2 (Cephes' expf polynomial).
@@ -202,17 +223,28 @@ std::pair<int64_t, int64_t> share(int64_t count, int64_t thread, int64_t threads
   return {thread * count / threads, (thread + 1) * count / threads};
 }
 
-// A^T's rows [0, K) over depth [m, m + depth), for A (M x K) row-major, as packed tiles of kTileRows
-// rows: element (r, k) at packed[(r / 6) * 6 * depth + k * 6 + r % 6]. A is read row after row.
-void pack_rows(const float* a, int64_t K, int64_t m, int64_t depth, float* packed) {
+// Row m of a weight gradient's left operand A (M x K): its K floats, and the K floats that multiply them
+// (the recurrent dropout mask) or null.
+struct RowOfA {
+  const float* row;
+  const float* mask;
+};
+
+// A^T's rows [0, K) over depth [m, m + depth), as packed tiles of kTileRows rows: element (r, k) at
+// packed[(r / 6) * 6 * depth + k * 6 + r % 6]. A is read row after row, from row_of(m) (a RowOfA).
+template <typename RowOf>
+void pack_rows(RowOf row_of, int64_t K, int64_t m, int64_t depth, float* packed) {
   for (int64_t k = 0; k < depth; ++k) {
-    const float* row = a + (m + k) * K;
+    const RowOfA a = row_of(m + k);
     for (int64_t r0 = 0; r0 < K; r0 += kTileRows) {
       float* out = packed + r0 * depth + k * kTileRows;
-      if (r0 + kTileRows <= K) {
-        for (int64_t r = 0; r < kTileRows; ++r) out[r] = row[r0 + r];
+      const int64_t rows = std::min(kTileRows, K - r0);
+      if (a.mask) {
+        for (int64_t r = 0; r < rows; ++r) out[r] = a.row[r0 + r] * a.mask[r0 + r];
+      } else if (rows == kTileRows) {
+        for (int64_t r = 0; r < kTileRows; ++r) out[r] = a.row[r0 + r];
       } else {
-        for (int64_t r = 0; r < K - r0; ++r) out[r] = row[r0 + r];
+        for (int64_t r = 0; r < rows; ++r) out[r] = a.row[r0 + r];
       }
     }
   }
@@ -232,11 +264,12 @@ void pack_columns(const float* b, int64_t G, int64_t first, int64_t width, int64
   }
 }
 
-// C (K x G) = A^T B for A (M x K) and B (M x G), both row-major: the weight gradients, summed over all
-// M = T * N rows after the loop. The thread computes its share of C's panels, a block of rows at a time,
+// C (K x G) = A^T B for A (M x K), its rows from row_of (a RowOfA), and B (M x G) row-major: the weight
+// gradients, summed over all M = T * N rows after the loop. The thread computes its share of C's panels, a block of rows at a time,
 // from copies of A^T and of its panels of B in the layout the tiles read. (Read in place, both would be
 // read down their columns, with rows a multiple of 1 KiB apart: few cache sets and no prefetching.)
-void weight_gradient(const float* a, int64_t K, const float* b, int64_t M, int64_t G, float* c, int64_t thread,
+template <typename RowOf>
+void weight_gradient(RowOf row_of, int64_t K, const float* b, int64_t M, int64_t G, float* c, int64_t thread,
                      int64_t threads) {
   constexpr int64_t kRowsBlock = 128;
   const auto [first, last] = share(panels_for(G), thread, threads);
@@ -245,7 +278,7 @@ void weight_gradient(const float* a, int64_t K, const float* b, int64_t M, int64
   std::vector<float> c_mine(K * width);
   for (int64_t m = 0; m < M; m += kRowsBlock) {
     const int64_t depth = std::min(kRowsBlock, M - m);
-    pack_rows(a, K, m, depth, a_t.data());
+    pack_rows(row_of, K, m, depth, a_t.data());
     pack_columns(b, G, first * kPanel, width, m, depth, panels.data());
     for (int64_t p = 0; p < last - first; ++p) {
       panel_block({a_t.data(), 1, depth, kTileRows}, K, panels.data() + p * kPanel * depth, c_mine.data() + p * kPanel,
@@ -409,7 +442,8 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
           if (!keep) c = load(c_prev + prev_at + unit, lanes), h = load(h_prev + prev_at + unit, lanes);
           if (acts) {
             float* act = acts + (t * N + n) * G + unit;
-            store(act, i, lanes), store(act + H, f, lanes), store(act + 2 * H, g, lanes), store(act + 3 * H, o, lanes);
+            store_streaming(act, i, lanes), store_streaming(act + H, f, lanes), store_streaming(act + 2 * H, g, lanes),
+                store_streaming(act + 3 * H, o, lanes);
           }
           store(c_next + prev_at + unit, c, lanes), store(h_seq + at + unit, h, lanes);
           if (seq.mask) store(next_masked + prev_at + unit, h * load(seq.mask + prev_at + unit, lanes), lanes);
@@ -417,6 +451,7 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
       }
       barrier.wait();
     }
+    fence_streaming();
   });
 }
 
@@ -447,8 +482,6 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
   const float *acts = saved.acts, *c_seq = saved.c_seq, *c0 = saved.c0;
   float* dz = out.dz;
   const int64_t threads = thread_count(H);
-  std::unique_ptr<float[]> h_in(new float[T * N * H]);  // the h that entered each step's matmul
-  prefer_huge_pages(h_in.get(), sizeof(float) * T * N * H);
   const std::vector<float> w_x_t = pack_transposed(saved.w_x, G, 0, E);  // for dx, which every thread needs whole
   run_threads(threads, [&](int64_t thread, Barrier& barrier) {
     const Units units = units_of(thread, threads, H);
@@ -501,15 +534,15 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
     copy_rows(dc.data(), units.count, out.dc0 + units.begin, H, N, units.count);
     // After the loop, the gradients that need every step's dz: each a matmul over all T * N rows.
     const auto [row_begin, row_end] = share(T * N, thread, threads);
-    for (int64_t row = row_begin; row < row_end; ++row) {
-      const int64_t t = row / N, n = row % N, t_prev = seq.reverse ? t + 1 : t - 1;
-      const float* h = (t_prev < 0 || t_prev >= T ? saved.h0 : saved.h_seq + t_prev * N * H) + n * H;
-      for (int64_t j = 0; j < H; ++j) h_in[row * H + j] = seq.mask ? h[j] * seq.mask[n * H + j] : h[j];
-    }
     input_gradient(dz + row_begin * G, row_end - row_begin, G, w_x_t, E, out.dx + row_begin * E);
-    barrier.wait();  // all of h_in is written
-    weight_gradient(saved.x, E, dz, T * N, G, out.dw_x, thread, threads);
-    weight_gradient(h_in.get(), H, dz, T * N, G, out.dw_h, thread, threads);
+    const auto x_row = [&](int64_t m) { return RowOfA{saved.x + m * E, nullptr}; };
+    const auto h_in_row = [&](int64_t m) {  // the h that entered the matmul of row m's step: the previous h, masked
+      const int64_t t = m / N, n = m % N, t_prev = seq.reverse ? t + 1 : t - 1;
+      const float* h = t_prev < 0 || t_prev >= T ? saved.h0 : saved.h_seq + t_prev * N * H;
+      return RowOfA{h + n * H, seq.mask ? seq.mask + n * H : nullptr};
+    };
+    weight_gradient(x_row, E, dz, T * N, G, out.dw_x, thread, threads);
+    weight_gradient(h_in_row, H, dz, T * N, G, out.dw_h, thread, threads);
   });
 }
 
@@ -590,7 +623,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, BackwardImpl,
                                   .Attr<int64_t>("reverse")
                                   .Attr<int64_t>("has_valid")
                                   .Attr<int64_t>("has_mask")
-                                  .Ret<ffi::Buffer<ffi::F32>>()   // dz (T, N, 4H)
+                                  .Ret<ffi::Buffer<ffi::F32>>()   // dz (T, N, 4H), over the gate activations
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dx (T, N, E)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dw_x (E, 4H)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dw_h (H, 4H)
