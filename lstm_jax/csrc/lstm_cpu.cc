@@ -192,21 +192,22 @@ void panel_block(Rows a, int64_t rows, const float* panel, float* c, int64_t ldc
   }
 }
 
-constexpr int64_t kDepthBlock = 128;  // a block of a panel (8 or 16 KiB) stays in L1 while every row passes over it
+constexpr int64_t kDepthBlock = 256;  // a block of a panel (16 or 32 KiB) stays in L1 while every row passes over it
 
-// C (rows x kPanel * panels) = [first, second] @ packed, panel by panel and depth block by depth block.
+// C (rows x kPanel * panels) = [first, second] @ packed, depth block by depth block, and in each block panel by
+// panel: the rows' block is read again by every panel, so it stays in L2 while the weights stream past it. (Panel
+// by panel over the whole depth, every panel read all the rows, which at H = 512 no longer fit beside the weights.)
 void gemm(Rows first, Rows second, int64_t rows, const float* packed, int64_t panels, float* c, int64_t ldc) {
   const int64_t depth = first.depth + second.depth;
-  for (int64_t p = 0; p < panels; ++p) {
-    const float* panel = packed + p * depth * kPanel;
-    bool accumulate = false;
-    for (const Rows& operand : {first, second}) {
-      for (int64_t k = 0; k < operand.depth; k += kDepthBlock) {
-        const Rows block{operand.a + k, operand.lda, std::min(kDepthBlock, operand.depth - k)};
-        panel_block(block, rows, panel, c + p * kPanel, ldc, accumulate);
-        panel += block.depth * kPanel;
-        accumulate = true;
-      }
+  int64_t done = 0;
+  bool accumulate = false;
+  for (const Rows& operand : {first, second}) {
+    for (int64_t k = 0; k < operand.depth; k += kDepthBlock) {
+      const Rows block{operand.a + k, operand.lda, std::min(kDepthBlock, operand.depth - k)};
+      for (int64_t p = 0; p < panels; ++p)
+        panel_block(block, rows, packed + (p * depth + done) * kPanel, c + p * kPanel, ldc, accumulate);
+      done += block.depth;
+      accumulate = true;
     }
   }
 }
