@@ -18,6 +18,7 @@ f32 matmul, timed in the same rounds, gives the GFLOP/s ceiling.
 import argparse
 import contextlib
 import dataclasses
+import gc
 import json
 import os
 import platform
@@ -237,12 +238,24 @@ def matmul_ceiling() -> Callable[[], float]:
 
 
 def time_calls(fn: Callable[[], None], count: int) -> list[float]:
-    times = []
-    for _ in range(count):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return times
+    """Wall times of ``count`` calls, with Python's cyclic garbage collector paused as ``timeit`` pauses it.
+
+    Otherwise a collection of the whole heap (every object JAX, Flax and PyTorch have created) lands in
+    whichever system's step happens to trigger it.
+    """
+    gc.collect()
+    collecting = gc.isenabled()
+    gc.disable()
+    try:
+        times = []
+        for _ in range(count):
+            start = time.perf_counter()
+            fn()
+            times.append(time.perf_counter() - start)
+        return times
+    finally:
+        if collecting:
+            gc.enable()
 
 
 def build_systems(shape: Shape, on_gpu: bool, bf16: bool = False, scan_loops: bool = False) -> list[System]:
