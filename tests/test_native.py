@@ -122,6 +122,24 @@ def test_inference_outputs_equal_the_training_forward(monkeypatch):
         np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
+def test_the_backward_call_leaves_activations_that_are_read_again_intact():
+    """The backward call writes dz over the gate activations; where the program reads them again, XLA must copy."""
+    params, x, carry, valid, mask = problem(seed=2)
+    forward = lambda: native.forward(False, True, params["w_x"], params["w_h"], params["b"], x, *carry, valid, mask)
+    _, _, acts_expected, _, _ = jax.jit(forward)()
+
+    @jax.jit
+    def backward_then_reuse():
+        h_last, c_last, acts, h_all, c_all = forward()
+        dz = native.backward(False, params["w_x"], params["w_h"], x, *carry, acts, h_all, c_all, h_all,
+                             jnp.ones_like(h_last), jnp.ones_like(c_last), valid, mask)[0]  # fmt: skip
+        return dz, acts * 1.0  # read after the call that aliases them
+
+    dz, acts_after = backward_then_reuse()
+    np.testing.assert_array_equal(np.asarray(acts_after), np.asarray(acts_expected))
+    assert not np.array_equal(np.asarray(dz), np.asarray(acts_expected))  # the call did write its own result
+
+
 def test_adversarial_training_runs_every_lstm_pass_in_the_kernel(monkeypatch):
     """Both perturbations' directions are taken with the parameters held constant, so the classifier's
     gradient needs no second derivatives: no lax.scan is traced. (That the gradient is the same as with
