@@ -163,8 +163,8 @@ def backward(reverse, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_
     result = tuple(map(like, (acts_TNG, x_TNE, w_x, w_h, dh_NH, dc_NH)))
     optional, flags = _optional(valid_TN, mask_NH)
     operands = (x_TNE, h0_NH, c0_NH, w_x, w_h, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, *optional)
-    # dz overwrites the gate activations it is computed from, step by step: no fresh 4H-wide buffer to fault in.
-    # XLA copies the activations first wherever something else still reads them.
+    # Result 0 (dz) is written over operand 5 (the gate activations it is computed from, step by step): no fresh
+    # 4H-wide buffer to fault in. XLA copies the activations first wherever something else still reads them.
     call = jax.ffi.ffi_call(TARGETS["backward"], result, vmap_method="sequential", input_output_aliases={5: 0})
     return call(*operands, reverse=int(reverse), **flags)
 

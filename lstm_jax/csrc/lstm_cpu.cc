@@ -266,9 +266,9 @@ void pack_columns(const float* b, int64_t G, int64_t first, int64_t width, int64
 }
 
 // C (K x G) = A^T B for A (M x K), its rows from row_of (a RowOfA), and B (M x G) row-major: the weight
-// gradients, summed over all M = T * N rows after the loop. The thread computes its share of C's panels, a block of rows at a time,
-// from copies of A^T and of its panels of B in the layout the tiles read. (Read in place, both would be
-// read down their columns, with rows a multiple of 1 KiB apart: few cache sets and no prefetching.)
+// gradients, summed over all M = T * N rows after the loop. The thread computes its share of C's panels, a block
+// of rows at a time, from copies of A^T and of its panels of B in the layout the tiles read. (Read in place, both
+// would be read down their columns, with rows a multiple of 1 KiB apart: few cache sets and no prefetching.)
 template <typename RowOf>
 void weight_gradient(RowOf row_of, int64_t K, const float* b, int64_t M, int64_t G, float* c, int64_t thread,
                      int64_t threads) {
@@ -481,6 +481,7 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
               const Gradients& out) {
   const int64_t T = seq.steps, N = seq.rows, E = seq.inputs, H = seq.hidden, G = 4 * H;
   const float *acts = saved.acts, *c_seq = saved.c_seq, *c0 = saved.c0;
+  // dz may be acts' own buffer (native.py aliases them): each vector of acts is read before its dz is written.
   float* dz = out.dz;
   const int64_t threads = thread_count(H);
   const std::vector<float> w_x_t = pack_transposed(saved.w_x, G, 0, E);  // for dx, which every thread needs whole
