@@ -580,7 +580,8 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ffi::
   const Sequence seq = sequence_of(x, hidden, reverse, valid, has_valid, mask, has_mask);
   const Saved saved{x.typed_data(),    h0.typed_data(),   c0.typed_data(),    w_x.typed_data(),
                     w_h.typed_data(),  acts.typed_data(), h_seq.typed_data(), c_seq.typed_data()};
-  for (auto* result : {&dz, &dx, &dw_x, &dw_h}) prefer_huge_pages(*result);
+  // Not dz: it is the gate activations' buffer (native.py aliases them), whose pages the forward call wrote.
+  for (auto* result : {&dx, &dw_x, &dw_h}) prefer_huge_pages(*result);
   backward(seq, saved, dy.typed_data(), dh_last.typed_data(), dc_last.typed_data(),
            {dz->typed_data(), dx->typed_data(), dw_x->typed_data(), dw_h->typed_data(), dh0->typed_data(),
             dc0->typed_data()});
