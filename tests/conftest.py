@@ -11,6 +11,7 @@ import shutil
 import tempfile
 
 import jax
+import pytest
 
 CACHE_DIR = tempfile.mkdtemp(prefix="lstm_jax_test_xla_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
@@ -23,3 +24,9 @@ jax.config.update("jax_persistent_cache_min_entry_size_bytes", 0)
 
 def pytest_sessionfinish(session, exitstatus):
     shutil.rmtree(CACHE_DIR, ignore_errors=True)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_xdist_auto_num_workers(config):
+    """``-n auto``: one worker per usable core, at most 4; each worker holds its own JAX runtime and compiled programs."""
+    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
