@@ -1,0 +1,83 @@
+"""experiments.allocator: the restart with glibc's malloc keeping freed memory, and that memory being reused."""
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from experiments.allocator import OPT_OUT, TUNABLES, tuned_environment, uses_glibc
+
+REPO = Path(__file__).resolve().parents[1]
+
+# Allocates and touches a 96 MiB block from a second thread (as XLA's workers allocate), frees it, and does it
+# again: prints the page faults of the second round.
+SECOND_ROUND_FAULTS = """
+import resource, sys, threading
+from experiments.allocator import rerun_keeping_freed_memory
+if sys.argv[1] == "restart":
+    rerun_keeping_freed_memory()
+size = 96 << 20
+def allocate_and_touch():
+    block = bytearray(size)
+    block[::4096] = bytes(len(range(0, size, 4096)))
+def round_faults():
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    worker = threading.Thread(target=allocate_and_touch)
+    worker.start()
+    worker.join()
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
+round_faults()
+print(round_faults())
+"""
+
+
+def test_the_tunables_are_added_after_any_the_user_set():
+    environ = tuned_environment({"HOME": "/h", "GLIBC_TUNABLES": "glibc.rtld.optional_static_tls=2048"})
+    assert environ["HOME"] == "/h"
+    assert environ["GLIBC_TUNABLES"] == ":".join(("glibc.rtld.optional_static_tls=2048", *TUNABLES))
+    assert tuned_environment({})["GLIBC_TUNABLES"] == ":".join(TUNABLES)
+
+
+@pytest.mark.parametrize(
+    "environ, glibc",
+    [
+        ({OPT_OUT: "0"}, True),  # turned off
+        ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, True),  # the user's own malloc settings win
+        ({"GLIBC_TUNABLES": ":".join(TUNABLES)}, True),  # already restarted: no loop
+        ({}, False),  # another C library
+    ],
+)
+def test_nothing_to_do(environ, glibc):
+    assert tuned_environment(environ, glibc) is None
+
+
+@pytest.mark.skipif(not uses_glibc(), reason="glibc only")
+def test_the_restarted_process_keeps_its_arguments_and_reuses_freed_memory():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    run = lambda *args, **extra: subprocess.run(
+        [sys.executable, "-c", SECOND_ROUND_FAULTS, *args], cwd=REPO, env={**env, **extra}, capture_output=True,
+        text=True, check=True,
+    ).stdout  # fmt: skip
+    restarted = int(run("restart"))
+    plain = int(run("plain"))
+    opted_out = int(run("restart", **{OPT_OUT: "0"}))
+    assert plain > 20_000 and opted_out > 20_000  # every 4 KiB page of the new mapping faults again
+    assert restarted < 1_000, restarted  # the freed block came back from the heap, already mapped
+
+
+@pytest.mark.skipif(not uses_glibc(), reason="glibc only")
+def test_the_sentiment_command_restarts_itself_once():
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    code = (
+        "import os, runpy, sys; sys.argv = ['experiments.sentiment', '--help']; "
+        "print(os.environ.get('GLIBC_TUNABLES', 'unset'), flush=True); "
+        "runpy.run_module('experiments.sentiment', run_name='__main__')"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+    ).stdout
+    lines = out.splitlines()
+    assert lines[0] == "unset" and lines[1] == ":".join(TUNABLES), lines[:2]
+    assert "usage:" in out and out.count("usage:") == 1
