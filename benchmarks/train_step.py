@@ -34,6 +34,7 @@ import numpy as np
 import optax
 
 import lstm_jax as lj
+from experiments.allocator import rerun_keeping_freed_memory
 from lstm_jax.model import cast_floating
 
 VOCAB = 20_000
@@ -443,6 +444,8 @@ def markdown(report: dict) -> str:
     """The report as the markdown section that ``benchmarks/RESULTS.md`` keeps per machine."""
     heading = f"## {report['machine']} ({report['backend']})"
     when = f"{report['date']}, commit `{report['commit']}`, jax {report['jax']}."
+    if report.get("glibc_tunables"):
+        when += f" Every system ran with `GLIBC_TUNABLES={report['glibc_tunables']}`."
     lines = [heading, "", when + " Ratios are against the fastest peer in the same run (> 1: lstm_jax is faster).", ""]
     lines += ["| B,T,E,H | system | train ms | train tok/s | vs best peer | GFLOP/s (% of matmul ceiling) | infer tok/s | vs best peer | load avg |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
@@ -491,13 +494,22 @@ def main(argv=None):
     parser.add_argument(
         "--sst2", help="also time one epoch of the sentiment experiment on this dataset (path or Hub id)"
     )
+    parser.add_argument("--keep-freed-memory", action="store_true",
+                        help="restart first with glibc's malloc keeping freed memory, as experiments.sentiment does "
+                        "(experiments/allocator.py); it applies to every system in the process")  # fmt: skip
     args = parser.parse_args(argv)
+    if args.keep_freed_memory:
+        if argv is not None:
+            parser.error("--keep-freed-memory restarts the process: pass it on the command line")
+        rerun_keeping_freed_memory()
     on_gpu = jax.default_backend() == "gpu"
     shapes = [Shape.parse(s) for s in (args.shape or (GPU_SHAPES if on_gpu else CPU_SHAPES))]
     ceiling = matmul_ceiling()
     report = {"machine": machine_description(), "backend": jax.default_backend(), "commit": git_commit(),
-              "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "cores": os.cpu_count() or 1, "results": []}  # fmt: skip
-    print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}")
+              "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "cores": os.cpu_count() or 1,
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "results": []}  # fmt: skip
+    print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}"
+          + (f"  GLIBC_TUNABLES={report['glibc_tunables']}" if report["glibc_tunables"] else ""))  # fmt: skip
     scan_loops = (not on_gpu and lj.native.enabled()) if args.scan_loops is None else args.scan_loops
     for shape in shapes:
         load_before = os.getloadavg()[0]

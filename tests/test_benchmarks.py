@@ -65,3 +65,24 @@ def test_sst2_epoch_times_the_kernel_and_the_scan_loops_over_the_same_batches(tm
     assert epoch["seconds"] > 0 and 0 < epoch["padding_fraction"] < 1
     if lj.native.enabled():
         assert epoch["scan_loops_seconds"] > 0 and epoch["scan_loops_compile_seconds"] > 0
+
+
+@pytest.mark.slow
+def test_keep_freed_memory_restarts_the_benchmark_and_says_so_in_the_report(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    from experiments.allocator import OPT_OUT, TUNABLES, uses_glibc
+
+    with pytest.raises(SystemExit):  # in-process: nothing to restart
+        train_step.main(["--keep-freed-memory", "--shape", "4,6,8,8"])
+    out = tmp_path / "bench.json"
+    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    command = [sys.executable, "-m", "benchmarks.train_step", "--keep-freed-memory", "--shape", "4,6,8,8", "--steps",
+               "1", "--rounds", "1", "--warmup", "1", "--no-scan-loops", "--json", str(out)]  # fmt: skip
+    printed = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
+                             check=True).stdout  # fmt: skip
+    expected = ":".join(TUNABLES) if uses_glibc() else ""
+    assert json.loads(out.read_text())["glibc_tunables"] == expected
+    assert (f"Every system ran with `GLIBC_TUNABLES={expected}`." in printed) == bool(expected)
