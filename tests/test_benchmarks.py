@@ -86,3 +86,7 @@ def test_keep_freed_memory_restarts_the_benchmark_and_says_so_in_the_report(tmp_
     expected = ":".join(TUNABLES) if uses_glibc() else ""
     assert json.loads(out.read_text())["glibc_tunables"] == expected
     assert (f"Every system ran with `GLIBC_TUNABLES={expected}`." in printed) == bool(expected)
+    opted_out = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env={**env, OPT_OUT: "0"},
+                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    assert "note: --keep-freed-memory needs glibc" in opted_out
+    assert json.loads(out.read_text())["glibc_tunables"] == ""
