@@ -34,7 +34,7 @@ import numpy as np
 import optax
 
 import lstm_jax as lj
-from experiments.allocator import rerun_keeping_freed_memory
+from experiments.allocator import has_malloc_tunables, rerun_keeping_freed_memory
 from lstm_jax.model import cast_floating
 
 VOCAB = 20_000
@@ -502,7 +502,7 @@ def main(argv=None):
         if argv is not None:
             parser.error("--keep-freed-memory restarts the process: pass it on the command line")
         rerun_keeping_freed_memory()
-        if "glibc.malloc." not in os.environ.get("GLIBC_TUNABLES", ""):  # no restart: not glibc, or opted out
+        if not has_malloc_tunables(os.environ):  # no restart: not glibc, or opted out
             print("note: --keep-freed-memory needs glibc and no LSTM_JAX_KEEP_FREED_MEMORY=0; default malloc here")
     on_gpu = jax.default_backend() == "gpu"
     shapes = [Shape.parse(s) for s in (args.shape or (GPU_SHAPES if on_gpu else CPU_SHAPES))]

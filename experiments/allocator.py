@@ -32,15 +32,19 @@ def uses_glibc() -> bool:
         return False
 
 
+def has_malloc_tunables(environ: Mapping[str, str]) -> bool:
+    """Whether ``GLIBC_TUNABLES`` holds a malloc setting: the user's own, or ours after the restart."""
+    return "glibc.malloc." in environ.get("GLIBC_TUNABLES", "")
+
+
 def tuned_environment(environ: Mapping[str, str], glibc: bool = True) -> dict[str, str] | None:
     """``environ`` with the malloc tunables added, or None where there is nothing to do.
 
-    None without glibc, with ``LSTM_JAX_KEEP_FREED_MEMORY=0``, or when ``GLIBC_TUNABLES`` already holds a malloc
-    setting (the user's own, or ours after the restart).
+    None without glibc, with ``LSTM_JAX_KEEP_FREED_MEMORY=0``, or where :func:`has_malloc_tunables`.
     """
-    existing = environ.get("GLIBC_TUNABLES", "")
-    if not glibc or environ.get(OPT_OUT, "1") == "0" or "glibc.malloc." in existing:
+    if not glibc or environ.get(OPT_OUT, "1") == "0" or has_malloc_tunables(environ):
         return None
+    existing = environ.get("GLIBC_TUNABLES", "")
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (existing, *TUNABLES)))}
 
 

@@ -10,6 +10,7 @@ import pytest
 from experiments.allocator import OPT_OUT, TUNABLES, tuned_environment, uses_glibc
 
 REPO = Path(__file__).resolve().parents[1]
+UNTUNED_ENV = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}  # so a restart happens
 
 # Allocates and touches a 96 MiB block from a second thread (as XLA's workers allocate), frees it, and does it
 # again: prints the page faults of the second round.
@@ -55,9 +56,8 @@ def test_nothing_to_do(environ, glibc):
 
 @pytest.mark.skipif(not uses_glibc(), reason="glibc only")
 def test_the_restarted_process_keeps_its_arguments_and_reuses_freed_memory():
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
     run = lambda *args, **extra: subprocess.run(
-        [sys.executable, "-c", SECOND_ROUND_FAULTS, *args], cwd=REPO, env={**env, **extra}, capture_output=True,
+        [sys.executable, "-c", SECOND_ROUND_FAULTS, *args], cwd=REPO, env={**UNTUNED_ENV, **extra}, capture_output=True,
         text=True, check=True,
     ).stdout  # fmt: skip
     restarted = int(run("restart"))
@@ -69,14 +69,13 @@ def test_the_restarted_process_keeps_its_arguments_and_reuses_freed_memory():
 
 @pytest.mark.skipif(not uses_glibc(), reason="glibc only")
 def test_the_sentiment_command_restarts_itself_once():
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
     code = (
         "import os, runpy, sys; sys.argv = ['experiments.sentiment', '--help']; "
         "print(os.environ.get('GLIBC_TUNABLES', 'unset'), flush=True); "
         "runpy.run_module('experiments.sentiment', run_name='__main__')"
     )
     out = subprocess.run(
-        [sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True
+        [sys.executable, "-c", code], cwd=REPO, env=UNTUNED_ENV, capture_output=True, text=True, check=True
     ).stdout
     lines = out.splitlines()
     assert lines[0] == "unset" and lines[1] == ":".join(TUNABLES), lines[:2]

@@ -81,12 +81,12 @@ def test_keep_freed_memory_restarts_the_benchmark_and_says_so_in_the_report(tmp_
     env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
     command = [sys.executable, "-m", "benchmarks.train_step", "--keep-freed-memory", "--shape", "4,6,8,8", "--steps",
                "1", "--rounds", "1", "--warmup", "1", "--no-scan-loops", "--json", str(out)]  # fmt: skip
-    printed = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env=env, capture_output=True, text=True,
-                             check=True).stdout  # fmt: skip
+    run = lambda **extra: subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env={**env, **extra},
+                                         capture_output=True, text=True, check=True).stdout  # fmt: skip
+    printed = run()
     expected = ":".join(TUNABLES) if uses_glibc() else ""
     assert json.loads(out.read_text())["glibc_tunables"] == expected
     assert (f"Every system ran with `GLIBC_TUNABLES={expected}`." in printed) == bool(expected)
-    opted_out = subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env={**env, OPT_OUT: "0"},
-                               capture_output=True, text=True, check=True).stdout  # fmt: skip
+    opted_out = run(**{OPT_OUT: "0"})
     assert "note: --keep-freed-memory needs glibc" in opted_out
     assert json.loads(out.read_text())["glibc_tunables"] == ""
