@@ -15,7 +15,7 @@ Rerunning with the same ``--workdir`` resumes from the latest checkpoint. The ru
 writes ``config.json``, ``tokenizer.json``, ``metrics.jsonl``, ``curves.png``,
 ``results.json`` and Orbax checkpoints (``checkpoints/``, ``best/``) to the workdir.
 
-Expected result on 2 CPU cores (the README has the full tables): the default SST-2 run (its preset adds
+Expected result on 2 CPU cores (``experiments/results/sentiment.md`` has every run): the default SST-2 run (its preset adds
 adversarial training, ``--adversarial-epsilon 0.1``) reaches about 84.6 % validation and 84.9 % test
 accuracy (84.29-85.09 % validation over seeds 0-2, measured 2026-12-01 with the CPU kernel) in 7.5 to 12 minutes
 of wall time alone on the machine, compiling included (11 min 56 s for seed 0 on the slower of the two machines; 10 min 1 s
