@@ -43,7 +43,8 @@ def result_type(shape, dtype, like) -> jax.ShapeDtypeStruct:
     if not varying_axes(like):
         return jax.ShapeDtypeStruct(shape, dtype)
     aval = jax.typeof(like)
-    if getattr(aval, "mat", None) is not None:  # typed on the (manual) mesh of ``like``, replicated within a shard
-        sharding = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
+    # typed on the (manual) mesh of ``like``, replicated within a shard; without the mesh a varying type is rejected
+    sharding = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
+    if getattr(aval, "mat", None) is not None:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, manual_axis_type=aval.mat)
-    return jax.ShapeDtypeStruct(shape, dtype, vma=aval.vma)
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, vma=aval.vma)  # JAX 0.6-0.9
