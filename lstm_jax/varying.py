@@ -47,4 +47,4 @@ def result_type(shape, dtype, like) -> jax.ShapeDtypeStruct:
     sharding = jax.sharding.NamedSharding(aval.sharding.mesh, jax.sharding.PartitionSpec())
     if getattr(aval, "mat", None) is not None:
         return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, manual_axis_type=aval.mat)
-    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, vma=aval.vma)  # JAX 0.6-0.9
+    return jax.ShapeDtypeStruct(shape, dtype, sharding=sharding, vma=aval.vma)  # JAX before 0.10

@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from experiments.allocator import OPT_OUT, TUNABLES, tuned_environment, uses_glibc
+from experiments.allocator import OPT_OUT, TUNABLES, tuned_environment, untuned_environment, uses_glibc
 
 REPO = Path(__file__).resolve().parents[1]
-UNTUNED_ENV = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}  # so a restart happens
+UNTUNED_ENV = untuned_environment(os.environ)  # so a restart happens
 
 # Allocates and touches a 96 MiB block from a second thread (as XLA's workers allocate), frees it, and does it
 # again: prints the page faults of the second round.

@@ -73,12 +73,12 @@ def test_keep_freed_memory_restarts_the_benchmark_and_says_so_in_the_report(tmp_
     import subprocess
     import sys
 
-    from experiments.allocator import OPT_OUT, TUNABLES, uses_glibc
+    from experiments.allocator import OPT_OUT, TUNABLES, untuned_environment, uses_glibc
 
     with pytest.raises(SystemExit):  # in-process: nothing to restart
         train_step.main(["--keep-freed-memory", "--shape", "4,6,8,8"])
     out = tmp_path / "bench.json"
-    env = {k: v for k, v in os.environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    env = untuned_environment(os.environ)
     command = [sys.executable, "-m", "benchmarks.train_step", "--keep-freed-memory", "--shape", "4,6,8,8", "--steps",
                "1", "--rounds", "1", "--warmup", "1", "--no-scan-loops", "--json", str(out)]  # fmt: skip
     run = lambda **extra: subprocess.run(command, cwd=Path(__file__).resolve().parents[1], env={**env, **extra},

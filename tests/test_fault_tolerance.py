@@ -35,7 +35,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from experiments import sentiment
-from experiments.allocator import OPT_OUT
+from experiments.allocator import OPT_OUT, untuned_environment
 from lstm_jax import data
 from lstm_jax.checkpoint import RunCheckpoints
 from lstm_jax.faults import KILL_AT_ENV
@@ -64,7 +64,7 @@ def sst2_slice(tmp_path_factory) -> Path:
 @pytest.fixture(scope="module")
 def train_process(sst2_slice, tmp_path_factory):
     """``(workdir, kill_at=None, *flags) -> CompletedProcess`` of one training run."""
-    env = {k: v for k, v in os.environ.items() if k not in (KILL_AT_ENV, OPT_OUT, "GLIBC_TUNABLES")}  # runs restart
+    env = {k: v for k, v in untuned_environment(os.environ).items() if k != KILL_AT_ENV}  # runs restart
     env.update(HF_DATASETS_OFFLINE="1", HF_HUB_OFFLINE="1", JAX_PLATFORMS="cpu",
                JAX_COMPILATION_CACHE_DIR=str(tmp_path_factory.mktemp("jax_cache")),
                JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS="0", JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES="0")  # fmt: skip
