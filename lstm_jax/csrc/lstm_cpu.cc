@@ -178,18 +178,24 @@ void tile_at(Rows a, int64_t row, const float* panel, float* c, int64_t ldc, boo
   }
 }
 
+// Rows [row, row + count) of one panel's columns, count <= kTileRows.
+void tile_rows(Rows a, int64_t row, int64_t count, const float* panel, float* c, int64_t ldc, bool accumulate) {
+  static_assert(kTileRows == 6, "one case per tile height");
+  switch (count) {
+    case 6: return tile_at<6>(a, row, panel, c, ldc, accumulate);
+    case 5: return tile_at<5>(a, row, panel, c, ldc, accumulate);
+    case 4: return tile_at<4>(a, row, panel, c, ldc, accumulate);
+    case 3: return tile_at<3>(a, row, panel, c, ldc, accumulate);
+    case 2: return tile_at<2>(a, row, panel, c, ldc, accumulate);
+    case 1: return tile_at<1>(a, row, panel, c, ldc, accumulate);
+    default: return;
+  }
+}
+
 // All rows of one panel's columns for one block of depth.
 void panel_block(Rows a, int64_t rows, const float* panel, float* c, int64_t ldc, bool accumulate) {
-  int64_t row = 0;
-  for (; row + kTileRows <= rows; row += kTileRows) tile_at<kTileRows>(a, row, panel, c, ldc, accumulate);
-  switch (rows - row) {
-    case 5: tile_at<5>(a, row, panel, c, ldc, accumulate); break;
-    case 4: tile_at<4>(a, row, panel, c, ldc, accumulate); break;
-    case 3: tile_at<3>(a, row, panel, c, ldc, accumulate); break;
-    case 2: tile_at<2>(a, row, panel, c, ldc, accumulate); break;
-    case 1: tile_at<1>(a, row, panel, c, ldc, accumulate); break;
-    default: break;
-  }
+  for (int64_t row = 0; row < rows; row += kTileRows)
+    tile_rows(a, row, std::min(kTileRows, rows - row), panel, c, ldc, accumulate);
 }
 
 constexpr int64_t kDepthBlock = 256;  // a block of a panel (16 or 32 KiB) stays in L1 while every row passes over it
@@ -265,29 +271,39 @@ void pack_columns(const float* b, int64_t G, int64_t first, int64_t width, int64
   }
 }
 
-// C (K x G) = A^T B for A (M x K), its rows from row_of (a RowOfA), and B (M x G) row-major: the weight
-// gradients, summed over all M = T * N rows after the loop. The thread computes its share of C's panels, a block
-// of rows at a time, from copies of A^T and of its panels of B in the layout the tiles read. (Read in place, both
-// would be read down their columns, with rows a multiple of 1 KiB apart: few cache sets and no prefetching.)
-template <typename RowOf>
-void weight_gradient(RowOf row_of, int64_t K, const float* b, int64_t M, int64_t G, float* c, int64_t thread,
-                     int64_t threads) {
+// The weight gradients dW_x (E x G) = X^T B and dW_h (H x G) = H_in^T B, for X (M x E) and H_in (M x H), their
+// rows from x_row and h_row (RowOfA functions), and B = dz (M x G) row-major, summed over all M = T * N rows after
+// the loop. The thread computes its share of the panels of both, a block of rows at a time, from copies of A^T and
+// of its panels of B in the layout the tiles read; B's panels are packed once per block for both. (Read in place,
+// both operands would be read down their columns, with rows a multiple of 1 KiB apart: few cache sets and no
+// prefetching.) Each tile of A^T stays in L1 while the panels stream past it, and the tile's rows of C are read
+// and written along the row, panel after panel, where the prefetcher follows them.
+template <typename RowOfX, typename RowOfH>
+void weight_gradients(RowOfX x_row, int64_t E, RowOfH h_row, int64_t H, const float* b, int64_t M, int64_t G,
+                      float* dw_x, float* dw_h, int64_t thread, int64_t threads) {
   constexpr int64_t kRowsBlock = 128;
   const auto [first, last] = share(panels_for(G), thread, threads);
   const int64_t width = (last - first) * kPanel;
-  std::vector<float> a_t((K + kTileRows - 1) / kTileRows * kTileRows * kRowsBlock), panels(width * kRowsBlock);
-  std::vector<float> c_mine(K * width);
+  std::vector<float> a_t((std::max(E, H) + kTileRows - 1) / kTileRows * kTileRows * kRowsBlock);
+  std::vector<float> panels(width * kRowsBlock), c_x(E * width), c_h(H * width);
   for (int64_t m = 0; m < M; m += kRowsBlock) {
     const int64_t depth = std::min(kRowsBlock, M - m);
-    pack_rows(row_of, K, m, depth, a_t.data());
     pack_columns(b, G, first * kPanel, width, m, depth, panels.data());
-    for (int64_t p = 0; p < last - first; ++p) {
-      panel_block({a_t.data(), 1, depth, kTileRows}, K, panels.data() + p * kPanel * depth, c_mine.data() + p * kPanel,
-                  width, m > 0);
-    }
+    const auto add_block = [&](auto row_of, int64_t K, float* c_mine) {
+      pack_rows(row_of, K, m, depth, a_t.data());
+      for (int64_t row = 0; row < K; row += kTileRows) {
+        for (int64_t p = 0; p < last - first; ++p) {
+          tile_rows({a_t.data(), 1, depth, kTileRows}, row, std::min(kTileRows, K - row),
+                    panels.data() + p * kPanel * depth, c_mine + p * kPanel, width, m > 0);
+        }
+      }
+    };
+    add_block(x_row, E, c_x.data());
+    add_block(h_row, H, c_h.data());
   }
   const int64_t columns = std::max<int64_t>(0, std::min(width, G - first * kPanel));
-  copy_rows(c_mine.data(), width, c + first * kPanel, G, K, columns);
+  copy_rows(c_x.data(), width, dw_x + first * kPanel, G, E, columns);
+  copy_rows(c_h.data(), width, dw_h + first * kPanel, G, H, columns);
 }
 
 // Asks the kernel to back a large buffer with 2 MiB pages where it can (transparent huge pages in
@@ -543,8 +559,7 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
       const float* h = t_prev < 0 || t_prev >= T ? saved.h0 : saved.h_seq + t_prev * N * H;
       return RowOfA{h + n * H, seq.mask ? seq.mask + n * H : nullptr};
     };
-    weight_gradient(x_row, E, dz, T * N, G, out.dw_x, thread, threads);
-    weight_gradient(h_in_row, H, dz, T * N, G, out.dw_h, thread, threads);
+    weight_gradients(x_row, E, h_in_row, H, dz, T * N, G, out.dw_x, out.dw_h, thread, threads);
   });
 }
 
