@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rnn_fixtures import E, H, padded_batch, random_layers
 
 import lstm_jax
 from lstm_jax import (
@@ -33,9 +34,6 @@ from lstm_jax import (
     valid_mask,
 )
 from lstm_jax.recurrence import is_bidirectional
-
-from rnn_fixtures import E, H, padded_batch, random_layers  # noqa: E402
-
 
 # --------------------------------------------------------------------------- helpers
 

@@ -10,11 +10,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rnn_fixtures import E, padded_batch, random_layers
 
 from lstm_jax import LSTM, Carry, regularisers, rnn
-
-from rnn_fixtures import E, padded_batch, random_layers  # noqa: E402
-
 
 _JIT_RECUR = jax.jit(LSTM.recur)
 _JIT_PROJECT = jax.jit(LSTM.project)
