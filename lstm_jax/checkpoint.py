@@ -22,6 +22,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+import jax
 import orbax.checkpoint as ocp
 
 from lstm_jax.faults import kill_point
@@ -96,6 +97,10 @@ class RunCheckpoints:
         manager = self.latest if which == "latest" else self.best
         skipped = []  # (step, reason)
         for step in sorted(manager.all_steps(), reverse=True):
+            mismatch = _shape_mismatch(manager, step, abstract_state)
+            if mismatch:  # found before Orbax starts reading: a restore that fails half-way leaves coroutines behind
+                skipped.append((step, mismatch))
+                continue
             try:
                 restored = manager.restore(
                     step,
@@ -132,6 +137,31 @@ class RunCheckpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _key_name(key) -> str:
+    return str(getattr(key, "name", getattr(key, "key", getattr(key, "idx", key))))
+
+
+def _shapes_by_path(tree) -> dict[str, tuple]:
+    leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
+    return {"/".join(map(_key_name, path)): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+
+
+def _shape_mismatch(manager: ocp.CheckpointManager, step: int, abstract_state) -> str | None:
+    """Why checkpoint ``step`` cannot fill ``abstract_state``'s arrays (the first leaf whose shape differs), or None.
+
+    None also where the metadata cannot be read: the restore itself then says what is wrong.
+    """
+    try:
+        saved = manager.item_metadata(step)["state"]
+    except Exception:
+        return None
+    saved_shapes = _shapes_by_path(getattr(saved, "tree", saved))
+    for path, shape in _shapes_by_path(abstract_state).items():
+        if path in saved_shapes and saved_shapes[path] != shape:
+            return f"saved with another shape: {path} is {saved_shapes[path]} there and {shape} in this model"
+    return None
 
 
 def _read_meta(manager: ocp.CheckpointManager, step: int | None) -> dict | None:
