@@ -48,10 +48,10 @@ def tuned_environment(environ: Mapping[str, str], glibc: bool = True) -> dict[st
     return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (existing, *TUNABLES)))}
 
 
-
 def untuned_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` without ``GLIBC_TUNABLES`` and the opt-out, so that a script started with it restarts once."""
     return {k: v for k, v in environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+
 
 def rerun_keeping_freed_memory() -> None:
     """Start this Python command again with :data:`TUNABLES`; return at once where :func:`tuned_environment` is None.

@@ -139,13 +139,10 @@ class RunCheckpoints:
         self.best.close()
 
 
-def _key_name(key) -> str:
-    return str(getattr(key, "name", getattr(key, "key", getattr(key, "idx", key))))
-
-
 def _shapes_by_path(tree) -> dict[str, tuple]:
     leaves = jax.tree_util.tree_flatten_with_path(tree)[0]
-    return {"/".join(map(_key_name, path)): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
+    path_name = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")  # a field and a dict key alike
+    return {path_name(path): tuple(leaf.shape) for path, leaf in leaves if hasattr(leaf, "shape")}
 
 
 def _shape_mismatch(manager: ocp.CheckpointManager, step: int, abstract_state) -> str | None:
