@@ -51,8 +51,22 @@ namespace {
 constexpr int64_t kLanes = LSTM_JAX_LANES;
 using vfloat = float __attribute__((vector_size(4 * kLanes)));
 using vint = int32_t __attribute__((vector_size(4 * kLanes)));
-constexpr int64_t kTileRows = 6;       // a register tile: 6 rows of 2 vectors, 12 accumulator registers
-constexpr int64_t kPanel = 2 * kLanes;  // columns of a register tile and of a packed panel
+// A register tile: kTileRows rows of kVectors vectors, one accumulator register each. AVX-512's 32 registers hold
+// 8 rows of 2 (16 accumulators); AVX2's 16 hold 6 rows of 2 (12). Neither choice changes any result's bits: each
+// element of C is summed over k in the same order whatever the tile.
+#ifndef LSTM_JAX_TILE_ROWS
+#if LSTM_JAX_LANES == 16
+#define LSTM_JAX_TILE_ROWS 8
+#else
+#define LSTM_JAX_TILE_ROWS 6
+#endif
+#endif
+constexpr int64_t kTileRows = LSTM_JAX_TILE_ROWS;
+#ifndef LSTM_JAX_PANEL_VECTORS
+#define LSTM_JAX_PANEL_VECTORS 2
+#endif
+constexpr int64_t kVectors = LSTM_JAX_PANEL_VECTORS;
+constexpr int64_t kPanel = kVectors * kLanes;  // columns of a register tile and of a packed panel
 
 // A vector of copies of a, written as {a, a, ...}: the one form that compiles to a single broadcast
 // (vfloat{} + a costs an add, since 0 + a is not a for a = -0, and a loop over the lanes, inserts).
@@ -137,7 +151,7 @@ inline vfloat tanh_v(vfloat x) {
 }
 
 // Rows of the left operand, for k < depth: element (r, k) is a[r * lda + k] (step 1), or, for rows packed
-// by pack_rows (step kTileRows), a[(r / 6) * 6 * depth + k * 6 + r % 6].
+// by pack_rows (step kTileRows, written R), a[(r / R) * R * depth + k * R + r % R].
 struct Rows {
   const float* a;
   int64_t lda;
@@ -149,24 +163,20 @@ struct Rows {
 // kPackedRows: A is a packed tile, A[r][k] = a[k * 6 + r]; otherwise A's rows are contiguous (step 1).
 template <int64_t R, bool kPackedRows>
 void tile(Rows a, const float* panel, float* c, int64_t ldc, bool accumulate) {
-  vfloat acc[R][2];
-  for (int64_t r = 0; r < R; ++r) {
-    acc[r][0] = accumulate ? load(c + r * ldc) : splat(0.0f);
-    acc[r][1] = accumulate ? load(c + r * ldc + kLanes) : splat(0.0f);
-  }
+  vfloat acc[R][kVectors];
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < kVectors; ++v) acc[r][v] = accumulate ? load(c + r * ldc + v * kLanes) : splat(0.0f);
   const float* column = a.a;
   for (int64_t k = 0; k < a.depth; ++k, panel += kPanel, column += kPackedRows ? kTileRows : 1) {
-    vfloat b0 = load(panel), b1 = load(panel + kLanes);
+    vfloat b[kVectors];
+    for (int64_t v = 0; v < kVectors; ++v) b[v] = load(panel + v * kLanes);
     for (int64_t r = 0; r < R; ++r) {
       vfloat a_rk = splat(column[kPackedRows ? r : r * a.lda]);
-      acc[r][0] += a_rk * b0;
-      acc[r][1] += a_rk * b1;
+      for (int64_t v = 0; v < kVectors; ++v) acc[r][v] += a_rk * b[v];
     }
   }
-  for (int64_t r = 0; r < R; ++r) {
-    store(c + r * ldc, acc[r][0]);
-    store(c + r * ldc + kLanes, acc[r][1]);
-  }
+  for (int64_t r = 0; r < R; ++r)
+    for (int64_t v = 0; v < kVectors; ++v) store(c + r * ldc + v * kLanes, acc[r][v]);
 }
 
 template <int64_t R>
@@ -180,8 +190,14 @@ void tile_at(Rows a, int64_t row, const float* panel, float* c, int64_t ldc, boo
 
 // Rows [row, row + count) of one panel's columns, count <= kTileRows.
 void tile_rows(Rows a, int64_t row, int64_t count, const float* panel, float* c, int64_t ldc, bool accumulate) {
-  static_assert(kTileRows == 6, "one case per tile height");
+  static_assert(kTileRows <= 12, "one case per tile height");
   switch (count) {
+    case 12: return tile_at<12>(a, row, panel, c, ldc, accumulate);
+    case 11: return tile_at<11>(a, row, panel, c, ldc, accumulate);
+    case 10: return tile_at<10>(a, row, panel, c, ldc, accumulate);
+    case 9: return tile_at<9>(a, row, panel, c, ldc, accumulate);
+    case 8: return tile_at<8>(a, row, panel, c, ldc, accumulate);
+    case 7: return tile_at<7>(a, row, panel, c, ldc, accumulate);
     case 6: return tile_at<6>(a, row, panel, c, ldc, accumulate);
     case 5: return tile_at<5>(a, row, panel, c, ldc, accumulate);
     case 4: return tile_at<4>(a, row, panel, c, ldc, accumulate);
@@ -198,7 +214,10 @@ void panel_block(Rows a, int64_t rows, const float* panel, float* c, int64_t ldc
     tile_rows(a, row, std::min(kTileRows, rows - row), panel, c, ldc, accumulate);
 }
 
-constexpr int64_t kDepthBlock = 256;  // a block of a panel (16 or 32 KiB) stays in L1 while every row passes over it
+#ifndef LSTM_JAX_DEPTH_BLOCK
+#define LSTM_JAX_DEPTH_BLOCK 256
+#endif
+constexpr int64_t kDepthBlock = LSTM_JAX_DEPTH_BLOCK;  // a block of a panel (16 or 32 KiB) stays in L1 while every row passes over it
 
 // C (rows x kPanel * panels) = [first, second] @ packed, depth block by depth block, and in each block panel by
 // panel: the rows' block is read again by every panel, so it stays in L2 while the weights stream past it. (Panel
@@ -238,7 +257,7 @@ struct RowOfA {
 };
 
 // A^T's rows [0, K) over depth [m, m + depth), as packed tiles of kTileRows rows: element (r, k) at
-// packed[(r / 6) * 6 * depth + k * 6 + r % 6]. A is read row after row, from row_of(m) (a RowOfA).
+// packed[(r / R) * R * depth + k * R + r % R], R = kTileRows. A is read row after row, from row_of(m) (a RowOfA).
 template <typename RowOf>
 void pack_rows(RowOf row_of, int64_t K, int64_t m, int64_t depth, float* packed) {
   for (int64_t k = 0; k < depth; ++k) {
@@ -265,8 +284,8 @@ void pack_columns(const float* b, int64_t G, int64_t first, int64_t width, int64
     for (int64_t j = 0; j < width; j += kPanel) {
       float* out = packed + j * depth + k * kPanel;
       const int64_t columns = std::clamp<int64_t>(G - first - j, 0, kPanel);
-      store(out, load(row + first + j, std::min(kLanes, columns)));
-      store(out + kLanes, load(row + first + j + kLanes, std::max<int64_t>(0, columns - kLanes)));
+      for (int64_t v = 0; v < kVectors; ++v)
+        store(out + v * kLanes, load(row + first + j + v * kLanes, std::clamp<int64_t>(columns - v * kLanes, 0, kLanes)));
     }
   }
 }
