@@ -401,16 +401,25 @@ void run_threads(int64_t threads, Work work) {
   for (auto& helper : helpers) helper.join();
 }
 
-// Panels of the thread's gate columns of [W_x; W_h]: column q * count + j is gate q of unit begin + j.
+// Panels of the thread's gate columns of [W_x; W_h]: column q * count + j is gate q of unit begin + j. Such columns
+// lie side by side in W within one gate, so each row of W is copied in runs (one or two per panel), not column by
+// column: on short sequences (SST-2's median is 7 tokens) the packing is a sizeable part of a call.
 std::vector<float> pack_forward(const float* w_x, const float* w_h, int64_t inputs, int64_t hidden, Units units) {
-  const int64_t depth = inputs + hidden, gates = 4 * hidden;
-  std::vector<float> packed(panels_for(4 * units.count) * depth * kPanel, 0.0f);
+  const int64_t depth = inputs + hidden, gates = 4 * hidden, columns = 4 * units.count;
+  std::vector<float> packed(panels_for(columns) * depth * kPanel, 0.0f);
+  struct Run {
+    int64_t to, from, count;  // packed[to + k * kPanel + i] = W[k][from + i] for i < count
+  };
+  std::vector<Run> runs;
+  for (int64_t column = 0; column < columns;) {
+    const int64_t gate = column / units.count, unit = column % units.count;
+    const int64_t count = std::min(units.count - unit, kPanel - column % kPanel);
+    runs.push_back({(column / kPanel) * depth * kPanel + column % kPanel, gate * hidden + units.begin + unit, count});
+    column += count;
+  }
   for (int64_t k = 0; k < depth; ++k) {  // W's rows in order: a strided walk down its columns is far slower
     const float* row = k < inputs ? w_x + k * gates : w_h + (k - inputs) * gates;
-    for (int64_t column = 0; column < 4 * units.count; ++column) {
-      const int64_t source = (column / units.count) * hidden + units.begin + column % units.count;
-      packed[(column / kPanel) * depth * kPanel + k * kPanel + column % kPanel] = row[source];
-    }
+    for (const Run& run : runs) std::copy_n(row + run.from, run.count, packed.data() + run.to + k * kPanel);
   }
   return packed;
 }
