@@ -132,15 +132,17 @@ def _native_forward_jvp(reverse, unroll, save, operands, tangents):
     return _native_forward(reverse, unroll, save, *operands), tangents_out
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1))
-def _native_backward(reverse, unroll, *operands):
-    return native.backward(reverse, *operands)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
+def _native_backward(reverse, unroll, weights, *operands):
+    return native.backward(reverse, *operands, weights=weights)
 
 
 @_native_backward.defjvp
-def _native_backward_jvp(reverse, unroll, operands, tangents):
+def _native_backward_jvp(reverse, unroll, weights, operands, tangents):
     _, tangents_out = jax.jvp(functools.partial(_scan_backward, reverse, unroll), operands, tangents)
-    return _native_backward(reverse, unroll, *operands), tangents_out
+    if not weights:  # the kernel's dw_x and dw_h are zeros
+        tangents_out = (*tangents_out[:2], *map(jnp.zeros_like, tangents_out[2:4]), *tangents_out[4:])
+    return _native_backward(reverse, unroll, weights, *operands), tangents_out
 
 
 def _scan_backward(reverse, unroll, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH,
@@ -163,9 +165,15 @@ def _lstm_scan(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_N
     return h_NH, c_NH, _outputs(h_TNH, valid_TN)
 
 
-def _lstm_scan_fwd(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH):
+def _lstm_scan_fwd(reverse, unroll, *primals):
+    # With symbolic zeros, each primal says whether it is differentiated. Where no weight is (an input gradient
+    # with the parameters held constant, as adversarial training takes), the kernel skips the weight gradients.
+    weights = any(p.perturbed for p in jax.tree_util.tree_leaves(primals[:3]))
+    w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH = (
+        jax.tree_util.tree_map(lambda p: p.value, primal) for primal in primals
+    )
     h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH)
-    saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH)
+    saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, () if weights else None)
     return (h_NH, c_NH, _outputs(h_TNH, valid_TN)), saved
 
 
@@ -219,12 +227,17 @@ def _backward_scan(reverse, unroll, w_x, w_h, dy_TNH, acts_TNG, c_TNH, c0_NH, dh
 
 
 def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
-    w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH = saved
-    dh_NH, dc_NH, dy_TNH = cotangents
+    w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, weights = saved
+    dh_NH, dc_NH, dy_TNH = (
+        jnp.zeros(c.shape, c.dtype) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c for c in cotangents
+    )
     operands = (w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH)
     native_operands = (w_x, w_h, x_TNE, dy_TNH, acts_TNG, c_TNH, c0_NH, dh_NH, dc_NH)
-    backward = _native_backward if _uses_native(*native_operands) else _scan_backward
-    dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = backward(reverse, unroll, *operands)
+    if _uses_native(*native_operands):
+        backward = functools.partial(_native_backward, reverse, unroll, weights is not None)
+    else:
+        backward = functools.partial(_scan_backward, reverse, unroll)
+    dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = backward(*operands)
     no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
     db = dz_TNG.reshape(-1, dz_TNG.shape[-1]).sum(0)
     return dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH, no_grad(valid_TN), no_grad(mask_NH)
@@ -241,4 +254,4 @@ def _weight_gradients(x_TNE, h_TNH, h0_NH, mask_NH, dz_TNG, reverse):
     return dw_x, dw_h
 
 
-_lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd)
+_lstm_scan.defvjp(_lstm_scan_fwd, _lstm_scan_bwd, symbolic_zeros=True)

@@ -153,11 +153,13 @@ def forward(reverse, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
     return h_TNH[last], c[last], acts_TNG, h_TNH, c
 
 
-def backward(reverse, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH):
+def backward(reverse, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH,
+             weights=True):  # fmt: skip
     """The backward pass of :func:`lstm_jax.fused._lstm_scan_bwd`: ``(dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH)``.
 
     The weight gradients are the matmuls over all steps that ``fused`` does after its loop, done here
-    with the kernel's own tiles.
+    with the kernel's own tiles. With ``weights=False`` they are skipped (a third of the FLOPs) and
+    ``dw_x`` and ``dw_h`` are zeros.
     """
     like = lambda a: varying.result_type(a.shape, jnp.float32, x_TNE)
     result = tuple(map(like, (acts_TNG, x_TNE, w_x, w_h, dh_NH, dc_NH)))
@@ -166,7 +168,7 @@ def backward(reverse, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_
     # Result 0 (dz) is written over operand 5 (the gate activations it is computed from, step by step): no fresh
     # 4H-wide buffer to fault in. XLA copies the activations first wherever something else still reads them.
     call = jax.ffi.ffi_call(TARGETS["backward"], result, vmap_method="sequential", input_output_aliases={5: 0})
-    return call(*operands, reverse=int(reverse), **flags)
+    return call(*operands, reverse=int(reverse), weights=int(weights), **flags)
 
 
 def applies(*arrays):

@@ -103,6 +103,20 @@ def test_gradients_of_gradients_match_the_scan_loops(monkeypatch):
         np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5 * float(np.abs(e).max()))
 
 
+def test_an_input_gradient_with_the_weights_held_constant_skips_the_weight_gradients(monkeypatch):
+    """Adversarial training's direction: the gradient with respect to the inputs only. Its backward call is told
+    that no weight gradient is wanted, and its input gradient has the same bits as the full backward pass's."""
+    monkeypatch.setenv("LSTM_JAX_NATIVE", "1")
+    params, x, carry, valid, mask = problem(seed=3)
+    loss = lambda p, x: jnp.sum(jnp.tanh(lstm_sequence(p, x, carry=carry, valid_T=valid, h_mask=mask)[1]))
+    input_only = jax.jit(jax.grad(lambda x: loss(params, x)))
+    both = jax.jit(jax.grad(loss, argnums=(0, 1)))
+    assert "weights = 0" in input_only.lower(x).as_text() and "weights = 1" in both.lower(params, x).as_text()
+    dparams, dx = both(params, x)
+    np.testing.assert_array_equal(np.asarray(input_only(x)), np.asarray(dx))
+    assert all(float(jnp.abs(d).max()) > 0 for d in jax.tree.leaves(dparams))
+
+
 def test_results_do_not_depend_on_the_thread_count(monkeypatch):
     options = dict(lengths=True, mask=True, reverse=False)
     runs = [value_and_grads(options, "1", monkeypatch, threads) for threads in (1, 2, 3)]
@@ -153,6 +167,8 @@ def test_adversarial_training_runs_every_lstm_pass_in_the_kernel(monkeypatch):
     assert " scan[" not in jaxpr
     # per direction: the clean loss, its input gradient, the adversarial loss, the power iteration, the VAT loss
     assert jaxpr.count(native.TARGETS["backward"]) == 2 * 5
+    # the input gradient and the power iteration hold the parameters constant: no weight gradients
+    assert jaxpr.count("'weights', 0") == 2 * 2 and jaxpr.count("'weights', 1") == 2 * 3
 
 
 def lowered_text(dtype, monkeypatch, mode="1"):

@@ -587,7 +587,7 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
       const float* h = t_prev < 0 || t_prev >= T ? saved.h0 : saved.h_seq + t_prev * N * H;
       return RowOfA{h + n * H, seq.mask ? seq.mask + n * H : nullptr};
     };
-    weight_gradients(x_row, E, h_in_row, H, dz, T * N, G, out.dw_x, out.dw_h, thread, threads);
+    if (out.dw_x) weight_gradients(x_row, E, h_in_row, H, dz, T * N, G, out.dw_x, out.dw_h, thread, threads);
   });
 }
 
@@ -616,7 +616,7 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ffi::
                         ffi::Buffer<ffi::F32> h_seq, ffi::Buffer<ffi::F32> c_seq, ffi::Buffer<ffi::F32> dy,
                         ffi::Buffer<ffi::F32> dh_last, ffi::Buffer<ffi::F32> dc_last, ffi::Buffer<ffi::PRED> valid,
                         ffi::Buffer<ffi::F32> mask, int64_t reverse, int64_t has_valid, int64_t has_mask,
-                        ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw_x,
+                        int64_t weights, ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw_x,
                         ffi::ResultBuffer<ffi::F32> dw_h, ffi::ResultBuffer<ffi::F32> dh0,
                         ffi::ResultBuffer<ffi::F32> dc0) {
   const int64_t hidden = h0.dimensions()[1];
@@ -625,9 +625,14 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ffi::
                     w_h.typed_data(),  acts.typed_data(), h_seq.typed_data(), c_seq.typed_data()};
   // Not dz: it is the gate activations' buffer (native.py aliases them), whose pages the forward call wrote.
   for (auto* result : {&dx, &dw_x, &dw_h}) prefer_huge_pages(*result);
+  // Without `weights` (no gradient of the weights is wanted, e.g. an input gradient with the parameters held
+  // constant) the weight gradients, a third of the call's FLOPs, are skipped and their buffers zeroed.
+  if (!weights) {
+    for (auto* result : {&dw_x, &dw_h}) std::memset((*result)->untyped_data(), 0, (*result)->size_bytes());
+  }
   backward(seq, saved, dy.typed_data(), dh_last.typed_data(), dc_last.typed_data(),
-           {dz->typed_data(), dx->typed_data(), dw_x->typed_data(), dw_h->typed_data(), dh0->typed_data(),
-            dc0->typed_data()});
+           {dz->typed_data(), dx->typed_data(), weights ? dw_x->typed_data() : nullptr,
+            weights ? dw_h->typed_data() : nullptr, dh0->typed_data(), dc0->typed_data()});
   return ffi::Error::Success();
 }
 
@@ -669,6 +674,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, BackwardImpl,
                                   .Attr<int64_t>("reverse")
                                   .Attr<int64_t>("has_valid")
                                   .Attr<int64_t>("has_mask")
+                                  .Attr<int64_t>("weights")       // 0: dw_x and dw_h are not wanted (zeros)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dz (T, N, 4H), over the gate activations
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dx (T, N, E)
                                   .Ret<ffi::Buffer<ffi::F32>>()   // dw_x (E, 4H)
