@@ -228,9 +228,9 @@ def _backward_scan(reverse, unroll, w_x, w_h, dy_TNH, acts_TNG, c_TNH, c0_NH, dh
 
 def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
     w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, weights = saved
-    dh_NH, dc_NH, dy_TNH = (
-        jnp.zeros(c.shape, c.dtype) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c for c in cotangents
-    )
+    # a cotangent that is symbolically zero, as zeros that vary along the mesh axes the outputs vary along
+    zeros = lambda c: varying.vary(jnp.zeros(c.shape, c.dtype), varying.varying_axes(h_TNH))
+    dh_NH, dc_NH, dy_TNH = (zeros(c) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c for c in cotangents)
     operands = (w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH)
     native_operands = (w_x, w_h, x_TNE, dy_TNH, acts_TNG, c_TNH, c0_NH, dh_NH, dc_NH)
     if _uses_native(*native_operands):

@@ -160,7 +160,7 @@ struct Rows {
 };
 
 // c[r][0:P] (+)= sum_k A[r][k] * panel[k][0:P], for a packed panel (rows of P = kPanel floats).
-// kPackedRows: A is a packed tile, A[r][k] = a[k * 6 + r]; otherwise A's rows are contiguous (step 1).
+// kPackedRows: A is a packed tile, A[r][k] = a[k * kTileRows + r]; otherwise A's rows are contiguous (step 1).
 template <int64_t R, bool kPackedRows>
 void tile(Rows a, const float* panel, float* c, int64_t ldc, bool accumulate) {
   vfloat acc[R][kVectors];
@@ -188,23 +188,12 @@ void tile_at(Rows a, int64_t row, const float* panel, float* c, int64_t ldc, boo
   }
 }
 
-// Rows [row, row + count) of one panel's columns, count <= kTileRows.
+// Rows [row, row + count) of one panel's columns, count <= kTileRows: one tile of count rows.
+template <int64_t R = kTileRows>
 void tile_rows(Rows a, int64_t row, int64_t count, const float* panel, float* c, int64_t ldc, bool accumulate) {
-  static_assert(kTileRows <= 12, "one case per tile height");
-  switch (count) {
-    case 12: return tile_at<12>(a, row, panel, c, ldc, accumulate);
-    case 11: return tile_at<11>(a, row, panel, c, ldc, accumulate);
-    case 10: return tile_at<10>(a, row, panel, c, ldc, accumulate);
-    case 9: return tile_at<9>(a, row, panel, c, ldc, accumulate);
-    case 8: return tile_at<8>(a, row, panel, c, ldc, accumulate);
-    case 7: return tile_at<7>(a, row, panel, c, ldc, accumulate);
-    case 6: return tile_at<6>(a, row, panel, c, ldc, accumulate);
-    case 5: return tile_at<5>(a, row, panel, c, ldc, accumulate);
-    case 4: return tile_at<4>(a, row, panel, c, ldc, accumulate);
-    case 3: return tile_at<3>(a, row, panel, c, ldc, accumulate);
-    case 2: return tile_at<2>(a, row, panel, c, ldc, accumulate);
-    case 1: return tile_at<1>(a, row, panel, c, ldc, accumulate);
-    default: return;
+  if constexpr (R > 0) {
+    if (count == R) return tile_at<R>(a, row, panel, c, ldc, accumulate);
+    return tile_rows<R - 1>(a, row, count, panel, c, ldc, accumulate);
   }
 }
 
@@ -214,10 +203,11 @@ void panel_block(Rows a, int64_t rows, const float* panel, float* c, int64_t ldc
     tile_rows(a, row, std::min(kTileRows, rows - row), panel, c, ldc, accumulate);
 }
 
+// A block of a panel (16 or 32 KiB) stays in L1 while every row passes over it.
 #ifndef LSTM_JAX_DEPTH_BLOCK
 #define LSTM_JAX_DEPTH_BLOCK 256
 #endif
-constexpr int64_t kDepthBlock = LSTM_JAX_DEPTH_BLOCK;  // a block of a panel (16 or 32 KiB) stays in L1 while every row passes over it
+constexpr int64_t kDepthBlock = LSTM_JAX_DEPTH_BLOCK;
 
 // C (rows x kPanel * panels) = [first, second] @ packed, depth block by depth block, and in each block panel by
 // panel: the rows' block is read again by every panel, so it stays in L2 while the weights stream past it. (Panel
@@ -284,8 +274,10 @@ void pack_columns(const float* b, int64_t G, int64_t first, int64_t width, int64
     for (int64_t j = 0; j < width; j += kPanel) {
       float* out = packed + j * depth + k * kPanel;
       const int64_t columns = std::clamp<int64_t>(G - first - j, 0, kPanel);
-      for (int64_t v = 0; v < kVectors; ++v)
-        store(out + v * kLanes, load(row + first + j + v * kLanes, std::clamp<int64_t>(columns - v * kLanes, 0, kLanes)));
+      for (int64_t v = 0; v < kVectors; ++v) {
+        const int64_t lanes = std::clamp<int64_t>(columns - v * kLanes, 0, kLanes);
+        store(out + v * kLanes, load(row + first + j + v * kLanes, lanes));
+      }
     }
   }
 }
@@ -616,9 +608,9 @@ ffi::Error BackwardImpl(ffi::Buffer<ffi::F32> x, ffi::Buffer<ffi::F32> h0, ffi::
                         ffi::Buffer<ffi::F32> h_seq, ffi::Buffer<ffi::F32> c_seq, ffi::Buffer<ffi::F32> dy,
                         ffi::Buffer<ffi::F32> dh_last, ffi::Buffer<ffi::F32> dc_last, ffi::Buffer<ffi::PRED> valid,
                         ffi::Buffer<ffi::F32> mask, int64_t reverse, int64_t has_valid, int64_t has_mask,
-                        int64_t weights, ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dx, ffi::ResultBuffer<ffi::F32> dw_x,
-                        ffi::ResultBuffer<ffi::F32> dw_h, ffi::ResultBuffer<ffi::F32> dh0,
-                        ffi::ResultBuffer<ffi::F32> dc0) {
+                        int64_t weights, ffi::ResultBuffer<ffi::F32> dz, ffi::ResultBuffer<ffi::F32> dx,
+                        ffi::ResultBuffer<ffi::F32> dw_x, ffi::ResultBuffer<ffi::F32> dw_h,
+                        ffi::ResultBuffer<ffi::F32> dh0, ffi::ResultBuffer<ffi::F32> dc0) {
   const int64_t hidden = h0.dimensions()[1];
   const Sequence seq = sequence_of(x, hidden, reverse, valid, has_valid, mask, has_mask);
   const Saved saved{x.typed_data(),    h0.typed_data(),   c0.typed_data(),    w_x.typed_data(),
