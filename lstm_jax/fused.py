@@ -168,11 +168,12 @@ def _lstm_scan(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_N
 def _lstm_scan_fwd(reverse, unroll, *primals):
     # With symbolic zeros, each primal says whether it is differentiated. Where no weight is (an input gradient
     # with the parameters held constant, as adversarial training takes), the kernel skips the weight gradients.
-    weights = any(p.perturbed for p in jax.tree_util.tree_leaves(primals[:3]))
+    weights = any(primal.perturbed for primal in primals[:3])  # w_x, w_h, b: arrays, so one primal each
     w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH = (
-        jax.tree_util.tree_map(lambda p: p.value, primal) for primal in primals
+        jax.tree_util.tree_map(lambda p: p.value, primal) for primal in primals  # valid_TN, mask_NH may be None
     )
     h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH)
+    # the flag as the residuals' structure (() or None), so that the backward rule reads it at trace time
     saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, () if weights else None)
     return (h_NH, c_NH, _outputs(h_TNH, valid_TN)), saved
 
