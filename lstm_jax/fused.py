@@ -17,8 +17,10 @@
   pass recomputes no matmul.
 * On CPU, for float32, both loops run in the C++ kernel of :mod:`lstm_jax.native`,
   which keeps each core's slice of the weights in its cache across the steps; the
-  backward pass's ``dx`` is then one matmul after its loop. Elsewhere they are
-  ``lax.scan`` loops.
+  backward pass's ``dx`` is then one matmul after its loop. For bfloat16 operands they
+  run there too where the CPU has AMX: the matmuls multiply in bfloat16 with float32
+  sums, the gates, cell state and saved activations stay float32, and the results are
+  rounded to bfloat16 on the way out. Elsewhere they are ``lax.scan`` loops.
 
 Gates are in the order ``i, f, g, o``, as everywhere in :mod:`lstm_jax.cells`. The
 recurrent-dropout mask is a constant: no gradient flows into it.
@@ -77,17 +79,26 @@ def _gate_activations(z_NG):
     return jax.nn.sigmoid(i), jax.nn.sigmoid(f), jnp.tanh(g), jax.nn.sigmoid(o)
 
 
-def _uses_native(*arrays):
-    return jax.default_backend() == "cpu" and native.applies(*arrays)
+def _kernel_precision(*arrays):
+    """``native.precision`` of these operands on the CPU backend; None (the lax.scan loops) elsewhere."""
+    return native.precision(*arrays) if jax.default_backend() == "cpu" else None
+
+
+def _float32(arrays):
+    """The floating-point arrays as float32 (the kernel's operand type; exact from bfloat16), the rest as they are."""
+    return tuple(a.astype(jnp.float32) if a is not None and a.dtype == jnp.bfloat16 else a for a in arrays)
 
 
 def _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, save=True):
     """The forward loop; also returns the gate activations and the carried states for the backward pass.
 
-    ``save=False`` lets the CPU kernel skip storing them (they are then None).
+    ``save=False`` lets the CPU kernel skip storing them (they are then None). From the kernel they are
+    float32 whatever the operands' dtype.
     """
-    if _uses_native(w_x, w_h, b, x_TNE, h_NH, c_NH):
-        return _native_forward(reverse, unroll, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH)
+    precision = _kernel_precision(w_x, w_h, b, x_TNE, h_NH, c_NH)
+    if precision is not None:
+        operands = _float32((w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH))
+        return _native_forward(reverse, unroll, save, precision == "bfloat16", *operands)
     return _scan_forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH)
 
 
@@ -119,30 +130,33 @@ def _scan_forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mas
 # their directions with the parameters held constant.)
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _native_forward(reverse, unroll, save, *operands):
-    return native.forward(reverse, save, *operands)
+# (With bf16, those derivatives are the float32 loops': they leave out the rounding of the operands.)
+
+
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _native_forward(reverse, unroll, save, bf16, *operands):
+    return native.forward(reverse, save, *operands, bf16=bf16)
 
 
 @_native_forward.defjvp
-def _native_forward_jvp(reverse, unroll, save, operands, tangents):
+def _native_forward_jvp(reverse, unroll, save, bf16, operands, tangents):
     _, tangents_out = jax.jvp(functools.partial(_scan_forward, reverse, unroll), operands, tangents)
     if not save:  # the kernel returned no gate activations nor cell states
         tangents_out = (*tangents_out[:2], None, tangents_out[3], None)
-    return _native_forward(reverse, unroll, save, *operands), tangents_out
+    return _native_forward(reverse, unroll, save, bf16, *operands), tangents_out
 
 
-@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2))
-def _native_backward(reverse, unroll, weights, *operands):
-    return native.backward(reverse, *operands, weights=weights)
+@functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
+def _native_backward(reverse, unroll, weights, bf16, *operands):
+    return native.backward(reverse, *operands, weights=weights, bf16=bf16)
 
 
 @_native_backward.defjvp
-def _native_backward_jvp(reverse, unroll, weights, operands, tangents):
+def _native_backward_jvp(reverse, unroll, weights, bf16, operands, tangents):
     _, tangents_out = jax.jvp(functools.partial(_scan_backward, reverse, unroll), operands, tangents)
     if not weights:  # the kernel's dw_x and dw_h are zeros
         tangents_out = (*tangents_out[:2], *map(jnp.zeros_like, tangents_out[2:4]), *tangents_out[4:])
-    return _native_backward(reverse, unroll, weights, *operands), tangents_out
+    return _native_backward(reverse, unroll, weights, bf16, *operands), tangents_out
 
 
 def _scan_backward(reverse, unroll, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH,
@@ -159,10 +173,15 @@ def _outputs(h_TNH, valid_TN):
     return h_TNH if valid_TN is None else jnp.where(valid_TN[..., None], h_TNH, jnp.zeros((), h_TNH.dtype))
 
 
+def _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH):
+    """``(h, c, y)`` in the dtypes of the initial carry (the kernel returns float32 for bfloat16 operands)."""
+    return h_NH.astype(h0_NH.dtype), c_NH.astype(c0_NH.dtype), _outputs(h_TNH, valid_TN).astype(h0_NH.dtype)
+
+
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
-def _lstm_scan(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
-    h_NH, c_NH, _, h_TNH, _ = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, save=False)
-    return h_NH, c_NH, _outputs(h_TNH, valid_TN)
+def _lstm_scan(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH):
+    h_NH, c_NH, _, h_TNH, _ = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, save=False)
+    return _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH)
 
 
 def _lstm_scan_fwd(reverse, unroll, *primals):
@@ -175,7 +194,7 @@ def _lstm_scan_fwd(reverse, unroll, *primals):
     h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH)
     # the flag as the residuals' structure (() or None), so that the backward rule reads it at trace time
     saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, () if weights else None)
-    return (h_NH, c_NH, _outputs(h_TNH, valid_TN)), saved
+    return _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH), saved
 
 
 def _previous(series_TNH, initial_NH, reverse):
@@ -233,14 +252,19 @@ def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
     zeros = lambda c: varying.vary(jnp.zeros(c.shape, c.dtype), varying.varying_axes(h_TNH))
     dh_NH, dc_NH, dy_TNH = (zeros(c) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c for c in cotangents)
     operands = (w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH)
-    native_operands = (w_x, w_h, x_TNE, dy_TNH, acts_TNG, c_TNH, c0_NH, dh_NH, dc_NH)
-    if _uses_native(*native_operands):
-        backward = functools.partial(_native_backward, reverse, unroll, weights is not None)
-    else:
-        backward = functools.partial(_scan_backward, reverse, unroll)
-    dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = backward(*operands)
+    # as the forward pass chose (the saved activations are float32 wherever the kernel ran)
+    precision = _kernel_precision(w_x, w_h, x_TNE, dy_TNH, c0_NH, dh_NH, dc_NH)
     no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
+    if precision is None:
+        dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = _scan_backward(reverse, unroll, *operands)
+        db = dz_TNG.reshape(-1, dz_TNG.shape[-1]).sum(0)
+        return dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH, no_grad(valid_TN), no_grad(mask_NH)
+    backward = functools.partial(_native_backward, reverse, unroll, weights is not None, precision == "bfloat16")
+    dz_TNG, *grads = backward(*_float32(operands))
     db = dz_TNG.reshape(-1, dz_TNG.shape[-1]).sum(0)
+    dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH = (  # in the primals' dtypes
+        g.astype(p.dtype) for g, p in zip((grads[1], grads[2], db, grads[0], *grads[3:]), (w_x, w_h, w_x, x_TNE, h0_NH, c0_NH))
+    )
     return dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH, no_grad(valid_TN), no_grad(mask_NH)
 
 

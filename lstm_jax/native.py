@@ -11,6 +11,12 @@ for the CPU it runs on, once per source, compiler and CPU, into ``$LSTM_JAX_CACH
 ``lax.scan`` loops run instead, after one warning in the first case. ``LSTM_JAX_NUM_THREADS``
 caps the kernel's threads (default: the cores this process may use); the results do not
 depend on it.
+
+Where the CPU has AMX (Intel since Sapphire Rapids) the kernel also takes bfloat16 operands,
+the ``compute_dtype="bfloat16"`` of :class:`lstm_jax.model.ModelConfig`: each matmul then
+multiplies the operands rounded to bfloat16 on the tile units, with float32 sums, while the
+gates, the cell state and everything saved stay float32. :func:`bf16_supported` says whether
+it can.
 """
 
 import contextlib
@@ -35,7 +41,7 @@ from lstm_jax import varying
 SOURCE = Path(__file__).parent / "csrc" / "lstm_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
 TARGETS = {"forward": "lstm_jax_cpu_forward", "backward": "lstm_jax_cpu_backward"}
-_registered = []  # the library whose handlers XLA holds
+_registered = []  # the library whose handlers XLA holds, and its path
 
 
 _scan_only = []  # non-empty inside `disabled()`
@@ -120,8 +126,14 @@ def load():
     if not _registered:  # XLA keeps the first registration of a name for the life of the process
         jax.ffi.register_ffi_target(TARGETS["forward"], jax.ffi.pycapsule(library.LstmForward), platform="cpu")
         jax.ffi.register_ffi_target(TARGETS["backward"], jax.ffi.pycapsule(library.LstmBackward), platform="cpu")
-        _registered.append(path)
+        _registered.extend([library, path])
     return True
+
+
+@functools.cache
+def bf16_supported():
+    """Whether the kernel takes bfloat16 operands here: it was built with AMX, and Linux lets this process use it."""
+    return load() and bool(_registered[0].LstmBf16Supported())
 
 
 def _optional(valid_TN, mask_NH):
@@ -131,11 +143,12 @@ def _optional(valid_TN, mask_NH):
     return (valid, mask), dict(has_valid=int(valid_TN is not None), has_mask=int(mask_NH is not None))
 
 
-def forward(reverse, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
+def forward(reverse, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, bf16=False):
     """The forward loop of :func:`lstm_jax.fused._forward`: ``(h_NH, c_NH, acts_TNG, h_TNH, c_TNH)``.
 
     Without ``save`` (inference) the kernel stores no gate activations nor cell states, and
-    ``acts_TNG`` and ``c_TNH`` are None.
+    ``acts_TNG`` and ``c_TNH`` are None. With ``bf16`` the step's matmul multiplies ``x``, ``h``
+    and the weights rounded to bfloat16 (float32 sums); everything else stays float32.
     """
     num_steps, rows, _ = x_TNE.shape
     hidden = h_NH.shape[-1]
@@ -146,7 +159,8 @@ def forward(reverse, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
     )
     optional, flags = _optional(valid_TN, mask_NH)
     call = jax.ffi.ffi_call(TARGETS["forward"], result, vmap_method="sequential")
-    acts_TNG, h_TNH, c = call(x_TNE, h_NH, c_NH, w_x, w_h, b, *optional, reverse=int(reverse), save=int(save), **flags)
+    operands = (x_TNE, h_NH, c_NH, w_x, w_h, b, *optional)
+    acts_TNG, h_TNH, c = call(*operands, reverse=int(reverse), save=int(save), bf16=int(bf16), **flags)
     last = 0 if reverse else -1
     if not save:
         return h_TNH[last], c, None, h_TNH, None
@@ -154,12 +168,13 @@ def forward(reverse, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH):
 
 
 def backward(reverse, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH,
-             weights=True):  # fmt: skip
+             weights=True, bf16=False):  # fmt: skip
     """The backward pass of :func:`lstm_jax.fused._lstm_scan_bwd`: ``(dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH)``.
 
     The weight gradients are the matmuls over all steps that ``fused`` does after its loop, done here
     with the kernel's own tiles. With ``weights=False`` they are skipped (a third of the FLOPs) and
-    ``dw_x`` and ``dw_h`` are zeros.
+    ``dw_x`` and ``dw_h`` are zeros. With ``bf16`` every matmul multiplies its operands rounded
+    to bfloat16 (``dz``, ``W``, ``x``, ``h``), as the forward pass's did.
     """
     like = lambda a: varying.result_type(a.shape, jnp.float32, x_TNE)
     result = tuple(map(like, (acts_TNG, x_TNE, w_x, w_h, dh_NH, dc_NH)))
@@ -168,9 +183,22 @@ def backward(reverse, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_
     # Result 0 (dz) is written over operand 5 (the gate activations it is computed from, step by step): no fresh
     # 4H-wide buffer to fault in. XLA copies the activations first wherever something else still reads them.
     call = jax.ffi.ffi_call(TARGETS["backward"], result, vmap_method="sequential", input_output_aliases={5: 0})
-    return call(*operands, reverse=int(reverse), weights=int(weights), **flags)
+    return call(*operands, reverse=int(reverse), weights=int(weights), bf16=int(bf16), **flags)
+
+
+def precision(*arrays):
+    """How the kernel takes these operands: ``"float32"``, ``"bfloat16"`` (all bfloat16, where
+    :func:`bf16_supported`), or None where it does not (another dtype, an empty sequence or batch, or
+    the kernel disabled or unbuilt)."""
+    if not all(a.size > 0 for a in arrays) or not enabled():
+        return None
+    if all(a.dtype == np.float32 for a in arrays):
+        return "float32"
+    if all(a.dtype == jnp.bfloat16 for a in arrays) and bf16_supported():
+        return "bfloat16"
+    return None
 
 
 def applies(*arrays):
-    """Whether the kernel takes these operands: all float32, a non-empty sequence and batch."""
-    return all(a.dtype == np.float32 for a in arrays) and all(a.size > 0 for a in arrays) and enabled()
+    """Whether the kernel takes these operands (see :func:`precision`)."""
+    return precision(*arrays) is not None
