@@ -179,10 +179,12 @@ def lowered_text(dtype, monkeypatch, mode="1"):
     return jax.jit(jax.grad(lambda *a: loss(*a))).lower(cast(params), cast(x)).as_text()
 
 
-def test_kernel_runs_for_float32_on_cpu_and_not_otherwise(monkeypatch):
+def test_kernel_runs_for_float32_on_cpu_and_for_bfloat16_only_where_it_has_amx(monkeypatch):
     text = lowered_text(jnp.float32, monkeypatch)
-    assert native.TARGETS["forward"] in text and native.TARGETS["backward"] in text
-    assert native.TARGETS["forward"] not in lowered_text(jnp.bfloat16, monkeypatch)
+    assert native.TARGETS["forward"] in text and native.TARGETS["backward"] in text and "bf16 = 0" in text
+    bf16_text = lowered_text(jnp.bfloat16, monkeypatch)
+    assert (native.TARGETS["forward"] in bf16_text) == native.bf16_supported()
+    assert native.TARGETS["forward"] not in lowered_text(jnp.float16, monkeypatch)
     assert native.TARGETS["forward"] not in lowered_text(jnp.float32, monkeypatch, mode="0")
 
 
@@ -238,11 +240,129 @@ def test_both_vector_layouts_pass_these_tests_too(lanes, tmp_path):
     vectors, 16-column panels and 6-row tiles elsewhere. Each layout is built here from generic vectors, whatever
     this CPU has, and this file's comparisons run against it."""
     env = {**os.environ, "LSTM_JAX_CXXFLAGS": f"-DLSTM_JAX_LANES={lanes}", "LSTM_JAX_CACHE": str(tmp_path)}
-    tests = "matches_the_scan_loops or thread_count or inference or gradients_of_gradients"
+    tests = "matches_the_scan_loops or thread_count or inference or gradients_of_gradients or bf16"
     run = subprocess.run(
         [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", __file__, "-k", tests],
         env=env, capture_output=True, text=True, timeout=600,
     )  # fmt: skip
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
-    assert "7 passed" in run.stdout, run.stdout[-1000:]
+    assert f"{7 + 4 * native.bf16_supported()} passed" in run.stdout, run.stdout[-1000:]
     assert len(list(tmp_path.glob("lstm_cpu-*.so"))) == 1  # the layout's own build, not one from the shared cache
+
+
+# bfloat16 products (AMX). The references below are float64 NumPy, with each matmul operand rounded to bfloat16 by
+# ml_dtypes (not by the kernel's own rounding), fed the kernel's previous state at each step: the rounding of a
+# state that straddles two bfloat16 numbers then cannot tell a float64 run from a float32 one. Every result agrees
+# to float32 precision (about 1e-6); the float32 kernel, whose products are not rounded, misses by 1e-2.
+needs_bf16 = pytest.mark.skipif(not native.bf16_supported(), reason="the kernel has no bfloat16 products here (AMX)")
+
+
+def rounded(a):
+    return np.asarray(jnp.asarray(a, jnp.bfloat16), np.float64)
+
+
+def as64(*arrays):
+    return [np.asarray(a, np.float64) for a in arrays]
+
+
+def sigmoid(v):
+    return 1 / (1 + np.exp(-v))
+
+
+def bf16_problem(seed):
+    params, x, carry, _, mask = problem(seed)
+    forward = native.forward(False, True, params["w_x"], params["w_h"], params["b"], x, *carry, None, mask, bf16=True)
+    return params, x, carry, mask, forward
+
+
+def forward_errors(params, x, carry, mask, forward):
+    """The largest differences of every step's h, c and gates from a float64 step with rounded operands."""
+    _, _, acts, h_seq, c_seq = as64(*forward)
+    w_x, w_h, b, x, h0, c0, mask = as64(params["w_x"], params["w_h"], params["b"], x, *carry, mask)
+    errors = np.zeros(3)
+    for t in range(T):
+        h_prev, c_prev = (h0, c0) if t == 0 else (h_seq[t - 1], c_seq[t - 1])
+        i, f, g, o = np.split(rounded(x[t]) @ rounded(w_x) + rounded(h_prev * mask) @ rounded(w_h) + b, 4, axis=-1)
+        c = sigmoid(f) * c_prev + sigmoid(i) * np.tanh(g)
+        gates = np.concatenate([sigmoid(i), sigmoid(f), np.tanh(g), sigmoid(o)], axis=-1)
+        step = [sigmoid(o) * np.tanh(c) - h_seq[t], c - c_seq[t], gates - acts[t]]
+        errors = np.maximum(errors, [np.abs(e).max() for e in step])
+    return errors
+
+
+@needs_bf16
+def test_bf16_forward_rounds_every_matmul_operand_and_nothing_else():
+    params, x, carry, mask, forward = bf16_problem(seed=4)
+    assert forward_errors(params, x, carry, mask, forward).max() < 5e-6
+    float32 = native.forward(False, True, params["w_x"], params["w_h"], params["b"], x, *carry, None, mask)
+    assert forward_errors(params, x, carry, mask, float32).max() > 1e-3  # the reference does tell the two apart
+
+
+@needs_bf16
+def test_bf16_backward_rounds_every_matmul_operand_and_nothing_else():
+    params, x, carry, mask, (_, _, acts, h_seq, c_seq) = bf16_problem(seed=5)
+    rng = np.random.default_rng(6)
+    dy, dh, dc = (jnp.asarray(rng.standard_normal(shape), jnp.float32) for shape in ((T, N, H), (N, H), (N, H)))
+    grads = native.backward(False, params["w_x"], params["w_h"], x, *carry, acts, h_seq, c_seq, dy, dh, dc, None,
+                            mask, bf16=True)  # fmt: skip
+    dz, dx, dw_x, dw_h, dh0, dc0 = as64(*grads)
+    acts, h_seq, c_seq, w_x, w_h, x, h0, c0, mask, dy = as64(acts, h_seq, c_seq, params["w_x"], params["w_h"], x,
+                                                              *carry, mask, dy)  # fmt: skip
+    dh_carry, dc_carry = as64(dh, dc)
+    for t in reversed(range(T)):  # dz from the float64 recursion, fed the kernel's dz of the step after
+        i, f, g, o = np.split(acts[t], 4, axis=-1)
+        tanh_c, c_prev = np.tanh(c_seq[t]), c0 if t == 0 else c_seq[t - 1]
+        dh_new = dh_carry + dy[t]
+        dc_new = dc_carry + dh_new * o * (1 - tanh_c**2)
+        dz_t = [dc_new * g * i * (1 - i), dc_new * c_prev * f * (1 - f), dc_new * i * (1 - g**2), dh_new * tanh_c * o * (1 - o)]
+        np.testing.assert_allclose(dz[t], np.concatenate(dz_t, axis=-1), rtol=1e-5, atol=1e-6)
+        dh_carry, dc_carry = (rounded(dz[t]) @ rounded(w_h).T) * mask, dc_new * f
+    h_in = np.concatenate([h0[None], h_seq[:-1]]) * mask
+    expected = {
+        "dx": (dx, rounded(dz) @ rounded(w_x).T),
+        "dw_x": (dw_x, np.einsum("tne,tng->eg", rounded(x), rounded(dz))),
+        "dw_h": (dw_h, np.einsum("tnh,tng->hg", rounded(h_in), rounded(dz))),
+        "dh0": (dh0, dh_carry),
+        "dc0": (dc0, dc_carry),
+    }
+    for name, (actual, reference) in expected.items():
+        np.testing.assert_allclose(actual, reference, rtol=1e-5, atol=1e-5 * np.abs(reference).max(), err_msg=name)
+
+
+@needs_bf16
+def test_bf16_through_lstm_sequence_tracks_float32_in_bfloat16_dtypes(monkeypatch):
+    """The plumbing of lstm_jax.fused: bfloat16 operands run in the kernel, with lengths, a mask and reverse, and
+    return bfloat16 values and gradients within bfloat16's rounding of the float32 ones."""
+    monkeypatch.setenv("LSTM_JAX_NATIVE", "1")
+    params, x, carry, valid, mask = problem(seed=7)
+    to_bf16 = lambda tree: jax.tree.map(lambda a: a.astype(jnp.bfloat16), tree)
+
+    def loss(params, x, carry):
+        final, y = lstm_sequence(params, x, carry=carry, valid_T=valid, h_mask=mask.astype(x.dtype), reverse=True)
+        return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(final.c.astype(jnp.float32))
+
+    gradient = lambda *a: jax.value_and_grad(loss, argnums=(0, 1, 2))(*a)
+    low_args = to_bf16((params, x, carry))
+    assert native.TARGETS["backward"] in jax.jit(gradient).lower(*low_args).as_text()
+    low, high = jax.jit(gradient)(*low_args), jax.jit(gradient)(params, x, carry)
+    for a, e in zip(jax.tree.leaves(low), jax.tree.leaves(high), strict=True):
+        assert a.dtype == (jnp.float32 if a.ndim == 0 else jnp.bfloat16)
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        assert np.linalg.norm(a - e) < 0.05 * np.linalg.norm(e)  # 2-3.5 % here; the bfloat16 scan loops: 2.5-4 %
+
+
+@needs_bf16
+def test_bf16_results_do_not_depend_on_the_thread_count(monkeypatch):
+    params, x, carry, _, mask = problem(seed=8)
+    runs = []
+    for threads in (1, 2, 3):
+        monkeypatch.setenv("LSTM_JAX_NUM_THREADS", str(threads))
+        forward = native.forward(False, True, params["w_x"], params["w_h"], params["b"], x, *carry, None, mask,
+                                 bf16=True)  # fmt: skip
+        _, _, acts, h_seq, c_seq = forward
+        ones = jnp.ones_like(h_seq)
+        runs.append(forward + native.backward(False, params["w_x"], params["w_h"], x, *carry, acts, h_seq, c_seq,
+                                              ones, ones[0], ones[0], None, mask, bf16=True))  # fmt: skip
+    for other in runs[1:]:
+        for a, e in zip(other, runs[0], strict=True):
+            np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
