@@ -77,6 +77,7 @@ class System(NamedTuple):
     train: Callable[[], None]
     infer: Callable[[], None]
     peer: bool = True  # False for lstm_jax's own rows: they are never the peer that ratios are taken against
+    precision: str = "float32"  # of the model's arithmetic; a row's ratios are against peers of its own precision
 
 
 def random_batch(shape: Shape, seed: int = 0):
@@ -132,8 +133,10 @@ def lstm_jax_system(shape: Shape, compute_dtype=jnp.float32, kernel=True) -> Sys
         _, (carry,) = lj.rnn(lj.LSTM, rnn_params, x_TBE, time_major=True)
         return (carry.h @ out).astype(jnp.float32)
 
-    name = "lstm_jax" if compute_dtype == jnp.float32 else f"lstm_jax {jnp.dtype(compute_dtype).name}"
-    system = _jax_system(name if kernel else f"{name} (lax.scan loops)", params, logits, shape)._replace(peer=False)
+    precision = jnp.dtype(compute_dtype).name
+    name = "lstm_jax" if compute_dtype == jnp.float32 else f"lstm_jax {precision}"
+    system = _jax_system(name if kernel else f"{name} (lax.scan loops)", params, logits, shape)
+    system = system._replace(peer=False, precision=precision)
     if not kernel:
         system = system._replace(train=_without_kernel(system.train), infer=_without_kernel(system.infer))
     return system
@@ -185,7 +188,9 @@ def cudnn_jax_system(shape: Shape) -> System:
     return _jax_system("jax.experimental.rnn (cuDNN)", params, logits, shape)
 
 
-def torch_system(shape: Shape) -> System | None:
+def torch_system(shape: Shape, bf16: bool = False) -> System | None:
+    """PyTorch's step; with ``bf16``, under ``torch.autocast`` to bfloat16 (float32 parameters, Adam and loss):
+    on a CPU with AMX, oneDNN then runs the LSTM in bfloat16."""
     try:
         import torch
     except ImportError:
@@ -209,18 +214,23 @@ def torch_system(shape: Shape) -> System | None:
     tokens, labels = (torch.as_tensor(a, dtype=torch.long, device=device) for a in random_batch(shape))
     sync = torch.cuda.synchronize if device == "cuda" else lambda: None
 
+    autocast = lambda: torch.autocast(device, dtype=torch.bfloat16, enabled=bf16)
+
     def train():
         optimizer.zero_grad(set_to_none=True)
-        torch.nn.functional.cross_entropy(model(tokens), labels).backward()
+        with autocast():
+            logits = model(tokens)
+        torch.nn.functional.cross_entropy(logits.float(), labels).backward()
         optimizer.step()
         sync()
 
     def infer():
-        with torch.inference_mode():
+        with torch.inference_mode(), autocast():
             model(tokens)
         sync()
 
-    return System(f"torch nn.LSTM ({'cuDNN' if device == 'cuda' else 'CPU'})", train, infer)
+    name = f"torch nn.LSTM ({'cuDNN' if device == 'cuda' else 'CPU'})" + (" bfloat16 autocast" if bf16 else "")
+    return System(name, train, infer, precision="bfloat16" if bf16 else "float32")
 
 
 def matmul_ceiling() -> Callable[[], float]:
@@ -268,9 +278,9 @@ def build_systems(shape: Shape, on_gpu: bool, bf16: bool = False, scan_loops: bo
     ]
     if on_gpu:
         systems.append(cudnn_jax_system(shape))
-    peer = torch_system(shape)
-    if peer is not None:
-        systems.append(peer)
+    for peer in (torch_system(shape), torch_system(shape, bf16=True) if bf16 else None):
+        if peer is not None:
+            systems.append(peer)
     return systems
 
 
@@ -305,13 +315,20 @@ def bench_shape(
             "train_spread_ms": 1e3 * float(np.subtract(*np.percentile(train_times[system.name], [75, 25]))),
         })  # fmt: skip
     ours = rows[0]
-    peers = [row for row, system in zip(rows, systems, strict=True) if system.peer]
-    best_train = min(peers, key=lambda r: r["train_ms"])
-    best_infer = min(peers, key=lambda r: r["infer_ms"])
+    for row, system in zip(rows, systems, strict=True):
+        row["precision"] = system.precision
+    best = {}  # per precision: the fastest peers; rows of a precision without peers compare with float32's
+    for precision in {system.precision for system in systems}:
+        peers = [row for row, system in zip(rows, systems, strict=True) if system.peer and system.precision == precision]
+        if peers:
+            best[precision] = (min(peers, key=lambda r: r["train_ms"]), min(peers, key=lambda r: r["infer_ms"]))
     for row in rows:
+        best_train, best_infer = best.get(row["precision"], best["float32"])
+        row["best_peer"] = best_train["system"]
         row["train_vs_best_peer"] = best_train["train_ms"] / row["train_ms"]
         row["infer_vs_best_peer"] = best_infer["infer_ms"] / row["infer_ms"]
         row["train_fraction_of_ceiling"] = row["train_gflops"] / ceiling_gflops
+    best_train, best_infer = best["float32"]
     return {
         "shape": str(shape),
         "ceiling_gflops": ceiling_gflops,
@@ -446,7 +463,8 @@ def markdown(report: dict) -> str:
     when = f"{report['date']}, commit `{report['commit']}`, jax {report['jax']}."
     if report.get("glibc_tunables"):
         when += f" Every system ran with `GLIBC_TUNABLES={report['glibc_tunables']}`."
-    lines = [heading, "", when + " Ratios are against the fastest peer in the same run (> 1: lstm_jax is faster).", ""]
+    lines = [heading, "", when + " Ratios are against the fastest peer of the same precision in the same run (> 1: "
+             "lstm_jax is faster); the matmul ceiling is float32's.", ""]
     lines += ["| B,T,E,H | system | train ms | train tok/s | vs best peer | GFLOP/s (% of matmul ceiling) | infer tok/s | vs best peer | load avg |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for result in report["results"]:
@@ -487,7 +505,8 @@ def main(argv=None):
     parser.add_argument("--warmup", type=int, default=3, help="untimed steps per system after compiling")
     parser.add_argument("--json", help="write every number to this file")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="also time lstm_jax with bfloat16 compute and float32 master weights (default: on GPU only)")
+                        help="also time lstm_jax with bfloat16 compute and float32 master weights, and PyTorch under "
+                        "bfloat16 autocast (default: on GPU, and on CPU where lstm_jax's kernel multiplies in bfloat16)")
     parser.add_argument("--scan-loops", action=argparse.BooleanOptionalAction, default=None,
                         help="also time lstm_jax with its lax.scan loops instead of the CPU kernel of lstm_jax.native "
                         "(default: on CPU where the kernel builds)")
@@ -516,7 +535,7 @@ def main(argv=None):
     for shape in shapes:
         load_before = os.getloadavg()[0]
         options = {"steps": args.steps, "rounds": args.rounds, "warmup": args.warmup, "on_gpu": on_gpu,
-                   "bf16": on_gpu if args.bf16 is None else args.bf16,
+                   "bf16": (on_gpu or lj.native.bf16_supported()) if args.bf16 is None else args.bf16,
                    "scan_loops": scan_loops}
         result = bench_shape(shape, ceiling=ceiling, **options)
         result["load_average"] = [

@@ -27,7 +27,8 @@ def test_load_warning_names_the_load_only_when_the_cores_were_busy():
 @pytest.mark.slow
 def test_train_step_benchmark_writes_a_report(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    train_step.main(["--shape", "4,6,8,8", "--steps", "2", "--rounds", "1", "--warmup", "1", "--json", str(out)])
+    args = ["--shape", "4,6,8,8", "--steps", "2", "--rounds", "1", "--warmup", "1", "--no-bf16", "--json", str(out)]
+    train_step.main(args)
     report = json.loads(out.read_text())
     (result,) = report["results"]
     systems = [row["system"] for row in result["rows"]]
@@ -50,6 +51,12 @@ def test_bf16_row_is_timed_beside_ours_and_never_counts_as_a_peer(tmp_path):
     assert systems[:3] == ["lstm_jax", "lstm_jax bfloat16", "flax OptimizedLSTMCell"]
     assert not result["best_train_peer"].startswith("lstm_jax")
     assert all(row["train_ms"] > 0 and row["infer_ms"] > 0 for row in result["rows"])
+    by_name = {row["system"]: row for row in result["rows"]}
+    bf16_peers = [name for name in systems if "bfloat16 autocast" in name]  # PyTorch's, where torch is installed
+    assert by_name["lstm_jax bfloat16"]["precision"] == "bfloat16" and by_name["lstm_jax"]["precision"] == "float32"
+    # each precision against its own peers: float32 never against an autocast row; bfloat16 against one if any
+    assert by_name["lstm_jax"]["best_peer"] not in bf16_peers
+    assert (by_name["lstm_jax bfloat16"]["best_peer"] in bf16_peers) == bool(bf16_peers)
 
 
 @pytest.mark.slow
