@@ -465,36 +465,75 @@ void weight_gradients(RowOfX x_row, int64_t E, RowOfH h_row, int64_t H, const fl
   copy_rows(c_h.data(), width, dw_h + first * kPanel, G, H, columns);
 }
 
-// weight_gradients with bf16 operands on AMX tiles. For each block of rows of M, B's block (the thread's columns
-// of dz) is packed once as tiles, and A^T's (X^T, then H_in^T) as rows of bf16, rows padded to whole tiles.
-template <typename RowOfX, typename RowOfH>
+// Two rows' floats, lane by lane, as pairs of bfloat16 (rounded as to_bf16) in one 32-bit word each: `even` in the
+// low half, `odd` in the high half. That is a row of a B tile (pairs of depth side by side), or of the transposed
+// operand of an A tile.
+inline vuint bf16_pairs(vfloat even, vfloat odd) {
+  vuint e, o;
+  std::memcpy(&e, &even, sizeof e);
+  std::memcpy(&o, &odd, sizeof o);
+  e += 0x7fffu + ((e >> 16) & 1u);
+  o += 0x7fffu + ((o >> 16) & 1u);
+  return (o & 0xffff0000u) | (e >> 16);
+}
+
+constexpr int64_t kGradientRowsBlock = 8 * kTileDepth;  // rows of M per block of weight_gradients_tiles
+
+// weight_gradients with bf16 operands on AMX tiles. For each block of rows of M, every thread packs its share of
+// the rows of A^T (X^T and H_in^T, rows padded to whole tiles) into the shared a_t, then its own columns of B (dz)
+// as tiles, and after a barrier multiplies all of A^T by its columns. Pairs of rows of M become one 32-bit word per
+// column in both layouts, so every conversion is done a vector at a time.
+template <typename RowOfX, typename RowOfH, typename Wait>
 void weight_gradients_tiles(RowOfX x_row, int64_t E, RowOfH h_row, int64_t H, const float* b, int64_t M, int64_t G,
-                            float* dw_x, float* dw_h, int64_t thread, int64_t threads) {
-  constexpr int64_t kRowsBlock = 8 * kTileDepth;
+                            float* dw_x, float* dw_h, bf16* a_t, int64_t thread, int64_t threads, Wait wait) {
+  constexpr int64_t kBlock = kGradientRowsBlock;
   const auto [first, last] = share((G + kTileWidth - 1) / kTileWidth, thread, threads);
   const int64_t width = (last - first) * kTileWidth, begin = first * kTileWidth;
-  if (width == 0) return;
-  std::vector<bf16> a_t(round_up(std::max(E, H), kTileHeight) * kRowsBlock, 0), panels(width * kRowsBlock);
-  std::vector<float> c_x(round_up(E, kTileHeight) * width), c_h(round_up(H, kTileHeight) * width);
-  for (int64_t m = 0; m < M; m += kRowsBlock) {
-    const int64_t depth = std::min(kRowsBlock, M - m), depth_padded = round_up(depth, kTileDepth);
-    const auto b_at = [&](int64_t k, int64_t n) {
-      return k < depth && begin + n < G ? b[(m + k) * G + begin + n] : 0.0f;
-    };
-    pack_tiles(b_at, depth_padded, width, panels.data());
-    const auto add_block = [&](auto row_of, int64_t K, float* c_mine) {
-      for (int64_t k = 0; k < depth_padded; ++k) {
-        const RowOfA a = k < depth ? row_of(m + k) : RowOfA{nullptr, nullptr};
-        for (int64_t r = 0; r < K; ++r)
-          a_t[r * kRowsBlock + k] = !a.row ? 0 : to_bf16(a.mask ? a.row[r] * a.mask[r] : a.row[r]);
+  const int64_t E_tiles = round_up(E, kTileHeight), H_tiles = round_up(H, kTileHeight);
+  uint32_t* a_t_pairs = reinterpret_cast<uint32_t*>(a_t);  // (E_tiles + H_tiles) rows of kBlock / 2 pairs
+  std::vector<uint32_t> panels(width * kBlock / 2);
+  std::vector<float> c_x(E_tiles * width), c_h(H_tiles * width);
+  const auto pack_a_t = [&](auto row_of, int64_t K, int64_t m, int64_t depth, int64_t depth_padded, uint32_t* out) {
+    const auto [share_begin, share_end] = share((K + kLanes - 1) / kLanes, thread, threads);
+    for (int64_t k = 0; k < depth_padded; k += 2) {
+      const RowOfA even = k < depth ? row_of(m + k) : RowOfA{}, odd = k + 1 < depth ? row_of(m + k + 1) : RowOfA{};
+      const auto at = [&](const RowOfA& a, int64_t r, int64_t lanes) {
+        if (!a.row) return splat(0.0f);
+        return a.mask ? load(a.row + r, lanes) * load(a.mask + r, lanes) : load(a.row + r, lanes);
+      };
+      for (int64_t r = share_begin * kLanes; r < std::min(K, share_end * kLanes); r += kLanes) {
+        const int64_t lanes = std::min(kLanes, K - r);
+        const vuint pairs = bf16_pairs(at(even, r, lanes), at(odd, r, lanes));
+        for (int64_t i = 0; i < lanes; ++i) out[(r + i) * (kBlock / 2) + k / 2] = pairs[i];
       }
-      tile_gemm({a_t.data(), kRowsBlock, depth_padded}, {nullptr, 0, 0}, round_up(K, kTileHeight), panels.data(),
-                width / kTileWidth, c_mine, width, m > 0);
-    };
-    add_block(x_row, E, c_x.data());
-    add_block(h_row, H, c_h.data());
+    }
+  };
+  for (int64_t m = 0; m < M; m += kBlock) {
+    const int64_t depth = std::min(kBlock, M - m), depth_padded = round_up(depth, kTileDepth);
+    pack_a_t(x_row, E, m, depth, depth_padded, a_t_pairs);
+    pack_a_t(h_row, H, m, depth, depth_padded, a_t_pairs + E_tiles * kBlock / 2);
+    for (int64_t k = 0; k < depth_padded; k += 2) {  // B's pairs of rows, column block by column block
+      const float* even = k < depth ? b + (m + k) * G : nullptr;
+      const float* odd = k + 1 < depth ? b + (m + k + 1) * G : nullptr;
+      for (int64_t n = 0; n < width; n += kLanes) {
+        const int64_t lanes = std::clamp<int64_t>(G - begin - n, 0, kLanes);
+        const vuint pairs = bf16_pairs(even && lanes ? load(even + begin + n, lanes) : splat(0.0f),
+                                       odd && lanes ? load(odd + begin + n, lanes) : splat(0.0f));
+        std::memcpy(&panels[(n / kTileWidth) * depth_padded * kTileWidth / 2 + (k / 2) * kTileWidth + n % kTileWidth],
+                    &pairs, sizeof pairs);
+      }
+    }
+    wait();  // every thread's rows of a_t are packed
+    if (width > 0) {
+      const bf16* packed = reinterpret_cast<const bf16*>(panels.data());
+      tile_gemm({a_t, kBlock, depth_padded}, {nullptr, 0, 0}, E_tiles, packed, width / kTileWidth, c_x.data(), width,
+                m > 0);
+      tile_gemm({a_t + E_tiles * kBlock, kBlock, depth_padded}, {nullptr, 0, 0}, H_tiles, packed, width / kTileWidth,
+                c_h.data(), width, m > 0);
+    }
+    wait();  // before the next block's rows are packed over these
   }
-  const int64_t columns = std::min(width, G - begin);
+  const int64_t columns = std::max<int64_t>(0, std::min(width, G - begin));
   copy_rows(c_x.data(), width, dw_x + begin, G, E, columns);
   copy_rows(c_h.data(), width, dw_h + begin, G, H, columns);
 }
@@ -761,6 +800,9 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
   // With bf16: every step's dz in bfloat16, rows padded to whole tiles and to a whole tile depth, with zeros.
   const int64_t N_tiles = round_up(N, kTileHeight), G_tiles = round_up(G, kTileDepth);
   std::unique_ptr<bf16[]> dz_b(rounded ? new bf16[T * N_tiles * G_tiles] : nullptr);
+  if (rounded) prefer_huge_pages(dz_b.get(), sizeof(bf16) * T * N_tiles * G_tiles);
+  // the rows of X^T and H_in^T that weight_gradients_tiles packs for every thread, rows past E and H zero
+  std::vector<bf16> a_t(rounded && out.dw_x ? (round_up(E, kTileHeight) + round_up(H, kTileHeight)) * kGradientRowsBlock : 0, 0);
   for (int64_t t = 0; rounded && t < T; ++t) {
     for (int64_t n = 0; n < N_tiles; ++n)
       std::fill(dz_b.get() + (t * N_tiles + n) * G_tiles + (n < N ? G : 0), dz_b.get() + (t * N_tiles + n + 1) * G_tiles, 0);
@@ -848,7 +890,8 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
       return RowOfA{h + n * H, seq.mask ? seq.mask + n * H : nullptr};
     };
     if (out.dw_x && rounded) {
-      weight_gradients_tiles(x_row, E, h_in_row, H, dz, T * N, G, out.dw_x, out.dw_h, thread, threads);
+      weight_gradients_tiles(x_row, E, h_in_row, H, dz, T * N, G, out.dw_x, out.dw_h, a_t.data(), thread, threads,
+                             [&] { barrier.wait(); });
     } else if (out.dw_x) {
       weight_gradients(x_row, E, h_in_row, H, dz, T * N, G, out.dw_x, out.dw_h, thread, threads);
     }
