@@ -247,12 +247,13 @@ void tile_block(Bf16Rows first, Bf16Rows second, const bf16* b, int64_t stride, 
   for (const Bf16Rows& operand : {first, second}) {
     const int64_t lda_bytes = operand.ld * sizeof(bf16);
     for (int64_t k = 0; k < operand.depth; k += kTileDepth, b += kTileElements) {
+      // each load just before its first product, so that loads overlap the products already issued
       _tile_loadd(4, operand.a + k, lda_bytes);
-      if constexpr (R > 1) _tile_loadd(5, operand.a + kTileHeight * operand.ld + k, lda_bytes);
       _tile_loadd(6, b, 2 * kTileWidth * sizeof(bf16));
-      if constexpr (W > 1) _tile_loadd(7, b + stride, 2 * kTileWidth * sizeof(bf16));
       _tile_dpbf16ps(0, 4, 6);
+      if constexpr (W > 1) _tile_loadd(7, b + stride, 2 * kTileWidth * sizeof(bf16));
       if constexpr (W > 1) _tile_dpbf16ps(1, 4, 7);
+      if constexpr (R > 1) _tile_loadd(5, operand.a + kTileHeight * operand.ld + k, lda_bytes);
       if constexpr (R > 1) _tile_dpbf16ps(2, 5, 6);
       if constexpr (R > 1 && W > 1) _tile_dpbf16ps(3, 5, 7);
     }
