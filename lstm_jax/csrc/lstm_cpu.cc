@@ -228,6 +228,12 @@ class TileScope {
   ~TileScope() { _tile_release(); }
 };
 
+inline void prefetch(const void* line) { _mm_prefetch(static_cast<const char*>(line), _MM_HINT_T0); }
+
+inline void prefetch_tile(const bf16* tile) {
+  for (int64_t line = 0; line < kTileElements * int64_t{sizeof(bf16)}; line += 64) prefetch(tile + line / 2);
+}
+
 // C's rows [0, 16 R) and columns [0, 16 W) (+)= [first, second] @ B, for B's packed tiles from column block 0
 // on (blocks `stride` elements apart), R and W each 1 or 2.
 template <int R, int W>
@@ -247,6 +253,10 @@ void tile_block(Bf16Rows first, Bf16Rows second, const bf16* b, int64_t stride, 
   for (const Bf16Rows& operand : {first, second}) {
     const int64_t lda_bytes = operand.ld * sizeof(bf16);
     for (int64_t k = 0; k < operand.depth; k += kTileDepth, b += kTileElements) {
+      if (k + kTileDepth < operand.depth) {  // the next step's tiles, from L2 (tile loads from L2 stall)
+        for (int64_t r = 0; r < R * kTileHeight; ++r) prefetch(operand.a + r * operand.ld + k + kTileDepth);
+        for (int64_t w = 0; w < W; ++w) prefetch_tile(b + w * stride + kTileElements);
+      }
       // each load just before its first product, so that loads overlap the products already issued
       _tile_loadd(4, operand.a + k, lda_bytes);
       _tile_loadd(6, b, 2 * kTileWidth * sizeof(bf16));
