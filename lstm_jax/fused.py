@@ -127,10 +127,8 @@ def _scan_forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mas
 # kernel's backward pass is the VJP of its forward pass), but a gradient of a gradient, such as a penalty on
 # the input gradient's norm, differentiates them too: those derivatives come from the lax.scan loops, which
 # compute the same functions. (Adversarial and virtual adversarial training avoid it: lstm_jax.train takes
-# their directions with the parameters held constant.)
-
-
-# (With bf16, those derivatives are the float32 loops': they leave out the rounding of the operands.)
+# their directions with the parameters held constant.) With bf16, those derivatives are the float32 loops': they
+# leave out the rounding of the operands.
 
 
 @functools.partial(jax.custom_jvp, nondiff_argnums=(0, 1, 2, 3))
@@ -254,18 +252,17 @@ def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
     operands = (w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH)
     # as the forward pass chose (the saved activations are float32 wherever the kernel ran)
     precision = _kernel_precision(w_x, w_h, x_TNE, dy_TNH, c0_NH, dh_NH, dc_NH)
-    no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
     if precision is None:
         dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = _scan_backward(reverse, unroll, *operands)
-        db = dz_TNG.reshape(-1, dz_TNG.shape[-1]).sum(0)
-        return dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH, no_grad(valid_TN), no_grad(mask_NH)
-    backward = functools.partial(_native_backward, reverse, unroll, weights is not None, precision == "bfloat16")
-    dz_TNG, *grads = backward(*_float32(operands))
+    else:
+        backward = functools.partial(_native_backward, reverse, unroll, weights is not None, precision == "bfloat16")
+        dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = backward(*_float32(operands))
     db = dz_TNG.reshape(-1, dz_TNG.shape[-1]).sum(0)
-    dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH = (  # in the primals' dtypes
-        g.astype(p.dtype) for g, p in zip((grads[1], grads[2], db, grads[0], *grads[3:]), (w_x, w_h, w_x, x_TNE, h0_NH, c0_NH))
-    )
-    return dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH, no_grad(valid_TN), no_grad(mask_NH)
+    grads = (dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH)
+    if precision is not None:  # the kernel's float32 results in the primals' dtypes (b has w_x's: native.precision)
+        grads = tuple(g.astype(p.dtype) for g, p in zip(grads, (w_x, w_h, w_x, x_TNE, h0_NH, c0_NH), strict=True))
+    no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
+    return *grads, no_grad(valid_TN), no_grad(mask_NH)
 
 
 def _weight_gradients(x_TNE, h_TNH, h0_NH, mask_NH, dz_TNG, reverse):

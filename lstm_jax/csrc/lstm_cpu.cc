@@ -164,17 +164,23 @@ using bf16 = uint16_t;
 using vuint = uint32_t __attribute__((vector_size(4 * kLanes)));
 using vbf16 = uint16_t __attribute__((vector_size(2 * kLanes)));
 
-// Rounded to the nearest bfloat16, ties to even (as AMX and AVX-512 BF16 round); infinities and NaNs stay so.
+// A float's bits with the nearest bfloat16, ties to even (as AMX and AVX-512 BF16 round), in their upper half:
+// infinities stay infinities, and NaNs stay NaNs (made quiet, so that no payload rounds into an infinity).
+template <typename Bits>
+inline Bits rounded_bits(Bits bits) {
+  return (bits & 0x7fffffffu) > 0x7f800000u ? bits | 0x00400000u : bits + 0x7fffu + ((bits >> 16) & 1u);
+}
+
 inline bf16 to_bf16(float a) {
   uint32_t bits;
   std::memcpy(&bits, &a, sizeof bits);
-  return static_cast<bf16>((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16);
+  return static_cast<bf16>(rounded_bits(bits) >> 16);
 }
 
 inline void store_bf16(bf16* p, vfloat v, int64_t n = kLanes) {
   vuint bits;
   std::memcpy(&bits, &v, sizeof bits);
-  const vbf16 rounded = __builtin_convertvector((bits + 0x7fffu + ((bits >> 16) & 1u)) >> 16, vbf16);
+  const vbf16 rounded = __builtin_convertvector(rounded_bits(bits) >> 16, vbf16);
   std::memcpy(p, &rounded, sizeof(bf16) * n);
 }
 
@@ -483,9 +489,7 @@ inline vuint bf16_pairs(vfloat even, vfloat odd) {
   vuint e, o;
   std::memcpy(&e, &even, sizeof e);
   std::memcpy(&o, &odd, sizeof o);
-  e += 0x7fffu + ((e >> 16) & 1u);
-  o += 0x7fffu + ((o >> 16) & 1u);
-  return (o & 0xffff0000u) | (e >> 16);
+  return (rounded_bits(o) & 0xffff0000u) | (rounded_bits(e) >> 16);
 }
 
 constexpr int64_t kGradientRowsBlock = 8 * kTileDepth;  // rows of M per block of weight_gradients_tiles
