@@ -314,7 +314,8 @@ def test_bf16_backward_rounds_every_matmul_operand_and_nothing_else():
         tanh_c, c_prev = np.tanh(c_seq[t]), c0 if t == 0 else c_seq[t - 1]
         dh_new = dh_carry + dy[t]
         dc_new = dc_carry + dh_new * o * (1 - tanh_c**2)
-        dz_t = [dc_new * g * i * (1 - i), dc_new * c_prev * f * (1 - f), dc_new * i * (1 - g**2), dh_new * tanh_c * o * (1 - o)]
+        dz_t = [dc_new * g * i * (1 - i), dc_new * c_prev * f * (1 - f), dc_new * i * (1 - g**2),
+                dh_new * tanh_c * o * (1 - o)]  # fmt: skip
         np.testing.assert_allclose(dz[t], np.concatenate(dz_t, axis=-1), rtol=1e-5, atol=1e-6)
         dh_carry, dc_carry = (rounded(dz[t]) @ rounded(w_h).T) * mask, dc_new * f
     h_in = np.concatenate([h0[None], h_seq[:-1]]) * mask

@@ -243,7 +243,8 @@ inline void prefetch_tile(const bf16* tile) {
 // C's rows [0, 16 R) and columns [0, 16 W) (+)= [first, second] @ B, for B's packed tiles from column block 0
 // on (blocks `stride` elements apart), R and W each 1 or 2.
 template <int R, int W>
-void tile_block(Bf16Rows first, Bf16Rows second, const bf16* b, int64_t stride, float* c, int64_t ldc, bool accumulate) {
+void tile_block(Bf16Rows first, Bf16Rows second, const bf16* b, int64_t stride, float* c, int64_t ldc,
+                bool accumulate) {
   const int64_t ldc_bytes = ldc * sizeof(float);
   if (accumulate) {
     _tile_loadd(0, c, ldc_bytes);
@@ -707,7 +708,8 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
   std::vector<float> masked_h(seq.mask ? 2 * N * H : 0);  // h * mask, double-buffered by step parity
   // With bf16: x, and h * mask double-buffered by step parity, in bfloat16, rows padded to whole tiles and each
   // row's inputs and units each to a whole tile depth, with zeros.
-  const int64_t N_tiles = round_up(N, kTileHeight), E_tiles = round_up(E, kTileDepth), H_tiles = round_up(H, kTileDepth);
+  const int64_t N_tiles = round_up(N, kTileHeight), E_tiles = round_up(E, kTileDepth);
+  const int64_t H_tiles = round_up(H, kTileDepth);
   std::vector<bf16> x_b(seq.bf16 ? seq.steps * N_tiles * E_tiles : 0), h_b(seq.bf16 ? 2 * N_tiles * H_tiles : 0);
   run_threads(threads, [&](int64_t thread, Barrier& barrier) {
     const Units units = units_of(thread, threads, H);
@@ -817,10 +819,12 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
   std::unique_ptr<bf16[]> dz_b(rounded ? new bf16[T * N_tiles * G_tiles] : nullptr);
   if (rounded) prefer_huge_pages(dz_b.get(), sizeof(bf16) * T * N_tiles * G_tiles);
   // the rows of X^T and H_in^T that weight_gradients_tiles packs for every thread, rows past E and H zero
-  std::vector<bf16> a_t(rounded && out.dw_x ? (round_up(E, kTileHeight) + round_up(H, kTileHeight)) * kGradientRowsBlock : 0, 0);
+  const int64_t a_t_rows = round_up(E, kTileHeight) + round_up(H, kTileHeight);
+  std::vector<bf16> a_t(rounded && out.dw_x ? a_t_rows * kGradientRowsBlock : 0, 0);
   for (int64_t t = 0; rounded && t < T; ++t) {
     for (int64_t n = 0; n < N_tiles; ++n)
-      std::fill(dz_b.get() + (t * N_tiles + n) * G_tiles + (n < N ? G : 0), dz_b.get() + (t * N_tiles + n + 1) * G_tiles, 0);
+      bf16* row = dz_b.get() + (t * N_tiles + n) * G_tiles;
+      std::fill(row + (n < N ? G : 0), row + G_tiles, 0);
   }
   run_threads(threads, [&](int64_t thread, Barrier& barrier) {
     const Units units = units_of(thread, threads, H);
@@ -829,8 +833,10 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
     std::optional<TileScope> tiles;
     if (rounded) tiles.emplace();
 #endif
-    const std::vector<float> packed = rounded ? std::vector<float>() : pack_transposed(saved.w_h, G, units.begin, units.count);
-    const std::vector<bf16> packed_b = rounded ? pack_transposed_tiles(saved.w_h, G, units.begin, units.count) : std::vector<bf16>();
+    const std::vector<float> packed =
+        rounded ? std::vector<float>() : pack_transposed(saved.w_h, G, units.begin, units.count);
+    const std::vector<bf16> packed_b =
+        rounded ? pack_transposed_tiles(saved.w_h, G, units.begin, units.count) : std::vector<bf16>();
     // The thread's columns of the carried (dh, dc), of dz @ W_h^T and of the gradient that skips a padded step.
     std::vector<float> dh(N * units.count), dc(N * units.count), dh_in((rounded ? N_tiles : N) * ldd);
     std::vector<float> dh_skip(N * units.count, 0.0f);
