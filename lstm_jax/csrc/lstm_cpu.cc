@@ -821,10 +821,9 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
   // the rows of X^T and H_in^T that weight_gradients_tiles packs for every thread, rows past E and H zero
   const int64_t a_t_rows = round_up(E, kTileHeight) + round_up(H, kTileHeight);
   std::vector<bf16> a_t(rounded && out.dw_x ? a_t_rows * kGradientRowsBlock : 0, 0);
-  for (int64_t t = 0; rounded && t < T; ++t) {
-    for (int64_t n = 0; n < N_tiles; ++n)
-      bf16* row = dz_b.get() + (t * N_tiles + n) * G_tiles;
-      std::fill(row + (n < N ? G : 0), row + G_tiles, 0);
+  for (int64_t row = 0; rounded && row < T * N_tiles; ++row) {  // zeros past G, and in the rows past N
+    bf16* dz_row = dz_b.get() + row * G_tiles;
+    std::fill(dz_row + (row % N_tiles < N ? G : 0), dz_row + G_tiles, 0);
   }
   run_threads(threads, [&](int64_t thread, Barrier& barrier) {
     const Units units = units_of(thread, threads, H);
