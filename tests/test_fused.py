@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from rnn_fixtures import E, H, padded_batch, random_layers
 
-from lstm_jax import LSTM, Carry, regularisers, scan_layer
+from lstm_jax import LSTM, Carry, native, regularisers, scan_layer
 
 SCANNED_LSTM = LSTM._replace(sequence=None)
 LENGTHS = (7, 1, 4, 0, 7)
@@ -125,3 +125,9 @@ def test_zoneout_falls_back_to_the_scan():
     zoned = scan_layer(LSTM, params, x, **options)
     assert_trees_close(zoned, scan_layer(SCANNED_LSTM, params, x, **options))
     assert np.abs(np.asarray(zoned[1]) - np.asarray(scan_layer(LSTM, params, x, carry=carry)[1])).max() > 1e-2
+
+
+@pytest.mark.skipif(native._compiler() is None, reason="no C++ compiler here")
+def test_the_cpu_kernel_builds_wherever_there_is_a_compiler():
+    """test_native.py skips itself where the kernel cannot be built; with a compiler at hand, that is a build error."""
+    assert native.load(), "lstm_jax/csrc/lstm_cpu.cc did not build: see the RuntimeWarning above"
