@@ -41,7 +41,7 @@ from lstm_jax import varying
 SOURCE = Path(__file__).parent / "csrc" / "lstm_cpu.cc"
 FLAGS = ("-O3", "-march=native", "-ffp-contract=fast", "-std=c++17", "-shared", "-fPIC", "-pthread")
 TARGETS = {"forward": "lstm_jax_cpu_forward", "backward": "lstm_jax_cpu_backward"}
-_registered = []  # the library whose handlers XLA holds, and its path
+_registered = []  # the library whose handlers XLA holds
 
 
 _scan_only = []  # non-empty inside `disabled()`
@@ -126,7 +126,7 @@ def load():
     if not _registered:  # XLA keeps the first registration of a name for the life of the process
         jax.ffi.register_ffi_target(TARGETS["forward"], jax.ffi.pycapsule(library.LstmForward), platform="cpu")
         jax.ffi.register_ffi_target(TARGETS["backward"], jax.ffi.pycapsule(library.LstmBackward), platform="cpu")
-        _registered.extend([library, path])
+        _registered.append(library)
     return True
 
 
@@ -197,8 +197,3 @@ def precision(*arrays):
     if all(a.dtype == jnp.bfloat16 for a in arrays) and bf16_supported():
         return "bfloat16"
     return None
-
-
-def applies(*arrays):
-    """Whether the kernel takes these operands (see :func:`precision`)."""
-    return precision(*arrays) is not None

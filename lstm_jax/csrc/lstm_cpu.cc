@@ -28,7 +28,6 @@
 #include <sys/mman.h>
 #endif
 #include <memory>
-#include <optional>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -190,6 +189,8 @@ constexpr int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * t
 // columns, the two numbers of a pair side by side) into C (16 rows x 16 floats), with float32 sums.
 constexpr int64_t kTileHeight = 16, kTileDepth = 32, kTileWidth = 16, kTileElements = kTileHeight * kTileDepth;
 
+int64_t column_blocks_for(int64_t columns) { return round_up(columns, kTileWidth) / kTileWidth; }
+
 // B (depth x columns, depth a multiple of kTileDepth) as AMX tiles: tile (j, kt) of column block j and depth
 // block kt at packed + (j * depth / kTileDepth + kt) * kTileElements, element (k, n) of a tile at
 // [(k / 2) * 32 + n * 2 + k % 2]. at(k, n) gives B's elements (0 past its data); columns past `columns` are 0.
@@ -218,11 +219,12 @@ bool amx_permitted() {
   return permitted;
 }
 
-// The tile configuration of one thread for its life in a call: 8 tiles of 16 rows of 64 bytes (C in 0-3, A in
-// 4-5, B in 6-7).
+// The tile configuration of one thread for its life in a call that uses the tiles (`used`): 8 tiles of 16 rows of
+// 64 bytes (C in 0-3, A in 4-5, B in 6-7).
 class TileScope {
  public:
-  TileScope() {
+  explicit TileScope(bool used) : used_(used) {
+    if (!used) return;
     struct {
       uint8_t palette = 1, start_row = 0, reserved[14] = {};
       uint16_t bytes_per_row[16] = {};
@@ -231,7 +233,12 @@ class TileScope {
     for (int tile = 0; tile < 8; ++tile) config.bytes_per_row[tile] = 64, config.rows[tile] = kTileHeight;
     _tile_loadconfig(&config);
   }
-  ~TileScope() { _tile_release(); }
+  ~TileScope() {
+    if (used_) _tile_release();
+  }
+
+ private:
+  const bool used_;
 };
 
 inline void prefetch(const void* line) { _mm_prefetch(static_cast<const char*>(line), _MM_HINT_T0); }
@@ -306,6 +313,12 @@ void tile_gemm(Bf16Rows first, Bf16Rows second, int64_t rows, const bf16* packed
   std::abort();  // unreachable: the handlers refuse bf16 without AMX
 #endif
 }
+
+#ifndef LSTM_JAX_AMX
+struct TileScope {  // no tiles to configure: bf16 calls are refused
+  explicit TileScope(bool) {}
+};
+#endif
 
 // Whether this build and this process can multiply in bfloat16.
 bool bf16_supported() {
@@ -503,7 +516,7 @@ template <typename RowOfX, typename RowOfH, typename Wait>
 void weight_gradients_tiles(RowOfX x_row, int64_t E, RowOfH h_row, int64_t H, const float* b, int64_t M, int64_t G,
                             float* dw_x, float* dw_h, bf16* a_t, int64_t thread, int64_t threads, Wait wait) {
   constexpr int64_t kBlock = kGradientRowsBlock;
-  const auto [first, last] = share((G + kTileWidth - 1) / kTileWidth, thread, threads);
+  const auto [first, last] = share(column_blocks_for(G), thread, threads);
   const int64_t width = (last - first) * kTileWidth, begin = first * kTileWidth;
   const int64_t E_tiles = round_up(E, kTileHeight), H_tiles = round_up(H, kTileHeight);
   uint32_t* a_t_pairs = reinterpret_cast<uint32_t*>(a_t);  // (E_tiles + H_tiles) rows of kBlock / 2 pairs
@@ -705,7 +718,8 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
              const float* w_h, const float* bias, float* acts, float* h_seq, float* c_seq) {
   const int64_t N = seq.rows, E = seq.inputs, H = seq.hidden, G = 4 * H;
   const int64_t threads = thread_count(H);
-  std::vector<float> masked_h(seq.mask ? 2 * N * H : 0);  // h * mask, double-buffered by step parity
+  // h * mask, double-buffered by step parity, for the float32 matmul
+  std::vector<float> masked_h(seq.mask && !seq.bf16 ? 2 * N * H : 0);
   // With bf16: x, and h * mask double-buffered by step parity, in bfloat16, rows padded to whole tiles and each
   // row's inputs and units each to a whole tile depth, with zeros.
   const int64_t N_tiles = round_up(N, kTileHeight), E_tiles = round_up(E, kTileDepth);
@@ -714,10 +728,7 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
   run_threads(threads, [&](int64_t thread, Barrier& barrier) {
     const Units units = units_of(thread, threads, H);
     const int64_t columns = 4 * units.count, panels = panels_for(columns), ldz = panels * kPanel;
-#ifdef LSTM_JAX_AMX
-    std::optional<TileScope> tiles;
-    if (seq.bf16) tiles.emplace();
-#endif
+    const TileScope tiles(seq.bf16);
     const std::vector<float> packed = seq.bf16 ? std::vector<float>() : pack_forward(w_x, w_h, E, H, units);
     const std::vector<bf16> packed_b = seq.bf16 ? pack_forward_tiles(w_x, w_h, E, H, units) : std::vector<bf16>();
     std::vector<float> z((seq.bf16 ? N_tiles : N) * ldz);
@@ -725,14 +736,15 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
       const auto [first, last] = share(seq.steps * N, thread, threads);
       for (int64_t r = first; r < last; ++r)
         for (int64_t e = 0; e < E; ++e) x_b[((r / N) * N_tiles + r % N) * E_tiles + e] = to_bf16(x[r * E + e]);
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = units.begin; j < units.begin + units.count; ++j)
-          h_b[n * H_tiles + j] = to_bf16(h0[n * H + j] * (seq.mask ? seq.mask[n * H + j] : 1.0f));
     }
-    if (seq.mask) {
-      for (int64_t n = 0; n < N; ++n)
-        for (int64_t j = units.begin; j < units.begin + units.count; ++j)
-          masked_h[n * H + j] = h0[n * H + j] * seq.mask[n * H + j];
+    if (seq.mask || seq.bf16) {  // the first step's h * mask, where its matmul reads it
+      for (int64_t n = 0; n < N; ++n) {
+        for (int64_t j = units.begin; j < units.begin + units.count; ++j) {
+          const float h_in = seq.mask ? h0[n * H + j] * seq.mask[n * H + j] : h0[n * H + j];
+          if (seq.bf16) h_b[n * H_tiles + j] = to_bf16(h_in);
+          else masked_h[n * H + j] = h_in;
+        }
+      }
     }
     if (!acts) copy_rows(c0 + units.begin, H, c_seq + units.begin, H, N, units.count);
     barrier.wait();
@@ -741,12 +753,12 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
       const float* h_prev = s == 0 ? h0 : h_seq + t_prev * N * H;
       const float* c_prev = !acts ? c_seq : s == 0 ? c0 : c_seq + t_prev * N * H;
       float* c_next = acts ? c_seq + t * N * H : c_seq;
-      const float* h_in = seq.mask ? masked_h.data() + (s % 2) * N * H : h_prev;
       if (units.count > 0 && seq.bf16) {
         tile_gemm({x_b.data() + t * N_tiles * E_tiles, E_tiles, E_tiles},
                   {h_b.data() + (s % 2) * N_tiles * H_tiles, H_tiles, H_tiles}, N_tiles, packed_b.data(),
-                  (columns + kTileWidth - 1) / kTileWidth, z.data(), ldz);
+                  column_blocks_for(columns), z.data(), ldz);
       } else if (units.count > 0) {
+        const float* h_in = seq.mask ? masked_h.data() + (s % 2) * N * H : h_prev;
         gemm({x + t * N * E, E, E}, {h_in, H, H}, N, packed.data(), panels, z.data(), ldz);
       }
       float* next_masked = masked_h.data() + ((s + 1) % 2) * N * H;
@@ -772,8 +784,8 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
           }
           store(c_next + prev_at + unit, c, lanes), store(h_seq + at + unit, h, lanes);
           const vfloat h_in_next = seq.mask ? h * load(seq.mask + prev_at + unit, lanes) : h;
-          if (seq.mask) store(next_masked + prev_at + unit, h_in_next, lanes);
           if (seq.bf16) store_bf16(next_b + n * H_tiles + unit, h_in_next, lanes);
+          else if (seq.mask) store(next_masked + prev_at + unit, h_in_next, lanes);
         }
       }
       barrier.wait();
@@ -828,10 +840,7 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
   run_threads(threads, [&](int64_t thread, Barrier& barrier) {
     const Units units = units_of(thread, threads, H);
     const int64_t panels = panels_for(units.count), ldd = panels * kPanel;
-#ifdef LSTM_JAX_AMX
-    std::optional<TileScope> tiles;
-    if (rounded) tiles.emplace();
-#endif
+    const TileScope tiles(rounded);
     const std::vector<float> packed =
         rounded ? std::vector<float>() : pack_transposed(saved.w_h, G, units.begin, units.count);
     const std::vector<bf16> packed_b =
@@ -872,7 +881,7 @@ void backward(const Sequence& seq, const Saved& saved, const float* dy, const fl
       barrier.wait();  // every thread's columns of dz_t are written
       if (units.count > 0 && rounded) {
         tile_gemm({dz_b.get() + t * N_tiles * G_tiles, G_tiles, G_tiles}, {nullptr, 0, 0}, N_tiles, packed_b.data(),
-                  (units.count + kTileWidth - 1) / kTileWidth, dh_in.data(), ldd);
+                  column_blocks_for(units.count), dh_in.data(), ldd);
       } else if (units.count > 0) {
         gemm({dz + t * N * G, G, G}, {nullptr, 0, 0}, N, packed.data(), panels, dh_in.data(), ldd);
       }
