@@ -78,8 +78,9 @@ constexpr int64_t kVectors = LSTM_JAX_PANEL_VECTORS;
 constexpr int64_t kPanel = kVectors * kLanes;  // columns of a register tile and of a packed panel
 
 // The kernel's own buffers start on a 64-byte cache line. A load that straddles two lines costs two, and
-// std::vector's memory is only 16-byte aligned: every 16-float panel load and every AMX tile row straddled
-// (with the buffers on lines, the float32 calls took 3-9 % less time and the bfloat16 calls 20-37 % less).
+// std::vector's memory is only 16-byte aligned (glibc's large blocks start 16 bytes past a line), so 16-float
+// panel loads and AMX tile rows straddled (with the buffers on lines, the float32 calls took 3-9 % less time and
+// the bfloat16 calls 20-37 % less).
 template <typename T>
 struct LineAligned {
   using value_type = T;
