@@ -28,8 +28,12 @@ import datasets
 from experiments import sentiment
 
 REPO = Path(__file__).resolve().parents[1]
-# a failed restore leaves TensorStore futures behind that are reported when collected (see test_checkpoint.py)
-pytestmark = pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning")
+# a failed restore leaves TensorStore futures and Orbax coroutines behind, reported when collected (see
+# test_checkpoint.py)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore::pytest.PytestUnraisableExceptionWarning"),
+    pytest.mark.filterwarnings("ignore:coroutine .* was never awaited:RuntimeWarning"),
+]
 TINY = ["--embed-dim", "8", "--hidden-size", "8", "--head-hidden", "0", "--no-bidirectional", "--max-len", "32",
         "--num-buckets", "1", "--batch-size", "64", "--epochs", "2", "--eval-every", "0", "--warmup-steps", "1",
         "--no-progress"]  # fmt: skip
