@@ -229,7 +229,7 @@ def train_one(configs: dict) -> dict:
     meta = {"task": task_cfg.task, "cell": task_cfg.cell, "T": task_cfg.T}
     print(f"note: accuracy here is the fraction of {task.aux_name}, on training batches and on the test set")
     step_on_mesh = make_train_step(
-        loss_fn, optimizer, ema_decay=optim_cfg.ema_decay, state_sharding=state_sharding, batch_sharding=parallel.batch_sharding(mesh)
+        loss_fn, optimizer, ema_decay=optim_cfg.ema_decay, sam_rho=optim_cfg.sam_rho, state_sharding=state_sharding, batch_sharding=parallel.batch_sharding(mesh)
     )
     state, summary = train_loop(
         state, parallel.host_batch_step(step_on_mesh, mesh), epoch_batches, evaluate, checkpoints, log, loop_cfg,

@@ -27,10 +27,13 @@ class OptimConfig:
     b1: float = dataclasses.field(default=0.9, metadata={"help": "Adam beta1"})
     b2: float = dataclasses.field(default=0.999, metadata={"help": "Adam beta2"})
     ema_decay: float = dataclasses.field(default=0.999, metadata={"help": "evaluate an exponential moving average of the weights with this decay (0: off)"})
+    sam_rho: float = dataclasses.field(default=0.0, metadata={"help": "sharpness-aware minimisation: take each gradient at the weights moved this far (L2) along the gradient (0: off; about twice the time per step)"})
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.sam_rho < 0:
+            raise ValueError(f"--sam-rho must be >= 0 (0 turns it off); got {self.sam_rho}")
 
 
 def warmup_note(config: OptimConfig, total_steps: int) -> str | None:

@@ -193,11 +193,23 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
+def sharpness_aware_gradient(loss_and_grad: Callable, params, batch, key, grads, rho: float):
+    """The gradient at ``params + rho * grads / ||grads||``, the first-order worst point within ``rho`` (L2, over all
+    parameters) of ``params``: sharpness-aware minimisation (Foret et al. 2021, "Sharpness-aware minimization for
+    efficiently improving generalization", eq. 3), under the same batch and dropout ``key``. ``loss_and_grad`` is
+    ``value_and_grad(loss_fn, has_aux=True)``; ``grads`` are its gradients at ``params``."""
+    scale = rho / jnp.maximum(optax.tree.norm(grads), jnp.finfo(jnp.float32).tiny)
+    nearby = jax.tree.map(lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
+    _, nearby_grads = loss_and_grad(nearby, batch, key)
+    return nearby_grads
+
+
 def make_train_step(
     loss_fn: Callable,
     optimizer: optax.GradientTransformation,
     *,
     ema_decay: float = 0.0,
+    sam_rho: float = 0.0,
     state_sharding=None,
     batch_sharding=None,
 ):
@@ -205,6 +217,8 @@ def make_train_step(
 
     With ``ema_decay`` > 0, ``state.ema_params`` tracks an average of the parameters; its warm-up
     counts applied updates, so a skipped step changes neither the average nor its next rate.
+    With ``sam_rho`` > 0 the optimiser gets :func:`sharpness_aware_gradient` instead of the gradient (a second
+    forward and backward pass); the loss and aux reported are those at the parameters themselves.
     The input state's buffers are donated. ``state_sharding`` and ``batch_sharding``
     (see :mod:`lstm_jax.parallel`) pin the layout of the state, in and out, and of
     the batch on a device mesh; the step itself is unchanged.
@@ -214,7 +228,10 @@ def make_train_step(
         if ema_decay > 0.0 and state.ema_params is None:
             raise ValueError("ema_decay > 0 needs a state with an average: init_train_state(..., ema=True)")
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
-        (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(state.params, batch, key)
+        loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
+        (loss, aux), grads = loss_and_grad(state.params, batch, key)
+        if sam_rho > 0.0:
+            grads = sharpness_aware_gradient(loss_and_grad, state.params, batch, key, grads, sam_rho)
         finite = jnp.isfinite(loss) & all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

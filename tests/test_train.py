@@ -219,6 +219,41 @@ def test_ema_matches_hand_computed_average():
     assert state.eval_params is state.ema_params
 
 
+def least_squares_gradient(params, batch):
+    """The gradient of ``tiny_loss`` (without its kink term), in float64."""
+    x, y = np.asarray(batch["x"], np.float64), np.asarray(batch["y"], np.float64)
+    w, b = np.asarray(params["w"], np.float64), np.asarray(params["b"], np.float64)
+    residual = 2.0 * float(batch["scale"]) * (x @ w + b - y) / y.size
+    return {"w": x.T @ residual, "b": residual.sum(0)}
+
+
+def test_sharpness_aware_step_takes_the_gradient_at_the_weights_moved_up_the_gradient():
+    rho = 0.3
+    sgd = optax.sgd(1.0)  # the update is minus the gradient the optimiser gets
+    step = make_train_step(tiny_loss, sgd, sam_rho=rho)
+    state = init_train_state(copy(TINY_PARAMS), sgd, 0)
+    batch = tiny_batch(seed=4)
+    state, metrics = step(state, batch)
+    params = jax.tree.map(lambda a: np.asarray(a, np.float64), TINY_PARAMS)
+    grads = least_squares_gradient(params, batch)
+    norm = np.sqrt(sum(np.sum(g**2) for g in grads.values()))
+    nearby = {name: params[name] + rho * grads[name] / norm for name in params}
+    nearby_grads = least_squares_gradient(nearby, batch)
+    for name in params:
+        np.testing.assert_allclose(state.params[name], params[name] - nearby_grads[name], rtol=1e-5, atol=1e-6)
+        assert not np.allclose(nearby_grads[name], grads[name], rtol=1e-3)  # the test can tell the two apart
+    expected_loss = np.mean((batch["x"] @ params["w"] + params["b"] - batch["y"]) ** 2)
+    np.testing.assert_allclose(float(metrics["loss"]), expected_loss, rtol=1e-5)  # at the weights, not nearby
+
+
+def test_sharpness_aware_rho_zero_is_the_plain_step_bit_for_bit_and_a_negative_rho_is_refused():
+    plain, _ = TINY_STEP(tiny_state(), tiny_batch(seed=5))
+    off, _ = make_train_step(tiny_loss, TINY_OPTIMIZER, sam_rho=0.0)(tiny_state(), tiny_batch(seed=5))
+    assert trees_equal(plain.params, off.params) and trees_equal(plain.opt_state, off.opt_state)
+    with pytest.raises(ValueError, match="--sam-rho must be >= 0"):
+        OptimConfig(sam_rho=-0.1)
+
+
 def test_without_ema_eval_params_are_the_params():
     state, _ = TINY_STEP(tiny_state(), tiny_batch())
     assert state.ema_params is None and state.eval_params is state.params
