@@ -195,7 +195,7 @@ def all_finite(tree) -> jax.Array:
 
 def sharpness_aware_gradient(loss_and_grad: Callable, params, batch, key, grads, rho: float):
     """The gradient at ``params + rho * grads / ||grads||``, the first-order worst point within ``rho`` (L2, over all
-    parameters) of ``params``: sharpness-aware minimisation (Foret et al. 2021, "Sharpness-aware minimization for
+    parameters, an ensemble's members together) of ``params``: sharpness-aware minimisation (Foret et al. 2021, "Sharpness-aware minimization for
     efficiently improving generalization", eq. 3), under the same batch and dropout ``key``. ``loss_and_grad`` is
     ``value_and_grad(loss_fn, has_aux=True)``; ``grads`` are its gradients at ``params``."""
     scale = rho / jnp.maximum(optax.tree.norm(grads), jnp.finfo(jnp.float32).tiny)
