@@ -1,4 +1,5 @@
-"""Random recurrent parameters and padded batches shared by the driver and regulariser tests."""
+"""Random recurrent parameters, padded batches and a NumPy sigmoid, shared by the cell, driver, kernel and
+regulariser tests."""
 
 import jax
 import jax.numpy as jnp
@@ -32,3 +33,8 @@ def padded_batch(lengths, num_steps, seed=1, input_size=E):
     for b, n in enumerate(lengths):
         x[b, n:] = 1e3 * rng.normal(size=x[b, n:].shape)
     return x
+
+
+def sigmoid(x):
+    """The logistic function in NumPy (float64 for float64 input), for the tests' reference cells."""
+    return 1.0 / (1.0 + np.exp(-x))

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rnn_fixtures import sigmoid
 
 import lstm_jax
 from lstm_jax import CELLS, Carry, get_cell, output_size
@@ -29,10 +30,6 @@ def _full_precision_matmuls():
 
 
 # --------------------------------------------------------------------------- references
-
-
-def sigmoid(x):
-    return 1.0 / (1.0 + np.exp(-x))
 
 
 def chunks(v, n):

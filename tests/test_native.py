@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from rnn_fixtures import sigmoid
 
 from lstm_jax import native
 from lstm_jax.cells import Carry
@@ -263,10 +264,6 @@ def rounded(a):
 
 def as64(*arrays):
     return [np.asarray(a, np.float64) for a in arrays]
-
-
-def sigmoid(v):
-    return 1 / (1 + np.exp(-v))
 
 
 def bf16_problem(seed):

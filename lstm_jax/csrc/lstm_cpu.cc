@@ -205,13 +205,15 @@ inline void store_bf16(bf16* p, vfloat v, int64_t n = kLanes) {
   std::memcpy(p, &rounded, sizeof(bf16) * n);
 }
 
-constexpr int64_t round_up(int64_t n, int64_t to) { return (n + to - 1) / to * to; }
+// How many blocks of `size` cover n, and n rounded up to a whole number of them.
+constexpr int64_t blocks_of(int64_t n, int64_t size) { return (n + size - 1) / size; }
+constexpr int64_t round_up(int64_t n, int64_t to) { return blocks_of(n, to) * to; }
 
 // AMX multiplies tiles of 16 rows of 64 bytes: A (16 rows x 32 bf16 of depth), B (16 pairs of depth x 16
 // columns, the two numbers of a pair side by side) into C (16 rows x 16 floats), with float32 sums.
 constexpr int64_t kTileHeight = 16, kTileDepth = 32, kTileWidth = 16, kTileElements = kTileHeight * kTileDepth;
 
-int64_t column_blocks_for(int64_t columns) { return round_up(columns, kTileWidth) / kTileWidth; }
+int64_t column_blocks_for(int64_t columns) { return blocks_of(columns, kTileWidth); }
 
 // B (depth x columns, depth a multiple of kTileDepth) as AMX tiles: tile (j, kt) of column block j and depth
 // block kt at packed + (j * depth / kTileDepth + kt) * kTileElements, element (k, n) of a tile at
@@ -428,7 +430,7 @@ void gemm(Rows first, Rows second, int64_t rows, const float* packed, int64_t pa
   }
 }
 
-int64_t panels_for(int64_t columns) { return (columns + kPanel - 1) / kPanel; }
+int64_t panels_for(int64_t columns) { return blocks_of(columns, kPanel); }
 
 // The first `columns` floats of each of `rows` rows, from rows `from_ld` apart to rows `to_ld` apart.
 void copy_rows(const float* from, int64_t from_ld, float* to, int64_t to_ld, int64_t rows, int64_t columns) {
@@ -496,7 +498,7 @@ void weight_gradients(RowOfX x_row, int64_t E, RowOfH h_row, int64_t H, const fl
   constexpr int64_t kRowsBlock = 128;
   const auto [first, last] = share(panels_for(G), thread, threads);
   const int64_t width = (last - first) * kPanel;
-  Scratch<float> a_t((std::max(E, H) + kTileRows - 1) / kTileRows * kTileRows * kRowsBlock);
+  Scratch<float> a_t(round_up(std::max(E, H), kTileRows) * kRowsBlock);
   Scratch<float> panels(width * kRowsBlock), c_x(E * width), c_h(H * width);
   for (int64_t m = 0; m < M; m += kRowsBlock) {
     const int64_t depth = std::min(kRowsBlock, M - m);
@@ -545,7 +547,7 @@ void weight_gradients_tiles(RowOfX x_row, int64_t E, RowOfH h_row, int64_t H, co
   Scratch<uint32_t> panels(width * kBlock / 2);
   Scratch<float> c_x(E_tiles * width), c_h(H_tiles * width);
   const auto pack_a_t = [&](auto row_of, int64_t K, int64_t m, int64_t depth, int64_t depth_padded, uint32_t* out) {
-    const auto [share_begin, share_end] = share((K + kLanes - 1) / kLanes, thread, threads);
+    const auto [share_begin, share_end] = share(blocks_of(K, kLanes), thread, threads);
     for (int64_t k = 0; k < depth_padded; k += 2) {
       const RowOfA even = k < depth ? row_of(m + k) : RowOfA{}, odd = k + 1 < depth ? row_of(m + k + 1) : RowOfA{};
       const auto at = [&](const RowOfA& a, int64_t r, int64_t lanes) {
@@ -641,7 +643,7 @@ int64_t usable_cores() {
 int64_t thread_count(int64_t hidden) {
   int64_t threads = usable_cores();
   if (const char* env = std::getenv("LSTM_JAX_NUM_THREADS")) threads = std::max(1L, std::atol(env));
-  return std::max<int64_t>(1, std::min(threads, (hidden + kLanes - 1) / kLanes));
+  return std::max<int64_t>(1, std::min(threads, blocks_of(hidden, kLanes)));
 }
 
 // The hidden units [begin, begin + count) of one thread: blocks of whole vectors.
@@ -651,7 +653,7 @@ struct Units {
 };
 
 Units units_of(int64_t thread, int64_t threads, int64_t hidden) {
-  const int64_t per_thread = ((hidden + threads - 1) / threads + kLanes - 1) / kLanes * kLanes;
+  const int64_t per_thread = round_up(blocks_of(hidden, threads), kLanes);
   const int64_t begin = std::min(hidden, thread * per_thread);
   return {begin, std::min(hidden, begin + per_thread) - begin};
 }
