@@ -68,6 +68,10 @@ class ModelConfig:
             raise ValueError(f"--lm-pretrain-epochs must be >= 0, got {self.lm_pretrain_epochs}")
         if self.lm_pretrain_epochs and self.ensemble > 1:
             raise ValueError("--lm-pretrain-epochs pre-trains one model; drop --ensemble or set --lm-pretrain-epochs 0")
+        if (self.lm_weight > 0 or self.lm_pretrain_epochs) and self.bidirectional and self.num_layers > 1:
+            # from the second layer on, each direction reads the other's outputs, which have seen the word to predict
+            raise ValueError("the language-model loss of a bidirectional stack needs --num-layers 1 (deeper, each "
+                             "direction sees the words it predicts); or pass --no-bidirectional")
         if self.mixup_alpha < 0:
             raise ValueError(f"--mixup-alpha must be >= 0, got {self.mixup_alpha}")
         if not 0.0 <= self.label_smoothing < 1.0:

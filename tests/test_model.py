@@ -463,6 +463,33 @@ def test_language_model_sums_count_the_predictions_and_the_right_ones(bidirectio
     assert int(correct) == int(terms[:, 1].sum()) > 0
 
 
+@pytest.mark.parametrize("num_layers", [1, 2])
+def test_language_model_targets_reach_the_outputs_that_predict_them_only_in_a_deeper_bidirectional_stack(num_layers):
+    """Forward output t predicts word t + 1 and backward output t + 1 word t: in one bidirectional layer neither has
+    read its target; from the second layer on both have, through the other direction, which is why the config refuses
+    the language-model loss there."""
+    config = small_config(num_layers=num_layers)
+    params = random_params(config, seed=4)
+    embedded = params["embed"][jnp.asarray(padded_tokens([T], T))]
+    t = 2
+
+    def outputs_at(x_BTE):
+        y_BTH, _ = rnn(LSTM, params["rnn"], x_BTE, jnp.asarray([T]))
+        return y_BTH[0, t, :H], y_BTH[0, t + 1, H:]  # forward output t, backward output t + 1
+
+    d_forward, d_backward = jax.jacobian(outputs_at)(embedded)
+    leaks = [float(jnp.abs(d_forward[:, 0, t + 1]).max()), float(jnp.abs(d_backward[:, 0, t]).max())]
+    if num_layers == 1:
+        assert leaks == [0.0, 0.0]
+    else:
+        assert min(leaks) > 1e-4
+        with pytest.raises(ValueError, match="--num-layers 1"):
+            small_config(num_layers=2, lm_weight=0.5)
+        with pytest.raises(ValueError, match="--num-layers 1"):
+            small_config(num_layers=2, lm_pretrain_epochs=1)
+        small_config(num_layers=2, bidirectional=False, lm_weight=0.5)  # one direction never reads ahead
+
+
 def test_language_model_pretraining_loss_trains_the_stack_not_the_head():
     """The pre-training loss is the language-model loss alone; its aux is the rows times next-word accuracy."""
     lm_words = 9
