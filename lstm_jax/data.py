@@ -66,7 +66,8 @@ def _load_raw(dataset: str) -> datasets.DatasetDict:
     """Loads a preset name, a local folder (``~`` expanded) or a Hub id as a `DatasetDict`."""
     dataset = os.path.expanduser(dataset)
     hub_id = PRESETS.get(dataset, dataset)
-    if os.path.isdir(dataset):
+    # A preset's bare name is the preset, even beside a folder of that name (a --workdir called sst2, say).
+    if os.path.isdir(dataset) and dataset not in PRESETS:
         try:
             return datasets.load_dataset(dataset)
         except Exception as err:
@@ -79,9 +80,10 @@ def _load_raw(dataset: str) -> datasets.DatasetDict:
     try:
         return datasets.load_dataset(hub_id)
     except Exception as err:
+        folder = f" (for the folder '{dataset}' here, write it as a path: ./{dataset})" if os.path.isdir(dataset) else ""
         raise DataError(f"could not load '{hub_id}' from the Hugging Face Hub ({_short(err)}); "
                         f"check the name (presets: {', '.join(PRESETS)}), or with no network "
-                        "pass a local folder: --dataset path/to/folder") from err
+                        f"pass a local folder: --dataset path/to/folder{folder}") from err
 
 
 def _folder_error(folder: str, err: Exception) -> DataError:

@@ -119,6 +119,19 @@ def test_hub_id_offline_is_one_line_pointing_to_a_local_folder():
         assert "local folder" in message and "\n" not in message
 
 
+def test_a_preset_name_is_the_preset_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
+    """``--dataset imdb`` run where ``./imdb`` exists (a --workdir of that name, say) is the Hub preset; the folder is
+    read when written as a path."""
+    tiny_folder(tmp_path / "imdb", train=TRAIN, validation=(["a", "b"], [0, 1]))
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(data.DataError) as info:
+        data.load_text_splits("imdb")
+    message = str(info.value)
+    assert "could not load 'stanfordnlp/imdb' from the Hugging Face Hub" in message and "./imdb" in message
+    assert "\n" not in message
+    assert len(data.load_text_splits("./imdb").train) == len(TRAIN[0])
+
+
 def test_missing_local_folder(tmp_path):
     for path in (str(tmp_path / "nope"), "./no/such/folder"):
         with pytest.raises(data.DataError, match="does not exist"):
