@@ -260,7 +260,8 @@ def train_configs(configs: dict, mesh) -> dict:
         print(note)
     val_split = eval_batches("validation")
     pretraining_steps = model_cfg.lm_pretrain_epochs * steps_per_epoch
-    if pretraining_steps and not has_checkpoints(workdir):  # a classifier checkpoint holds the pre-trained weights
+    # a latest classifier checkpoint holds the pre-trained weights (a best one alone is no state to resume from)
+    if pretraining_steps and not has_checkpoints(workdir, best=False):
         params = pretrain_language_model(params, configs, mesh, epoch_batches, val_split=val_split)
     pretraining_path = workdir / "pretrain" / "results.json"
     pretraining = json.loads(pretraining_path.read_text()) if pretraining_steps and pretraining_path.exists() else None

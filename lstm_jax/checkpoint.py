@@ -197,11 +197,12 @@ def _write_error(manager: ocp.CheckpointManager, error: Exception) -> Checkpoint
     )
 
 
-def has_checkpoints(workdir) -> bool:
-    """Whether ``workdir`` holds a finished latest or best checkpoint (Orbax names them by step)."""
+def has_checkpoints(workdir, *, best: bool = True) -> bool:
+    """Whether ``workdir`` holds a finished latest checkpoint, or (with ``best``) a best one (Orbax names them by
+    step). Only a latest one is a state to resume from: a best one can be saved before the first latest."""
     return any(
         entry.is_dir() and entry.name.isdigit()
-        for folder in (Path(workdir) / "checkpoints", Path(workdir) / "best")
+        for folder in (Path(workdir) / "checkpoints", *([Path(workdir) / "best"] if best else []))
         if folder.is_dir()
         for entry in folder.iterdir()
     )

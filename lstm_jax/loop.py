@@ -37,7 +37,7 @@ class LoopConfig:
     epochs: int = dataclasses.field(default=2, metadata={"help": "training epochs (sets the learning-rate schedule)"})
     max_steps: int = dataclasses.field(
         default=0,
-        metadata={"resumable": True, "help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs"},
+        metadata={"resumable": True, "help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs, and the evaluation at the stop is shown but never kept as the best, so a rerun goes on as one uninterrupted run"},
     )
     log_every: int = dataclasses.field(default=50, metadata={"resumable": True, "help": "write a metrics line every N steps"})
     eval_every: int = dataclasses.field(
@@ -206,14 +206,17 @@ def train_loop(
                     )
                     window = dict(EMPTY_WINDOW)
                 end_of_epoch = step % steps_per_epoch == 0
-                if end_of_epoch or step == stop_step or (config.eval_every and step % config.eval_every == 0):
+                scheduled_eval = end_of_epoch or step == total_steps or (config.eval_every and step % config.eval_every == 0)
+                if scheduled_eval or step == stop_step:
                     val = evaluate(state.eval_params)
                     log.write({"step": step, "epoch": epoch, "split": "validation", **val})
                     kill_point("eval", step)
                     bar.write(
                         f"step {step} epoch {epoch}: validation {best_metric} {val[best_metric]:.4f}, loss {val['loss']:.4f}"
                     )
-                    if val[best_metric] > best:
+                    # one only because --max-steps stops here is shown but is no candidate: a rerun that goes on
+                    # picks among the evaluations of the uninterrupted run
+                    if scheduled_eval and val[best_metric] > best:
                         best = val[best_metric]
                         checkpoints.save_best(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
                 if end_of_epoch or step == stop_step or step % config.save_every == 0:

@@ -14,6 +14,7 @@ The subprocesses share a JAX persistent compilation cache (a temporary folder), 
 only the first one compiles; a cached executable is the same program, bit for bit.
 """
 
+import dataclasses
 import json
 import os
 import re
@@ -174,6 +175,15 @@ def test_language_model_pretraining_killed_then_the_classifier_killed_resumes_to
     untimed = lambda figures: {k: v for k, v in figures.items() if k != "train_seconds"}
     assert untimed(results["lm_pretraining"]) == untimed(pretraining)
 
+    # Killed after the classifier's first best checkpoint but before its first latest one: the rerun starts the
+    # classifier again from the pre-trained weights (not from the random ones, as if they were in a checkpoint).
+    only_best = tmp_path / "only_best"
+    shutil.copytree(whole, only_best)
+    shutil.rmtree(only_best / "checkpoints")
+    (only_best / "results.json").unlink()
+    results = results_of(train_process(only_best, None, *flags), only_best)
+    assert results["params_sha256"] == expected["params_sha256"] and results["resumed_from_step"] == 0
+
 
 def test_rerunning_a_finished_run_reports_what_it_did(train_process, reference, tmp_path):
     """Also what a run killed after its last checkpoint but before ``results.json`` does."""
@@ -318,7 +328,7 @@ class Crash(Exception):
     pass
 
 
-def toy_run(workdir: Path, crash_before_step: int | None = None):
+def toy_run(workdir: Path, crash_before_step: int | None = None, evaluate=toy_evaluate, loop: LoopConfig = TOY_LOOP):
     """Train to the end, resuming whatever ``workdir`` holds, or raise Crash instead of taking ``crash_before_step``."""
     step = make_train_step(toy_loss, TOY_OPTIMIZER, ema_decay=0.9)
 
@@ -332,7 +342,7 @@ def toy_run(workdir: Path, crash_before_step: int | None = None):
         restored = checkpoints.restore(toy_state())
         state = restored.state if restored else toy_state()
         log = MetricsLog(workdir / "metrics.jsonl", int(state.step))
-        state, summary = train_loop(state, train_step, toy_epoch, toy_evaluate, checkpoints, log, TOY_LOOP, meta={},
+        state, summary = train_loop(state, train_step, toy_epoch, evaluate, checkpoints, log, loop, meta={},
                                     tokens_in=lambda batch: int(batch.weights_B.sum()))  # fmt: skip
     finally:
         checkpoints.close()
@@ -350,6 +360,33 @@ def test_a_crash_between_log_lines_resumes_to_the_same_metrics_lines(crash_befor
     assert metrics_without_timing(tmp_path / "crashed") == metrics_without_timing(tmp_path / "reference")
     train_lines = [r for r in metrics_without_timing(tmp_path / "crashed") if r["split"] == "train"]
     assert [r["step"] for r in train_lines] == [4, 8, 12]
+
+
+def best_step(workdir: Path) -> int:
+    checkpoints = RunCheckpoints(workdir)
+    try:
+        return checkpoints.best_meta()["step"]
+    finally:
+        checkpoints.close()
+
+
+def test_a_max_steps_stop_is_evaluated_but_never_kept_as_the_best(tmp_path):
+    """Stopped at step 7 by --max-steps, between the evaluations at 6 and 10, under a metric that rises at every
+    evaluation: the stop is evaluated and logged, but the best stays step 6's, and the rerun ends as one run never
+    stopped, with the same best step and bits."""
+    def rising(params):
+        calls.append(params)
+        return {**toy_evaluate(params), "accuracy": float(len(calls))}
+
+    calls = []
+    reference_state, _ = toy_run(tmp_path / "reference", evaluate=rising)
+    calls = []
+    _, stopped = toy_run(tmp_path / "stopped", evaluate=rising, loop=dataclasses.replace(TOY_LOOP, max_steps=7))
+    assert stopped["steps"] == 7 and stopped["last_val"]["accuracy"] == 3.0  # evaluated at 5, 6 (epoch end), 7
+    assert best_step(tmp_path / "stopped") == 6
+    state, summary = toy_run(tmp_path / "stopped", evaluate=rising)
+    assert summary["steps"] == 12 and params_sha256(state) == params_sha256(reference_state)
+    assert best_step(tmp_path / "stopped") == best_step(tmp_path / "reference") == 12
 
 
 def test_rerunning_a_finished_loop_returns_the_first_runs_figures(tmp_path):
