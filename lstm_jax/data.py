@@ -131,8 +131,13 @@ def _text_array(split: datasets.Dataset, column: str, split_name: str) -> tuple[
     return pc.fill_null(texts, ""), texts.null_count
 
 
-# C0/C1 controls except tab, newline and carriage return, and invisible format characters (Cf)
-CONTROL_CHARACTERS = r"[\x00-\x08\x0b\x0c\x0e-\x1f\x7f-\x9f\p{Cf}]"
+# Written \x{..}, which both regex engines here (pyarrow's RE2 and the tokenizer's Oniguruma) read as code points:
+# Oniguruma reads \x80-\x9f as raw bytes, so C1 controls would stay in the text. Controls other than tab, newline
+# and carriage return, and the zero-width space, separate words; the other invisible format characters (Cf: soft
+# hyphen, zero-width (non-)joiner, byte-order mark, direction marks) sit inside words and are dropped.
+SPACE_CHARACTERS = r"[\x{00}-\x{08}\x{0b}\x{0c}\x{0e}-\x{1f}\x{7f}-\x{9f}\x{200b}]"
+FORMAT_CHARACTERS = r"\p{Cf}"
+CONTROL_CHARACTERS = r"[\x{00}-\x{08}\x{0b}\x{0c}\x{0e}-\x{1f}\x{7f}-\x{9f}\p{Cf}]"  # either kind
 
 
 def _count_with_control_characters(texts: pa.ChunkedArray) -> int:
@@ -187,7 +192,8 @@ def _clean_split(split: datasets.Dataset, name: str, text_col: str, label_col: s
         notes.append(f"{name}: {num_null} missing texts read as empty strings")
     num_control = _count_with_control_characters(texts)
     if num_control:
-        notes.append(f"{name}: {num_control} texts contain control or invisible characters; the tokenizer reads them as spaces")
+        notes.append(f"{name}: {num_control} texts contain control or invisible characters; the tokenizer reads "
+                     "controls as spaces and drops invisible ones inside words")
     unlabelled = labels == UNLABELLED
     if name != "train" and len(labels) and unlabelled.all():
         notes.append(f"{name}: all {len(labels)} labels are -1 (unlabelled); split not used")
@@ -330,7 +336,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
     trainer = trainer_class(vocab_size=vocab_size, min_frequency=min_freq, special_tokens=[PAD, UNK], show_progress=False)
     tok.normalizer = normalizers.Sequence([
         normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " "),
-        normalizers.Replace(Regex(CONTROL_CHARACTERS), " "),
+        normalizers.Replace(Regex(SPACE_CHARACTERS), " "),
+        normalizers.Replace(Regex(FORMAT_CHARACTERS), ""),
         normalizers.NFKC(),
         normalizers.Lowercase(),
     ])

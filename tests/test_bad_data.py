@@ -165,7 +165,7 @@ LONG_TEXT = " ".join(["long"] * 120_000)
 @pytest.fixture(scope="module")
 def messy_run(tmp_path_factory):
     """A run on data with every accepted oddity: ``(workdir, results, printed output)``."""
-    texts = GOOD_TEXTS[:34] + [None, "", " \x00\x07 ", "good\x1bfilm\u200b here", LONG_TEXT, "bad film"]
+    texts = GOOD_TEXTS[:33] + [None, "", " \x00\x07 ", "good\x1bfilm\u200b here", "\x93great\x94 soft\u00adly", LONG_TEXT, "bad film"]
     folder = tmp_path_factory.mktemp("messy")
     write_parquet(folder, "train", {"text": texts, "label": GOOD_LABELS[:40]})
     write_parquet(
@@ -184,7 +184,8 @@ def test_accepted_oddities_are_counted_and_reported(messy_run):
     workdir, results, printed = messy_run
     expected_notes = [
         "note: train: 1 missing texts read as empty strings",  # None
-        "note: train: 2 texts contain control or invisible characters; the tokenizer reads them as spaces",
+        "note: train: 3 texts contain control or invisible characters; the tokenizer reads controls as spaces and drops "
+        "invisible ones inside words",
         "note: validation: removed 2 unlabelled rows (label -1)",
         "note: validation: no examples of class(es) [0] out of 2",
         "note: test: all 4 labels are -1 (unlabelled); split not used",

@@ -242,6 +242,17 @@ def test_tokenizer_normalises_and_maps_unknown_words(tmp_path):
         data.load_tokenizer(tmp_path / "missing.json")
 
 
+def test_tokenizer_reads_controls_as_spaces_and_drops_invisible_characters_inside_words():
+    """C1 controls (cp1252's curly quotes and dashes read as Latin-1) and C0 controls separate words; soft hyphens and
+    zero-width joiners inside a word are dropped, and every such text is counted."""
+    tok = data.train_tokenizer(["great film softly", "\u0645\u06cc\u062e\u0648\u0627\u0647\u0645"])
+    assert tok.encode("\x93great\x94 film\x96softly").tokens == ["great", "film", "softly"]
+    assert tok.encode("soft\u00adly gr\u200deat\x00film\u200bsoftly").tokens == ["softly", "great", "film", "softly"]
+    assert tok.encode("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645").tokens == ["\u0645\u06cc\u062e\u0648\u0627\u0647\u0645"]
+    texts = pa.chunked_array([["\x93great\x94", "plain", "soft\u00adly", "tab\there", "a\u200bb", "\x00"]])
+    assert data._count_with_control_characters(texts) == 4
+
+
 def test_tokenizer_vocab_cap_and_bad_input():
     texts = [" ".join(f"w{i}" for i in range(k)) for k in range(1, 50)]
     tok = data.train_tokenizer(texts, vocab_size=10)
