@@ -144,26 +144,51 @@ def _count_with_control_characters(texts: pa.ChunkedArray) -> int:
     return int(pc.sum(pc.match_substring_regex(texts, CONTROL_CHARACTERS)).as_py() or 0)
 
 
-def _label_array(split: datasets.Dataset, column: str, split_name: str) -> np.ndarray:
+def _is_string(column_type) -> bool:
+    return pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
+
+
+def _label_names_in(split: datasets.Dataset, column: str) -> tuple[str, ...] | None:
+    """The sorted distinct labels of a column of class names (strings), or None for any other column."""
     labels = split.with_format("arrow")[column]
-    if not pa.types.is_integer(labels.type):
-        raise DataError(f"label column '{column}' of split '{split_name}' has type {labels.type}; "
-                        "labels must be integer class ids 0..C-1 (map them, or pick --label-column)")
-    if labels.null_count:
+    return tuple(sorted(pc.unique(labels.drop_null()).to_pylist())) if _is_string(labels.type) else None
+
+
+def _label_array(split: datasets.Dataset, column: str, split_name: str,
+                 names: tuple[str, ...] | None = None) -> np.ndarray:
+    """Class ids: the column's integers, or the indices in ``names`` of its class names (strings)."""
+    labels = split.with_format("arrow")[column]
+    if labels.null_count:  # before the type: pandas reads an integer column with blanks as floats
         raise DataError(f"split '{split_name}' has {labels.null_count} missing labels; "
                         "fill or remove them")
+    if names is not None and _is_string(labels.type):
+        ids = pc.index_in(labels, value_set=pa.array(names, labels.type))
+        if ids.null_count:
+            unseen = sorted(set(pc.filter(labels, pc.is_null(ids)).to_pylist()))
+            raise DataError(f"split '{split_name}' has {ids.null_count} labels that train never has ({unseen[:5]}); "
+                            f"the classes are train's {list(names)[:10]}: fix the labels or remove those rows")
+        return ids.to_numpy().astype(np.int64)
+    if not pa.types.is_integer(labels.type):
+        raise DataError(f"label column '{column}' of split '{split_name}' has type {labels.type}; labels must be "
+                        "integer class ids 0..C-1 or class names as strings (map them, or pick --label-column)")
     return labels.to_numpy().astype(np.int64)
 
 
-def _class_info(feature, train_labels: np.ndarray) -> tuple[int, tuple[str, ...]]:
+def _class_info(feature, train_labels: np.ndarray, names: tuple[str, ...] | None = None) -> tuple[int, tuple[str, ...]]:
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes, tuple(feature.names)
+    if names is not None:
+        return len(names), names
     labelled = train_labels[train_labels != UNLABELLED]
     present = np.unique(labelled)
     if len(present) >= 2 and present[0] > 0:  # (one class only is the next check's error)
         raise DataError(f"train labels run from {present[0]} to {present[-1]} with no class 0, which would train a class "
                         f"that never occurs; class ids start at 0 (labels 1..C: subtract 1)")
     num_classes = int(labelled.max()) + 1 if labelled.size else 0
+    if num_classes > max(1000, 10 * len(present)):
+        raise DataError(f"train labels go up to {num_classes - 1} but only {len(present)} distinct values occur "
+                        f"({present[:5].tolist()}...); class ids must be 0..C-1: map them, or give the labels as "
+                        "class names (strings)")
     return num_classes, tuple(str(c) for c in range(num_classes))
 
 
@@ -179,14 +204,14 @@ def _check_label_range(labels: np.ndarray, num_classes: int, split_name: str) ->
 
 
 def _clean_split(split: datasets.Dataset, name: str, text_col: str, label_col: str,
-                 num_classes: int, notes: list[str]) -> pa.Table | None:
+                 num_classes: int, notes: list[str], names: tuple[str, ...] | None = None) -> pa.Table | None:
     """Returns the split as a `text` / `label` table (None if wholly unlabelled), noting changes."""
     for column, flag in ((text_col, "--text-column"), (label_col, "--label-column")):
         if column not in split.column_names:
             raise DataError(f"split '{name}' has no column '{column}' "
                             f"(columns: {split.column_names}); fix the data or pass {flag}")
     texts, num_null = _text_array(split, text_col, name)
-    labels = _label_array(split, label_col, name)
+    labels = _label_array(split, label_col, name, names)
     _check_label_range(labels, num_classes, name)
     if num_null:
         notes.append(f"{name}: {num_null} missing texts read as empty strings")
@@ -254,17 +279,20 @@ def load_text_splits(dataset: str, *, text_column: str | None = None,
     text_col = _pick_column(train_raw.column_names, text_column, TEXT_COLUMNS, "--text-column")
     label_col = _pick_column(train_raw.column_names, label_column, LABEL_COLUMNS, "--label-column")
     val_name = next((name for name in VALIDATION_NAMES if name in raw), None)
-    names = ["train"] + ([val_name] if val_name else []) + (["test"] if "test" in raw else [])
+    splits_used = ["train"] + ([val_name] if val_name else []) + (["test"] if "test" in raw else [])
 
-    train_labels = _label_array(train_raw, label_col, "train")
+    names = None if isinstance(train_raw.features[label_col], datasets.ClassLabel) else _label_names_in(train_raw, label_col)
+    train_labels = _label_array(train_raw, label_col, "train", names)
     if not np.any(train_labels != UNLABELLED):
         raise DataError(f"train split of '{dataset}' has no labelled rows; pass a dataset with training data")
-    num_classes, label_names = _class_info(train_raw.features[label_col], train_labels)
+    num_classes, label_names = _class_info(train_raw.features[label_col], train_labels, names)
     if num_classes < 2:
         raise DataError(f"train labels give {num_classes} class(es); a classifier needs at least 2")
     notes: list[str] = []
-    tables = {name: _clean_split(raw[name], name, text_col, label_col, num_classes, notes)
-              for name in names}
+    tables = {name: _clean_split(raw[name], name, text_col, label_col, num_classes, notes, names)
+              for name in splits_used}
+    if unused := [name for name in raw if name not in splits_used]:
+        notes.append(f"splits not used: {', '.join(unused)} (read are train, {' or '.join(VALIDATION_NAMES)}, and test)")
     train = tables["train"]
     validation = tables.get(val_name) if val_name else None
     validation_name = val_name

@@ -183,9 +183,27 @@ def test_labels_out_of_range_negative_or_strings(tmp_path):
     folder = tiny_folder(tmp_path / "neg", train=(TRAIN[0], [0, -2, 1, -3, 1, 0] * 2))
     with pytest.raises(data.DataError, match="'train' has 4 negative labels"):
         data.load_text_splits(folder)
-    folder = write_split(tmp_path / "str", "train", {"text": TRAIN[0], "label": ["pos", "neg"] * 6})
-    with pytest.raises(data.DataError, match="type string"):
-        data.load_text_splits(str(folder))
+
+
+def test_class_name_labels_become_ids_in_name_order_in_every_split(tmp_path):
+    names = ["pos", "neg", "neutral"] * 4  # each word of TRAIN keeps one name: its 6 words repeat, 6 % 3 == 0
+    folder = write_split(tmp_path / "names", "train", {"text": TRAIN[0], "label": names})
+    write_split(folder, "test", {"text": ["a", "b", "c"], "label": ["neutral", "pos", "neg"]})
+    splits = data.load_text_splits(str(folder), seed=1)
+    assert splits.num_classes == 3 and splits.label_names == ("neg", "neutral", "pos")
+    assert data.labels_of(splits.test).tolist() == [1, 2, 0]
+    by_text = dict(zip(TRAIN[0], names))
+    for split in (splits.train, splits.validation):
+        for text, label in zip(data.texts_of(split), data.labels_of(split)):
+            assert splits.label_names[label] == by_text[text]
+
+
+def test_splits_other_than_train_validation_and_test_are_named_in_a_note(tmp_path, monkeypatch):
+    table = {"text": TRAIN[0], "label": TRAIN[1]}
+    raw = datasets.DatasetDict({name: datasets.Dataset.from_dict(table) for name in ("train", "test", "unsupervised")})
+    monkeypatch.setattr(data, "_load_raw", lambda dataset: raw)
+    notes = data.load_text_splits("anything").notes
+    assert "splits not used: unsupervised (read are train, validation or dev or valid, and test)" in notes
 
 
 def test_class_label_bounds_the_labels(tmp_path):
