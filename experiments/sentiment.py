@@ -105,7 +105,7 @@ class RunConfig:
     """Where the run lives and how it starts."""
 
     workdir: str = dataclasses.field(default="runs/sentiment", metadata={"resumable": True, "help": "run directory: checkpoints, logs, results; reruns resume from it"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed for init, dropout and data order"})
+    seed: int = dataclasses.field(default=0, metadata={"help": "seed for init, dropout and data order, and for the rows carved as validation where the data has no validation split"})
     restart: bool = dataclasses.field(default=False, metadata={"resumable": True, "help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"})
 
 
@@ -322,7 +322,9 @@ def train_phase(state, state_sharding, loss_fn, optimizer, eval_step, val_split,
         state, parallel.host_batch_step(step_on_mesh, mesh), epoch_batches, lambda p: evaluate(eval_step, p, val_split),
         checkpoints, log, loop_cfg, meta=meta, tokens_in=lambda batch: int(batch.lengths_B.sum()),
     )  # fmt: skip
-    best = checkpoints.restore(state, which="best")
+    best, warning = checkpoints.restore_best(state)
+    if warning:
+        print(f"{warning}; the results are those of the final weights")
     save_curves(log.read(), folder / "curves.png", title=title)
     return state, summary, best
 
@@ -395,7 +397,10 @@ def load_run(workdir: Path):
     optim_cfg = OptimConfig(**saved["OptimConfig"])
     abstract_state = init_train_state(params, make_optimizer(optim_cfg, 1, ensemble=model_cfg.ensemble), 0, ema=optim_cfg.ema_decay > 0)
     checkpoints = RunCheckpoints(workdir)
-    restored = checkpoints.restore(abstract_state, which="best") or checkpoints.restore(abstract_state)
+    restored, warning = checkpoints.restore_best(abstract_state)
+    if warning:
+        print(f"{warning}; using the latest checkpoint instead")
+    restored = restored or checkpoints.restore(abstract_state)
     if restored is None:
         raise SystemExit(f"error: {workdir} has no checkpoint yet; let training save one (see --save-every) and retry")
     checkpoints.close()

@@ -95,36 +95,21 @@ class RunCheckpoints:
           CheckpointError: checkpoints exist but none can be read.
         """
         manager = self.latest if which == "latest" else self.best
-        skipped = []  # (step, reason)
-        for step in sorted(manager.all_steps(), reverse=True):
-            mismatch = _shape_mismatch(manager, step, abstract_state)
-            if mismatch:  # found before Orbax starts reading: a restore that fails half-way leaves coroutines behind
-                skipped.append((step, mismatch))
-                continue
-            try:
-                restored = manager.restore(
-                    step,
-                    args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore()),
-                )
-            except Exception as error:  # a damaged checkpoint can fail in many ways inside Orbax and TensorStore
-                skipped.append((step, _reason(error)))
-                continue
-            meta = dict(restored["meta"])
-            saved_sha256 = meta.pop(CHECKSUM_KEY, None)
-            if saved_sha256 is not None and saved_sha256 != params_sha256(restored["state"]):
-                skipped.append((step, "checksum mismatch: the arrays on disk changed after they were saved"))
-                continue
-            reports = [f"step {bad}: {reason}; {_set_aside(manager.directory, bad)}" for bad, reason in skipped]
-            if skipped:
-                manager.reload()  # forget the steps moved aside
-            return Restored(restored["state"], meta, step, reports)
-        if skipped:  # none read: perhaps the template is wrong, not the checkpoints, so nothing is moved
-            reasons = "; ".join(f"step {bad}: {reason}" for bad, reason in skipped)
+        restored, skipped = _newest_readable(manager, abstract_state)
+        if restored is None and skipped:  # none read: perhaps the template is wrong, not the checkpoints
             raise CheckpointError(
-                f"no readable checkpoint in {manager.directory} ({reasons}); "
+                f"no readable checkpoint in {manager.directory} ({_reasons(skipped)}); "
                 "pass --restart to start from scratch (this deletes nothing)"
             )
-        return None
+        return restored
+
+    def restore_best(self, abstract_state) -> tuple[Restored | None, str | None]:
+        """The best checkpoint, or None and a one-line warning where it exists but cannot be read, so that the
+        caller can go on with other weights and say so. Nothing is moved aside."""
+        restored, skipped = _newest_readable(self.best, abstract_state)
+        if restored is None and skipped:
+            return None, f"warning: the best checkpoint in {self.best.directory} cannot be read ({_reasons(skipped)})"
+        return restored, None
 
     def wait(self) -> None:
         """Block until every started save is on disk."""
@@ -137,6 +122,39 @@ class RunCheckpoints:
     def close(self) -> None:
         self.latest.close()
         self.best.close()
+
+
+def _newest_readable(manager: ocp.CheckpointManager, abstract_state) -> tuple[Restored | None, list[tuple[int, str]]]:
+    """The newest checkpoint of ``manager`` that reads and matches its checksum, and ``(step, reason)`` for each newer
+    one that does not. Once one reads, the newer ones are moved aside (see the module docstring); if none reads, none
+    is moved."""
+    skipped = []
+    for step in sorted(manager.all_steps(), reverse=True):
+        mismatch = _shape_mismatch(manager, step, abstract_state)
+        if mismatch:  # found before Orbax starts reading: a restore that fails half-way leaves coroutines behind
+            skipped.append((step, mismatch))
+            continue
+        try:
+            restored = manager.restore(
+                step, args=ocp.args.Composite(state=ocp.args.StandardRestore(abstract_state), meta=ocp.args.JsonRestore())
+            )
+        except Exception as error:  # a damaged checkpoint can fail in many ways inside Orbax and TensorStore
+            skipped.append((step, _reason(error)))
+            continue
+        meta = dict(restored["meta"])
+        saved_sha256 = meta.pop(CHECKSUM_KEY, None)
+        if saved_sha256 is not None and saved_sha256 != params_sha256(restored["state"]):
+            skipped.append((step, "checksum mismatch: the arrays on disk changed after they were saved"))
+            continue
+        reports = [f"step {bad}: {reason}; {_set_aside(manager.directory, bad)}" for bad, reason in skipped]
+        if skipped:
+            manager.reload()  # forget the steps moved aside
+        return Restored(restored["state"], meta, step, reports), skipped
+    return None, skipped
+
+
+def _reasons(skipped: list[tuple[int, str]]) -> str:
+    return "; ".join(f"step {bad}: {reason}" for bad, reason in skipped)
 
 
 def _shapes_by_path(tree) -> dict[str, tuple]:

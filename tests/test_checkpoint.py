@@ -272,6 +272,23 @@ def test_best_keeps_the_last_save_best_apart_from_the_latest(checkpoints, tmp_pa
     assert (tmp_path / "best" / "9").is_dir() and not (tmp_path / "best" / "5").exists()
 
 
+@pytest.mark.parametrize("damage", [truncate_arrays, garble_meta])
+def test_a_damaged_best_checkpoint_is_reported_for_the_caller_to_fall_back(damage, checkpoints, tmp_path):
+    run = checkpoints()
+    run.save_best(4, make_state(4.0), meta_for(4))
+    run.save(6, make_state(6.0), meta_for(6))
+    best, warning = run.restore_best(make_state(0.0))
+    assert warning is None and best.step == 4 and best.meta == meta_for(4)
+    damage(tmp_path / "best" / "4")
+    best, warning = run.restore_best(make_state(0.0))
+    assert best is None and warning.startswith(f"warning: the best checkpoint in {tmp_path / 'best'} cannot be read (step 4: ")
+    assert "\n" not in warning
+    assert (tmp_path / "best" / "4").is_dir()  # nothing moved: a wrong template would look the same
+    assert run.restore(make_state(0.0)).step == 6  # the latest still reads
+    if damage is garble_meta:
+        assert run.best_meta() is None  # so the loop warns and its next evaluation replaces it
+
+
 @pytest.mark.parametrize("failing", ["save", "wait"])
 def test_a_full_disk_is_an_error_naming_the_folder(failing, checkpoints, tmp_path, monkeypatch):
     """Simulated: Orbax raises ENOSPC when it starts a save (``RunCheckpoints.save``), or when an

@@ -38,7 +38,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from experiments import sentiment
 from experiments.allocator import OPT_OUT, untuned_environment
 from lstm_jax import data
-from lstm_jax.checkpoint import RunCheckpoints
+from lstm_jax.checkpoint import CheckpointError, RunCheckpoints
 from lstm_jax.faults import KILL_AT_ENV
 from lstm_jax.loop import LoopConfig, MetricsLog, train_loop
 from lstm_jax.optim import OptimConfig, make_optimizer
@@ -387,6 +387,18 @@ def test_a_max_steps_stop_is_evaluated_but_never_kept_as_the_best(tmp_path):
     state, summary = toy_run(tmp_path / "stopped", evaluate=rising)
     assert summary["steps"] == 12 and params_sha256(state) == params_sha256(reference_state)
     assert best_step(tmp_path / "stopped") == best_step(tmp_path / "reference") == 12
+
+
+def test_a_failed_save_while_stopping_on_an_error_does_not_hide_that_error(tmp_path, monkeypatch, capsys):
+    def full_disk(self):
+        raise CheckpointError("could not write a checkpoint (disk full)")
+
+    monkeypatch.setattr(RunCheckpoints, "wait", full_disk)
+    with pytest.raises(Crash):
+        toy_run(tmp_path, crash_before_step=4)
+    assert "note: while stopping, could not write a checkpoint (disk full)" in capsys.readouterr().out
+    with pytest.raises(CheckpointError, match="disk full"):  # and without another error, it is the error
+        toy_run(tmp_path / "whole")
 
 
 def test_rerunning_a_finished_loop_returns_the_first_runs_figures(tmp_path):
