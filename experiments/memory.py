@@ -45,6 +45,7 @@ from lstm_jax.checkpoint import (
     config_changes,
     config_dict,
     prepare_workdir,
+    workdir_lock,
     write_config,
 )
 from lstm_jax.loop import (
@@ -182,6 +183,11 @@ def solved_at(records: list[dict], threshold: float) -> dict | None:
 
 def train_one(configs: dict) -> dict:
     """Train (or resume) one run and write its results; returns ``results.json``'s contents."""
+    with workdir_lock(Path(configs["RunConfig"].workdir)):  # no other process trains in it meanwhile
+        return _train_one_unlocked(configs)
+
+
+def _train_one_unlocked(configs: dict) -> dict:
     task_cfg, optim_cfg, run_cfg = configs["TaskConfig"], configs["MemoryOptimConfig"], configs["RunConfig"]
     task, cell = get_task(task_cfg.task), get_cell(task_cfg.cell)
     workdir = Path(run_cfg.workdir)

@@ -54,6 +54,7 @@ from lstm_jax.checkpoint import (
     config_dict,
     has_checkpoints,
     prepare_workdir,
+    workdir_lock,
     write_config,
 )
 from lstm_jax.loop import (
@@ -221,7 +222,8 @@ def removed_if_left_empty(workdir: Path):
 
 def train(argv: list[str]) -> dict:
     configs, mesh = parse_train_args(argv)
-    with removed_if_left_empty(Path(configs["RunConfig"].workdir)):
+    workdir = Path(configs["RunConfig"].workdir)
+    with removed_if_left_empty(workdir), workdir_lock(workdir):
         return train_configs(configs, mesh)
 
 

@@ -14,16 +14,23 @@ next start removes. A save that fails (full disk, no permission) is a
 ``CheckpointError`` naming the folder.
 """
 
+import contextlib
 import dataclasses
 import json
 import os
 import shutil
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import jax
 import orbax.checkpoint as ocp
+
+try:
+    import fcntl
+except ImportError:  # not POSIX: runs are not locked
+    fcntl = None
 
 from lstm_jax.faults import kill_point
 from lstm_jax.train import params_sha256
@@ -259,8 +266,50 @@ def write_config(workdir: Path, configs: dict) -> None:
     atomic_write_text(Path(workdir) / "config.json", json.dumps(config_dict(configs), indent=2))
 
 
+def _make_workdir(workdir: Path) -> None:
+    try:
+        workdir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: cannot create workdir {workdir}: {error.strerror}; pass a writable --workdir") from None
+
+
+_LOCKED: set[Path] = set()  # the run directories this process holds
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir) -> Iterator[None]:
+    """Holds an exclusive lock on the run directory (created if need be) for the block, so that a second process
+    training in it (a job restarted while the old one still runs, say) stops with a one-line error instead of
+    interleaving its saves and logs with this one's. The lock goes with the process, also one that is killed; nested
+    use in one process is allowed. Without POSIX ``flock`` nothing is locked."""
+    workdir = Path(workdir)
+    _make_workdir(workdir)
+    key = workdir.resolve()
+    if fcntl is None or key in _LOCKED:
+        yield
+        return
+    fd = os.open(workdir, os.O_RDONLY)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except OSError:
+        os.close(fd)
+        raise SystemExit(f"error: another process is training in {workdir}; let it finish (or stop it), "
+                         "or pass another --workdir") from None
+    _LOCKED.add(key)
+    try:
+        yield
+    finally:
+        _LOCKED.discard(key)
+        os.close(fd)
+
+
 def _move_aside(workdir: Path) -> None:
-    backup = workdir / f"previous-{time.strftime('%Y%m%d-%H%M%S')}"
+    stamp = time.strftime("%Y%m%d-%H%M%S")
+    backup = workdir / f"previous-{stamp}"
+    for n in range(2, 1000):  # two restarts in one second
+        if not backup.exists():
+            break
+        backup = workdir / f"previous-{stamp}-{n}"
     backup.mkdir()
     for entry in list(workdir.iterdir()):
         if not entry.name.startswith("previous-"):
@@ -307,12 +356,7 @@ def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False) -> b
     workdir = Path(workdir)
     if restart and workdir.exists() and any(workdir.iterdir()):
         _move_aside(workdir)
-    try:
-        workdir.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise SystemExit(
-            f"error: cannot create workdir {workdir}: {error.strerror}; pass a writable --workdir"
-        ) from None
+    _make_workdir(workdir)
     config_path = workdir / "config.json"
     if config_path.exists():
         try:

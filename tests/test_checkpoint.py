@@ -8,6 +8,8 @@ the way a full disk or a killed copy would leave them.
 import errno
 import gc
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import jax
@@ -22,6 +24,7 @@ from lstm_jax.checkpoint import (
     config_differences,
     prepare_workdir,
     resumable_fields,
+    workdir_lock,
     write_config,
 )
 from lstm_jax.loop import LoopConfig
@@ -314,6 +317,28 @@ def test_a_full_disk_is_an_error_naming_the_folder(failing, checkpoints, tmp_pat
     assert message.startswith(f"could not write a checkpoint to {(tmp_path / 'checkpoints').absolute()} (OSError: ")
     assert "No space left on device" in message and "pass another --workdir" in message and "\n" not in message
     monkeypatch.undo()
+
+
+def test_a_run_directory_is_held_by_one_process_at_a_time(tmp_path):
+    """Another process holding the workdir (a job restarted while the old one still runs) makes a second trainer stop
+    with a one-line error; in one process the lock nests, and it is free again once released or its holder ends."""
+    workdir = tmp_path / "run"
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from lstm_jax.checkpoint import workdir_lock\n"
+         f"with workdir_lock({str(workdir)!r}):\n    print('held', flush=True); sys.stdin.readline()"],
+        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        with pytest.raises(SystemExit, match=f"another process is training in {workdir}; .*another --workdir"):
+            with workdir_lock(workdir):
+                pass
+    finally:
+        holder.stdin.close()
+        holder.wait(timeout=60)
+    with workdir_lock(workdir), workdir_lock(workdir):  # free again, and nested
+        pass
+    with workdir_lock(workdir):  # and released by the nested use's end
+        pass
 
 
 def test_config_differences_lists_nested_leaves():
