@@ -85,6 +85,7 @@ class DataConfig:
     """Dataset, tokeniser and batching."""
 
     dataset: str = dataclasses.field(default="sst2", metadata={"help": "a preset (" + ", ".join(data.PRESETS) + "), a Hub id, or a local folder"})
+    dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "configuration (subset) of a Hub dataset that has several, e.g. --dataset nyu-mll/glue --dataset-config sst2"})
     text_column: str | None = dataclasses.field(default=None, metadata={"help": "text column (detected when unset)"})
     label_column: str | None = dataclasses.field(default=None, metadata={"help": "label column (detected when unset)"})
     val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "fraction of train carved out as validation when there is no validation split"})
@@ -188,7 +189,7 @@ def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
 
 def load_data(cfg: DataConfig, workdir: Path, seed: int):
     """Splits, tokenizer (the run's own, or trained on train but not yet saved), encodings and buckets."""
-    splits = data.load_text_splits(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, val_fraction=cfg.val_fraction, seed=seed)
+    splits = data.load_text_splits(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, val_fraction=cfg.val_fraction, seed=seed, config=cfg.dataset_config)
     for note in splits.notes:
         print(f"note: {note}")
     tokenizer_path = workdir / "tokenizer.json"

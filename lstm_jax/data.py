@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import os
+import re
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
@@ -62,12 +63,16 @@ class TextSplits:
 # --------------------------------------------------------------------------- loading
 
 
-def _load_raw(dataset: str) -> datasets.DatasetDict:
-    """Loads a preset name, a local folder (``~`` expanded) or a Hub id as a `DatasetDict`."""
+def _load_raw(dataset: str, config: str | None = None) -> datasets.DatasetDict:
+    """Loads a preset name, a local folder (``~`` expanded) or a Hub id (with its ``config``, if it has several) as a
+    `DatasetDict`."""
     dataset = os.path.expanduser(dataset)
     hub_id = PRESETS.get(dataset, dataset)
     # A preset's bare name is the preset, even beside a folder of that name (a --workdir called sst2, say).
     if os.path.isdir(dataset) and dataset not in PRESETS:
+        if config is not None:
+            raise DataError(f"--dataset-config {config} names a configuration of a Hub dataset, but '{dataset}' is a "
+                            "local folder; drop --dataset-config")
         try:
             return datasets.load_dataset(dataset)
         except Exception as err:
@@ -78,8 +83,11 @@ def _load_raw(dataset: str) -> datasets.DatasetDict:
         raise DataError(f"local folder '{dataset}' does not exist; pass an existing folder "
                         f"or a Hub id / preset ({', '.join(PRESETS)})")
     try:
-        return datasets.load_dataset(hub_id)
+        return datasets.load_dataset(hub_id, config)
     except Exception as err:
+        if configs := re.search(r"Config name is missing.*?available configs: (\[[^\]]*\])", str(err), re.S):
+            raise DataError(f"'{hub_id}' has several configurations {configs[1]}; pick one with --dataset-config "
+                            "NAME") from err
         folder = f" (for the folder '{dataset}' here, write it as a path: ./{dataset})" if os.path.isdir(dataset) else ""
         raise DataError(f"could not load '{hub_id}' from the Hugging Face Hub ({_short(err)}); "
                         f"check the name (presets: {', '.join(PRESETS)}), or with no network "
@@ -253,7 +261,7 @@ def _carve(table: pa.Table, val_fraction: float, seed: int) -> tuple[pa.Table, p
 
 def load_text_splits(dataset: str, *, text_column: str | None = None,
                      label_column: str | None = None, val_fraction: float = 0.1,
-                     seed: int = 0) -> TextSplits:
+                     seed: int = 0, config: str | None = None) -> TextSplits:
     """Loads a text-classification dataset as train / validation / test splits.
 
     Args:
@@ -262,6 +270,7 @@ def load_text_splits(dataset: str, *, text_column: str | None = None,
       label_column: the label column; detected from `LABEL_COLUMNS` when None.
       val_fraction: share of train carved out as validation when there is none.
       seed: seed of that carve.
+      config: the configuration (subset) of a Hub dataset that has several, e.g. ``"sst2"`` of ``"nyu-mll/glue"``.
 
     Returns:
       A `TextSplits`; `notes` says what was carved, removed or filled.
@@ -271,7 +280,7 @@ def load_text_splits(dataset: str, *, text_column: str | None = None,
     """
     if not 0.0 < val_fraction < 1.0:
         raise DataError(f"val_fraction must be in (0, 1), got {val_fraction}")
-    raw = _load_raw(dataset)
+    raw = _load_raw(dataset, config)
     if "train" not in raw:
         raise DataError(f"'{dataset}' has no train split (splits: {list(raw)}); "
                         "pass a dataset or folder with a train split")

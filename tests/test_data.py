@@ -132,6 +132,30 @@ def test_a_preset_name_is_the_preset_even_beside_a_folder_of_that_name(tmp_path,
     assert len(data.load_text_splits("./imdb").train) == len(TRAIN[0])
 
 
+def test_a_hub_dataset_with_several_configurations_takes_one(tmp_path, monkeypatch):
+    """``--dataset-config`` reaches ``datasets.load_dataset``; without it, the error lists the configurations (the
+    text ``datasets`` raises, here without the network); a local folder has none."""
+    table = {"sentence": TRAIN[0], "label": TRAIN[1]}
+    calls = []
+
+    def load_dataset(path, name=None):
+        calls.append((path, name))
+        if name is None:
+            raise ValueError("Config name is missing.\nPlease pick one among the available configs: ['cola', 'sst2']"
+                             "\nExample of usage:\n\t`load_dataset('nyu-mll/glue', 'cola')`")
+        return datasets.DatasetDict({"train": datasets.Dataset.from_dict(table)})
+
+    monkeypatch.setattr(datasets, "load_dataset", load_dataset)
+    assert len(data.load_text_splits("nyu-mll/glue", config="sst2").train) + 1 == len(TRAIN[0])  # 1 carved
+    assert calls == [("nyu-mll/glue", "sst2")]
+    with pytest.raises(data.DataError) as info:
+        data.load_text_splits("nyu-mll/glue")
+    assert str(info.value) == "'nyu-mll/glue' has several configurations ['cola', 'sst2']; pick one with --dataset-config NAME"
+    folder = tiny_folder(tmp_path / "local", train=TRAIN)
+    with pytest.raises(data.DataError, match="is a local folder; drop --dataset-config"):
+        data.load_text_splits(folder, config="sst2")
+
+
 def test_missing_local_folder(tmp_path):
     for path in (str(tmp_path / "nope"), "./no/such/folder"):
         with pytest.raises(data.DataError, match="does not exist"):
