@@ -201,9 +201,15 @@ def load_data(cfg: DataConfig, workdir: Path, seed: int):
         tokenizer = data.train_tokenizer(data.texts_of(splits.train), vocab_size=cfg.vocab_size, min_freq=cfg.min_freq, model=cfg.tokenizer)
     named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
     encoded = {name: (data.encode(tokenizer, data.texts_of(split), max_len=cfg.max_len), data.labels_of(split)) for name, split in named.items() if split is not None}
+    if tokenizer.get_vocab_size() > cfg.vocab_size:  # WordPiece keeps every character and its ## form
+        print(f"note: the vocabulary has {tokenizer.get_vocab_size()} entries, above --vocab-size {cfg.vocab_size}: the "
+              "tokenizer keeps every character of the training texts")
     for name, (enc, _) in encoded.items():
         if enc.num_truncated or enc.num_empty:
             print(f"note: {name}: {enc.num_truncated} of {len(enc)} texts cut to --max-len {cfg.max_len}; {enc.num_empty} empty texts kept as [UNK]")
+        if unknown := data.unknown_tokens(enc):
+            tokens = len(enc.ids_flat) - enc.num_empty
+            print(f"note: {name}: {unknown} of {tokens} tokens ({100 * unknown / tokens:.1f} %) are words outside the vocabulary, read as [UNK]")
     all_lengths = np.concatenate([enc.lengths_N for enc, _ in encoded.values()])
     buckets = data.bucket_lengths(all_lengths, max_len=cfg.max_len, num_buckets=cfg.num_buckets)
     return splits, tokenizer, encoded, buckets

@@ -376,6 +376,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
         normalizers.Replace(Regex(SPACE_CHARACTERS), " "),
         normalizers.Replace(Regex(FORMAT_CHARACTERS), ""),
         normalizers.NFKC(),
+        # CJK ideographs stand alone (as in BERT): a run of them has no spaces, and read whole it is one rare "word"
+        normalizers.BertNormalizer(clean_text=False, handle_chinese_chars=True, strip_accents=False, lowercase=False),
         normalizers.Lowercase(),
     ])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ and runs of punctuation
@@ -434,6 +436,11 @@ class Encoded:
 
     def row(self, i: int) -> np.ndarray:
         return self.ids_flat[self.offsets[i]:self.offsets[i + 1]]
+
+
+def unknown_tokens(encoded: Encoded) -> int:
+    """Tokens of ``encoded`` that are `[UNK]` (words the vocabulary lacks), not counting the `[UNK]` of empty texts."""
+    return int(np.sum(encoded.ids_flat == UNK_ID)) - encoded.num_empty
 
 
 def encode(tok: Tokenizer, texts: Iterable[str], *, max_len: int) -> Encoded:

@@ -225,7 +225,7 @@ def test_class_name_labels_become_ids_in_name_order_in_every_split(tmp_path):
 def test_splits_other_than_train_validation_and_test_are_named_in_a_note(tmp_path, monkeypatch):
     table = {"text": TRAIN[0], "label": TRAIN[1]}
     raw = datasets.DatasetDict({name: datasets.Dataset.from_dict(table) for name in ("train", "test", "unsupervised")})
-    monkeypatch.setattr(data, "_load_raw", lambda dataset: raw)
+    monkeypatch.setattr(data, "_load_raw", lambda dataset, config: raw)
     notes = data.load_text_splits("anything").notes
     assert "splits not used: unsupervised (read are train, validation or dev or valid, and test)" in notes
 
@@ -293,6 +293,14 @@ def test_tokenizer_reads_controls_as_spaces_and_drops_invisible_characters_insid
     assert tok.encode("\u0645\u06cc\u200c\u062e\u0648\u0627\u0647\u0645").tokens == ["\u0645\u06cc\u062e\u0648\u0627\u0647\u0645"]
     texts = pa.chunked_array([["\x93great\x94", "plain", "soft\u00adly", "tab\there", "a\u200bb", "\x00"]])
     assert data._count_with_control_characters(texts) == 4
+
+
+def test_cjk_ideographs_are_words_of_their_own_and_unknown_words_are_counted():
+    tok = data.train_tokenizer(["\u8fd9\u90e8\u7535\u5f71\u597d good film"])
+    assert tok.encode("\u7535\u5f71\u597d").tokens == ["\u7535", "\u5f71", "\u597d"]  # not one unseen run
+    assert tok.encode("\u4e0d\u597d").tokens == ["[UNK]", "\u597d"]
+    encoded = data.encode(tok, ["good zebra film", "", "yak yak"], max_len=8)
+    assert encoded.num_empty == 1 and data.unknown_tokens(encoded) == 3  # the empty text's [UNK] is not a word
 
 
 def test_tokenizer_vocab_cap_and_bad_input():
