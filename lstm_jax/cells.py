@@ -44,7 +44,10 @@ class Cell(NamedTuple):
       sequence: optional fused kernel for a whole time-major sequence with the
         signature of :func:`lstm_jax.fused.lstm_sequence`; it must compute what
         scanning ``recur`` computes. The scan driver uses it when it is set (and no
-        zoneout is asked for); ``cell._replace(sequence=None)`` turns it off.
+        zoneout is asked for); ``cell._replace(sequence=None)`` turns it off. The LSTM's
+        is a ``jax.custom_vjp``: reverse mode (``grad``, and ``hessian``, forward over
+        reverse) passes it, forward mode alone (``jvp``, ``jacfwd``, ``linearize``)
+        does not, so for those use ``LSTM._replace(sequence=None)``.
     """
 
     init: Callable[..., Params]

@@ -66,7 +66,7 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
     mask_NH = (
         None
         if h_mask is None
-        else jnp.broadcast_to(lax.stop_gradient(h_mask), (*batch_shape, hidden_size)).reshape(rows, hidden_size)
+        else jnp.broadcast_to(h_mask, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
     )
     operands = (params["w_x"], params["w_h"], params["b"], x_TNE, h_NH, c_NH, valid_TN, mask_NH)
     h_NH, c_NH, y_TNH = _lstm_scan(reverse, unroll, *varying.vary(operands, varying.varying_axes(operands)))
@@ -190,8 +190,11 @@ def _lstm_scan_fwd(reverse, unroll, *primals):
         jax.tree_util.tree_map(lambda p: p.value, primal) for primal in primals  # valid_TN, mask_NH may be None
     )
     h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH)
-    # the flag as the residuals' structure (() or None), so that the backward rule reads it at trace time
-    saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, () if weights else None)
+    # a mask is differentiated only where a caller learns it (a dropout mask drawn from a key is not)
+    mask_grad = mask_NH is not None and primals[-1].perturbed
+    # the flags as the residuals' structure (() or None), so that the backward rule reads them at trace time
+    saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, () if weights else None,
+             () if mask_grad else None)
     return _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH), saved
 
 
@@ -245,7 +248,7 @@ def _backward_scan(reverse, unroll, w_x, w_h, dy_TNH, acts_TNG, c_TNH, c0_NH, dh
 
 
 def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
-    w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, weights = saved
+    w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, weights, mask_grad = saved
     # a cotangent that is symbolically zero, as zeros that vary along the mesh axes the outputs vary along
     zeros = lambda c: varying.vary(jnp.zeros(c.shape, c.dtype), varying.varying_axes(h_TNH))
     dh_NH, dc_NH, dy_TNH = (zeros(c) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c for c in cotangents)
@@ -262,7 +265,12 @@ def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
     if precision is not None:  # the kernel's float32 results in the primals' dtypes (b has w_x's: native.precision)
         grads = tuple(g.astype(p.dtype) for g, p in zip(grads, (w_x, w_h, w_x, x_TNE, h0_NH, c0_NH), strict=True))
     no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
-    return *grads, no_grad(valid_TN), no_grad(mask_NH)
+    if mask_grad is None:
+        return *grads, no_grad(valid_TN), no_grad(mask_NH)
+    # h_prev * mask entered every step's matmul: d mask = sum over steps of h_prev * (dz @ W_h^T)
+    dh_in_TNH = jnp.einsum("tng,hg->tnh", dz_TNG.astype(w_h.dtype), w_h)
+    d_mask = jnp.sum(_previous(h_TNH, h0_NH, reverse) * dh_in_TNH, axis=0).astype(mask_NH.dtype)
+    return *grads, no_grad(valid_TN), d_mask
 
 
 def _weight_gradients(x_TNE, h_TNH, h0_NH, mask_NH, dz_TNG, reverse):

@@ -76,6 +76,23 @@ def test_fused_with_recurrent_dropout_mask():
     assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
 
 
+@pytest.mark.parametrize("reverse", [False, True])
+@pytest.mark.parametrize("mask_shape", [(len(LENGTHS), H), (H,)])
+def test_a_learned_recurrent_mask_gets_the_scans_gradient(mask_shape, reverse):
+    """A mask differentiated by its caller (a learned or concrete dropout, say) gets its gradient through the fused
+    path as through the scan, with lengths and a mask broadcast over the batch; a drawn one costs nothing extra."""
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((len(LENGTHS),))
+    h_mask = jnp.asarray(np.random.default_rng(7).uniform(0.5, 1.5, mask_shape), jnp.float32)
+
+    def of_mask(cell):
+        return lambda mask: sequence_loss(cell, lengths=jnp.array(LENGTHS), h_mask=mask, reverse=reverse)(params, x, carry)
+
+    got, want = jax.grad(of_mask(LSTM))(h_mask), jax.grad(of_mask(SCANNED_LSTM))(h_mask)
+    assert float(jnp.abs(want).max()) > 1e-2
+    assert_trees_close(got, want, rtol=5e-5, atol=5e-5)
+
+
 @pytest.mark.parametrize("with_mask", [False, True])
 @pytest.mark.parametrize("batch_shape", [(), (2, 3)])
 def test_fused_any_batch_dimensions(batch_shape, with_mask):
