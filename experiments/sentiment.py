@@ -165,7 +165,7 @@ def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
     parser = argparse.ArgumentParser(prog="python -m experiments.sentiment", description=__doc__,
                                      epilog=presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in CONFIG_CLASSES:
-        cli.add_flags(parser, cls)
+        cli.add_flags(parser, cls, presets=DATASET_PRESETS)
     args = parser.parse_args(argv)
     explicit = cli.explicit_flags(parser, argv)
     preset = preset_name(args.dataset)

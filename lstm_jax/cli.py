@@ -31,13 +31,17 @@ def flag_text(field_name: str, value) -> str:
     return f"{flag} {value}"
 
 
-def add_flags(parser: argparse.ArgumentParser, config_cls, title: str | None = None) -> None:
-    """Add one flag per field of ``config_cls`` (a dataclass) to ``parser``."""
+def add_flags(parser: argparse.ArgumentParser, config_cls, title: str | None = None,
+              presets: dict[str, dict] | None = None) -> None:
+    """Add one flag per field of ``config_cls`` (a dataclass) to ``parser``; a field that one of ``presets`` (name ->
+    {field: value}) sets says so in its help, next to the default."""
     group = parser.add_argument_group(title or config_cls.__name__, config_cls.__doc__)
     for field in dataclasses.fields(config_cls):
         flag = flag_name(field.name)
         resumable = "; a resumed run may change it" if field.metadata.get("resumable") else ""
-        help_text = f"{field.metadata.get('help', '')} (default: {field.default!r}{resumable})".replace("%", "%%")
+        preset_values = [f"{name} {values[field.name]!r}" for name, values in (presets or {}).items() if field.name in values]
+        in_presets = f"; preset {', '.join(preset_values)}" if preset_values else ""
+        help_text = f"{field.metadata.get('help', '')} (default: {field.default!r}{in_presets}{resumable})".replace("%", "%%")
         kind = _flag_type(field)
         if kind is bool:
             group.add_argument(flag, dest=field.name, action=argparse.BooleanOptionalAction, default=field.default, help=help_text)

@@ -196,6 +196,9 @@ def test_help_lists_the_dataset_presets(capsys):
     assert "  sst2: --adversarial-epsilon 0.1\n" in text
     for name in sentiment.DATASET_PRESETS:
         assert f"\n  {name}: --" in text
+    flat = " ".join(text.split())  # argparse wraps the help lines
+    assert "(default: 0.0; preset sst2 0.1)" in flat  # --adversarial-epsilon, on the flag's own line too
+    assert "(default: 128; preset imdb 800, yelp_polarity 256, ag_news 64)" in flat  # --max-len
 
 
 @pytest.mark.slow
