@@ -188,14 +188,18 @@ def cudnn_jax_system(shape: Shape) -> System:
     return _jax_system("jax.experimental.rnn (cuDNN)", params, logits, shape)
 
 
-def torch_system(shape: Shape, bf16: bool = False) -> System | None:
-    """PyTorch's step; with ``bf16``, under ``torch.autocast`` to bfloat16 (float32 parameters, Adam and loss):
-    on a CPU with AMX, oneDNN then runs the LSTM in bfloat16."""
+def torch_system(shape: Shape, bf16: bool = False, on_gpu: bool = False) -> System | None:
+    """PyTorch's step, on the GPU where JAX's systems run on one (``on_gpu``), else on the CPU; with ``bf16``, under
+    ``torch.autocast`` to bfloat16 (float32 parameters, Adam and loss): on a CPU with AMX, oneDNN then runs the LSTM
+    in bfloat16. None, with a note, where torch is missing or cannot run that configuration here."""
     try:
         import torch
     except ImportError:
         return None
-    device = "cuda" if torch.cuda.is_available() else "cpu"
+    if on_gpu and not torch.cuda.is_available():
+        print("note: no PyTorch row: this torch has no CUDA, and the other systems run on the GPU")
+        return None
+    device = "cuda" if on_gpu else "cpu"
     torch.manual_seed(0)
 
     class Classifier(torch.nn.Module):
@@ -230,6 +234,11 @@ def torch_system(shape: Shape, bf16: bool = False) -> System | None:
         sync()
 
     name = f"torch nn.LSTM ({'cuDNN' if device == 'cuda' else 'CPU'})" + (" bfloat16 autocast" if bf16 else "")
+    try:
+        infer()
+    except RuntimeError as error:  # e.g. oneDNN has no bfloat16 LSTM on a CPU without AVX-512 BF16 or AMX
+        print(f"note: no '{name}' row: PyTorch cannot run it here ({str(error).splitlines()[0][:120]})")
+        return None
     return System(name, train, infer, precision="bfloat16" if bf16 else "float32")
 
 
@@ -278,7 +287,7 @@ def build_systems(shape: Shape, on_gpu: bool, bf16: bool = False, scan_loops: bo
     ]
     if on_gpu:
         systems.append(cudnn_jax_system(shape))
-    for peer in (torch_system(shape), torch_system(shape, bf16=True) if bf16 else None):
+    for peer in (torch_system(shape, on_gpu=on_gpu), torch_system(shape, bf16=True, on_gpu=on_gpu) if bf16 else None):
         if peer is not None:
             systems.append(peer)
     return systems
@@ -517,6 +526,9 @@ def main(argv=None):
                         help="restart first with glibc's malloc keeping freed memory, as experiments.sentiment does "
                         "(experiments/allocator.py); it applies to every system in the process")  # fmt: skip
     args = parser.parse_args(argv)
+    for flag, least in (("steps", 1), ("rounds", 1), ("warmup", 1)):  # warm-up 0 would time JAX's compile
+        if getattr(args, flag) < least:
+            parser.error(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
     if args.keep_freed_memory:
         if argv is not None:
             parser.error("--keep-freed-memory restarts the process: pass it on the command line")

@@ -18,6 +18,9 @@ import sys
 from collections.abc import Mapping
 
 OPT_OUT = "LSTM_JAX_KEEP_FREED_MEMORY"
+# Set in the restarted process: glibc drops GLIBC_TUNABLES from a secure-execution process (setuid, or a Python
+# with file capabilities), which would otherwise restart again and again.
+RESTARTED = "LSTM_JAX_MALLOC_RESTARTED"
 TUNABLES = (
     "glibc.malloc.arena_max=1",  # every thread allocates from the main heap, which has no 64 MiB limit
     "glibc.malloc.mmap_max=0",  # no block gets its own mapping
@@ -40,17 +43,18 @@ def has_malloc_tunables(environ: Mapping[str, str]) -> bool:
 def tuned_environment(environ: Mapping[str, str], glibc: bool = True) -> dict[str, str] | None:
     """``environ`` with the malloc tunables added, or None where there is nothing to do.
 
-    None without glibc, with ``LSTM_JAX_KEEP_FREED_MEMORY=0``, or where :func:`has_malloc_tunables`.
+    None without glibc, with ``LSTM_JAX_KEEP_FREED_MEMORY=0``, where :func:`has_malloc_tunables`, or in a process
+    that is already the restart.
     """
-    if not glibc or environ.get(OPT_OUT, "1") == "0" or has_malloc_tunables(environ):
+    if not glibc or environ.get(OPT_OUT, "1") == "0" or has_malloc_tunables(environ) or RESTARTED in environ:
         return None
     existing = environ.get("GLIBC_TUNABLES", "")
-    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (existing, *TUNABLES)))}
+    return {**environ, "GLIBC_TUNABLES": ":".join(filter(None, (existing, *TUNABLES))), RESTARTED: "1"}
 
 
 def untuned_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """``environ`` without ``GLIBC_TUNABLES`` and the opt-out, so that a script started with it restarts once."""
-    return {k: v for k, v in environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT)}
+    return {k: v for k, v in environ.items() if k not in ("GLIBC_TUNABLES", OPT_OUT, RESTARTED)}
 
 
 def rerun_keeping_freed_memory() -> None:

@@ -176,6 +176,19 @@ class StepBatches(Sequence):
         return self.batch_at(self.steps[index])
 
 
+def usable_cores() -> int:
+    """The cores this process may run on (its affinity, where the OS has one: not macOS)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def scheduled_evaluations(records: list[dict], eval_every: int, steps: int) -> list[dict]:
+    """The test records on the evaluation schedule (every ``eval_every`` steps, and the last step). A run stopped by
+    --max-steps, or one that saved on another interval, was also evaluated elsewhere, which an uninterrupted run never
+    was, so its figures would depend on how it was run."""
+    return [r for r in records
+            if r["split"] == "validation" and (not eval_every or r["step"] % eval_every == 0 or r["step"] == steps)]
+
+
 def solved_at(records: list[dict], threshold: float) -> dict | None:
     """The first test record whose loss is below ``threshold``, or None."""
     return next((r for r in records if r["split"] == "validation" and r["loss"] < threshold), None)
@@ -244,8 +257,9 @@ def _train_one_unlocked(configs: dict) -> dict:
     checkpoints.close()
     final = evaluate(state.eval_params)
     records = log.read()
+    evaluations = scheduled_evaluations(records, run_cfg.eval_every, task_cfg.steps)
     threshold = task.solved(task_cfg.T)
-    solved = solved_at(records, threshold)
+    solved = solved_at(evaluations, threshold)
     title = f"{task_cfg.task}, T = {task_cfg.T}: {task_cfg.cell} (baseline {task.baseline(task_cfg.T):.4f})"
     save_curves(records, workdir / "curves.png", title=title)
     results = {
@@ -253,7 +267,7 @@ def _train_one_unlocked(configs: dict) -> dict:
         "test_loss": final["loss"], "test_accuracy": final["accuracy"], "accuracy_counts": task.aux_name,
         "baseline_loss": task.baseline(task_cfg.T), "solved_below": threshold,
         "steps_to_solve": solved["step"] if solved else None, "seconds_to_solve": solved["seconds"] if solved else None,
-        "best_test_loss": min(r["loss"] for r in records if r["split"] == "validation"),
+        "best_test_loss": min(r["loss"] for r in evaluations),
         "wall_seconds": final["seconds"], "train_seconds": summary["train_seconds"], "resumed_from_step": start_step,
         "nonfinite_steps": int(state.nonfinite_steps), "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
         "params_sha256": params_sha256(state.params), "config": config_dict(configs),
@@ -293,7 +307,8 @@ def sweep_runs(configs: dict, sweep: SweepConfig) -> list[dict]:
             else:
                 results = train_one(run_configs)
             records = MetricsLog(Path(run_cfg.workdir) / "metrics.jsonl", results["steps"]).read()
-            results["test_curve"] = [(r["step"], r["loss"]) for r in records if r["split"] == "validation"]
+            evaluations = scheduled_evaluations(records, run_cfg.eval_every, task_cfg.steps)
+            results["test_curve"] = [(r["step"], r["loss"]) for r in evaluations]
             runs.append(results)
     return runs
 
@@ -368,7 +383,7 @@ def run_sweep(configs: dict, sweep: SweepConfig, argv: list[str]) -> Path:
             if k in ("learning_rate", "clip_norm", "schedule")
         }
     )
-    machine = f"{jax.default_backend()}, {jax.device_count()} device(s), {len(os.sched_getaffinity(0))} CPU cores"
+    machine = f"{jax.default_backend()}, {jax.device_count()} device(s), {usable_cores()} CPU cores"
     summary = {"task": task, "command": "python -m experiments.memory " + " ".join(argv), "figure": figure,
                "machine": machine, "settings": settings, "runs": runs}  # fmt: skip
     (results_dir / f"memory_{task}.json").write_text(json.dumps(summary, indent=1))

@@ -239,6 +239,10 @@ def train_configs(configs: dict, mesh) -> dict:
     ``{"steps": 0, "lm_pretraining": ...}`` when ``--max-steps`` ends the run in language-model pre-training."""
     data_cfg, model_cfg, optim_cfg, loop_cfg, run_cfg, mesh_cfg = (configs[cls.__name__] for cls in CONFIG_CLASSES)
     workdir = Path(run_cfg.workdir)
+    if model_cfg.compute_dtype == "bfloat16" and model_cfg.vat_epsilon > 0:
+        print("note: under --compute-dtype bfloat16 most of virtual adversarial training's probe (a tenth of "
+              "--vat-epsilon, spread over every embedded word) is below bfloat16's resolution of the embeddings and "
+              "rounds away; float32 keeps it")
     resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
     splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
     (train_enc, train_labels), (val_enc, _) = encoded["train"], encoded["validation"]

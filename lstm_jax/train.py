@@ -41,6 +41,9 @@ class TrainState:
 # split(key, n)[i] is fold_in(key, i) (threefry, partitionable), so initialisers that split key(seed)
 # use its small fold-ins; the steps fold into a stream far above them.
 STEP_STREAM = 0x7FFFFFFF
+# Virtual adversarial training's random start, folded into a step's key: far above the small fold-ins that the
+# model's split(key, n) makes for its dropouts (fold_in(key, 1) was embedding dropout's key).
+VAT_STREAM = 0x56415400
 
 
 def init_train_state(params, optimizer: optax.GradientTransformation, seed: int, *, ema: bool = False,
@@ -86,7 +89,8 @@ def weighted_correct(logits_BC, labels_B, weights_B):
     return jnp.sum((logits_BC.argmax(-1) == labels_B) * weights_B)
 
 
-def virtual_adversarial_loss(logits_at, logits_BC, weights_B, key, shape_BTE, epsilon: float, probe_logits_at=None):
+def virtual_adversarial_loss(logits_at, logits_BC, weights_B, key, shape_BTE, epsilon: float, probe_logits_at=None,
+                             lengths_B=None):
     """``KL(p(x) || p(x + r))`` averaged over the real rows, with ``r`` of norm ``epsilon`` per text
     along the direction that changes the prediction most, found by one power iteration from a
     random direction: virtual adversarial training (Miyato et al. 2017, "Adversarial training
@@ -97,7 +101,9 @@ def virtual_adversarial_loss(logits_at, logits_BC, weights_B, key, shape_BTE, ep
     direction, as in the paper. ``probe_logits_at`` (default ``logits_at``) gives the logits
     for the power iteration: the same function with the parameters held constant keeps the
     parameter gradient first-order (the CPU kernel of ``lstm_jax.native`` then runs every pass).
-    The finite difference of the power iteration is a tenth of ``epsilon``. It needs no labels.
+    The finite difference of the power iteration is a tenth of ``epsilon``, its random start drawn
+    on the real steps only where ``lengths_B`` is given (as the paper's code masks it by length), so
+    that padding takes none of its norm. It needs no labels.
     """
     p_BC = jax.nn.softmax(jax.lax.stop_gradient(logits_BC))
     log_p_BC = jax.nn.log_softmax(jax.lax.stop_gradient(logits_BC))
@@ -106,7 +112,10 @@ def virtual_adversarial_loss(logits_at, logits_BC, weights_B, key, shape_BTE, ep
         kl_B = jnp.sum(p_BC * (log_p_BC - jax.nn.log_softmax(logits_at(delta_BTE))), axis=-1)
         return jnp.sum(kl_B * weights_B) / jnp.maximum(jnp.sum(weights_B), 1.0)
 
-    probe_BTE = regularisers.adversarial_perturbation(jax.random.normal(key, shape_BTE, logits_BC.dtype), epsilon / 10)
+    start_BTE = jax.random.normal(key, shape_BTE, logits_BC.dtype)
+    if lengths_B is not None:
+        start_BTE = jnp.where((jnp.arange(shape_BTE[1]) < lengths_B[:, None])[..., None], start_BTE, 0.0)
+    probe_BTE = regularisers.adversarial_perturbation(start_BTE, epsilon / 10)
     direction_BTE = jax.grad(divergence)(probe_BTE, probe_logits_at or logits_at)
     return divergence(regularisers.adversarial_perturbation(direction_BTE, epsilon))
 
@@ -165,9 +174,10 @@ def classifier_loss(params, config: ModelConfig, batch, key):
     if config.vat_epsilon > 0.0:
         logits_at = lambda delta_BTE: loss_and_logits(delta_BTE)[1][0]
         probe_logits_at = lambda delta_BTE: loss_and_logits(delta_BTE, frozen_params)[1][0]
-        vat_key = jax.random.fold_in(key, 1)
+        vat_key = jax.random.fold_in(key, VAT_STREAM)
         loss = loss + virtual_adversarial_loss(
-            logits_at, logits_BC, batch.weights_B, vat_key, delta_shape_BTE, config.vat_epsilon, probe_logits_at
+            logits_at, logits_BC, batch.weights_B, vat_key, delta_shape_BTE, config.vat_epsilon, probe_logits_at,
+            lengths_B=batch.lengths_B,
         )
     if config.lm_weight > 0.0:
         loss = loss + config.lm_weight * language_model_loss(params["lm"], y_BTH, batch.tokens_BT, batch.lengths_B, config.lm_words)

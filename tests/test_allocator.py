@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from experiments.allocator import OPT_OUT, TUNABLES, tuned_environment, untuned_environment, uses_glibc
+from experiments.allocator import OPT_OUT, RESTARTED, TUNABLES, tuned_environment, untuned_environment, uses_glibc
 
 REPO = Path(__file__).resolve().parents[1]
 UNTUNED_ENV = untuned_environment(os.environ)  # so a restart happens
@@ -39,6 +39,7 @@ def test_the_tunables_are_added_after_any_the_user_set():
     assert environ["HOME"] == "/h"
     assert environ["GLIBC_TUNABLES"] == ":".join(("glibc.rtld.optional_static_tls=2048", *TUNABLES))
     assert tuned_environment({})["GLIBC_TUNABLES"] == ":".join(TUNABLES)
+    assert tuned_environment({})[RESTARTED] == "1" and RESTARTED not in untuned_environment(tuned_environment({}))
 
 
 @pytest.mark.parametrize(
@@ -47,6 +48,7 @@ def test_the_tunables_are_added_after_any_the_user_set():
         ({OPT_OUT: "0"}, True),  # turned off
         ({"GLIBC_TUNABLES": "glibc.malloc.arena_max=4"}, True),  # the user's own malloc settings win
         ({"GLIBC_TUNABLES": ":".join(TUNABLES)}, True),  # already restarted: no loop
+        ({RESTARTED: "1"}, True),  # restarted, but glibc dropped GLIBC_TUNABLES (secure execution): no loop either
         ({}, False),  # another C library
     ],
 )

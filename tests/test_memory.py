@@ -5,6 +5,7 @@ import json
 import pytest
 
 from experiments import memory
+from lstm_jax.loop import MetricsLog
 
 SMALL = ["--task", "adding", "--cell", "lstm", "--T", "20", "--hidden-size", "32", "--test-size", "500",
          "--steps", "200", "--eval-every", "40", "--log-every", "20", "--warmup-steps", "20", "--learning-rate", "5e-3",
@@ -48,6 +49,15 @@ def test_a_stopped_run_resumes_to_the_same_bits(uninterrupted, tmp_path, capsys)
     resumed = run(tmp_path, "--save-every", 1000)  # a save setting may change on resume
     assert resumed["resumed_from_step"] == 60 and resumed["steps"] == 200
     assert resumed["params_sha256"] == expected["params_sha256"]
+    # The stop evaluated at step 60 too, which the uninterrupted run never did: the figures leave it out.
+    workdir, _ = uninterrupted
+    evaluations = [memory.scheduled_evaluations(MetricsLog(folder / "metrics.jsonl", 200).read(), 40, 200)
+                   for folder in (workdir, tmp_path)]  # fmt: skip
+    steps_and_losses = [[(r["step"], r["loss"]) for r in records] for records in evaluations]
+    assert steps_and_losses[0] == steps_and_losses[1] and [s for s, _ in steps_and_losses[0]] == [40, 80, 120, 160, 200]
+    assert 60 in [r["step"] for r in MetricsLog(tmp_path / "metrics.jsonl", 200).read() if r["split"] == "validation"]
+    for key in ("best_test_loss", "steps_to_solve"):
+        assert resumed[key] == expected[key], key
     with pytest.raises(SystemExit, match="another config.*hidden_size: 32 -> 16"):
         run(tmp_path, "--hidden-size", 16)
 

@@ -357,8 +357,10 @@ def test_adversarial_loss_is_the_mean_of_clean_and_finite_difference_perturbed_l
     np.testing.assert_allclose(float(loss), (clean + perturbed) / 2, rtol=1e-4)
 
 
-def test_virtual_adversarial_loss_matches_numpy_power_iteration_on_a_linear_model():
-    """For logits linear in the embedded inputs, the direction is A^T (q(probe) - p) per row, in float64."""
+@pytest.mark.parametrize("lengths", [None, [3, 2, 0, 1]])
+def test_virtual_adversarial_loss_matches_numpy_power_iteration_on_a_linear_model(lengths):
+    """For logits linear in the embedded inputs, the direction is A^T (q(probe) - p) per row, in float64; with
+    lengths, the random start of the power iteration lies on the real steps only."""
     rng = np.random.default_rng(5)
     B, T, E, C, epsilon = 4, 3, 5, 3, 0.8
     A_TEC = rng.normal(size=(T, E, C))
@@ -366,7 +368,9 @@ def test_virtual_adversarial_loss_matches_numpy_power_iteration_on_a_linear_mode
     weights_B = np.array([1.0, 1.0, 0.0, 1.0])  # row 2 is batch padding
     key = jax.random.key(9)
     logits_at = lambda delta_BTE: jnp.asarray(base_BC, jnp.float32) + jnp.einsum("bte,tec->bc", delta_BTE, jnp.asarray(A_TEC, jnp.float32))
-    loss = virtual_adversarial_loss(logits_at, jnp.asarray(base_BC, jnp.float32), jnp.asarray(weights_B, jnp.float32), key, (B, T, E), epsilon)
+    lengths_B = None if lengths is None else jnp.asarray(lengths)
+    loss = virtual_adversarial_loss(logits_at, jnp.asarray(base_BC, jnp.float32), jnp.asarray(weights_B, jnp.float32), key, (B, T, E), epsilon,
+                                    lengths_B=lengths_B)  # fmt: skip
 
     def softmax(z):
         e = np.exp(z - z.max(-1, keepdims=True))
@@ -379,9 +383,14 @@ def test_virtual_adversarial_loss_matches_numpy_power_iteration_on_a_linear_mode
         p, q = softmax(base_BC), softmax(base_BC + np.einsum("bte,tec->bc", delta_BTE, A_TEC))
         return (p * (np.log(p) - np.log(q))).sum(-1)
 
-    probe = per_text(np.asarray(jax.random.normal(key, (B, T, E)), np.float64), epsilon / 10)
+    start = np.asarray(jax.random.normal(key, (B, T, E)), np.float64)
+    if lengths is not None:
+        start[np.arange(T)[None, :] >= np.array(lengths)[:, None]] = 0.0
+    with np.errstate(invalid="ignore"):  # row 2 has no real step: its probe is 0/0, and zero in the loss
+        probe = np.nan_to_num(per_text(start, epsilon / 10))
     direction = np.einsum("tec,bc->bte", A_TEC, softmax(base_BC + np.einsum("bte,tec->bc", probe, A_TEC)) - softmax(base_BC))
-    expected = (kl_B(per_text(direction, epsilon)) * weights_B).sum() / weights_B.sum()
+    with np.errstate(invalid="ignore"):
+        expected = (kl_B(np.nan_to_num(per_text(direction, epsilon))) * weights_B).sum() / weights_B.sum()
     np.testing.assert_allclose(float(loss), expected, rtol=2e-3)
     # The direction found changes the prediction more than random directions of the same norm.
     random_kl = [(kl_B(per_text(rng.normal(size=(B, T, E)), epsilon)) * weights_B).sum() / weights_B.sum() for _ in range(20)]
