@@ -237,7 +237,7 @@ def torch_system(shape: Shape, bf16: bool = False, on_gpu: bool = False) -> Syst
     try:
         infer()
     except RuntimeError as error:  # e.g. oneDNN has no bfloat16 LSTM on a CPU without AVX-512 BF16 or AMX
-        print(f"note: no '{name}' row: PyTorch cannot run it here ({str(error).splitlines()[0][:120]})")
+        print(f"note: no '{name}' row: PyTorch cannot run it here ({(str(error) or type(error).__name__).splitlines()[0][:120]})")
         return None
     return System(name, train, infer, precision="bfloat16" if bf16 else "float32")
 
@@ -526,9 +526,9 @@ def main(argv=None):
                         help="restart first with glibc's malloc keeping freed memory, as experiments.sentiment does "
                         "(experiments/allocator.py); it applies to every system in the process")  # fmt: skip
     args = parser.parse_args(argv)
-    for flag, least in (("steps", 1), ("rounds", 1), ("warmup", 1)):  # warm-up 0 would time JAX's compile
-        if getattr(args, flag) < least:
-            parser.error(f"--{flag} must be >= {least}, got {getattr(args, flag)}")
+    for flag in ("steps", "rounds", "warmup"):  # a warm-up of 0 would time JAX's compile
+        if getattr(args, flag) < 1:
+            parser.error(f"--{flag} must be >= 1, got {getattr(args, flag)}")
     if args.keep_freed_memory:
         if argv is not None:
             parser.error("--keep-freed-memory restarts the process: pass it on the command line")

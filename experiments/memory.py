@@ -267,7 +267,7 @@ def _train_one_unlocked(configs: dict) -> dict:
         "test_loss": final["loss"], "test_accuracy": final["accuracy"], "accuracy_counts": task.aux_name,
         "baseline_loss": task.baseline(task_cfg.T), "solved_below": threshold,
         "steps_to_solve": solved["step"] if solved else None, "seconds_to_solve": solved["seconds"] if solved else None,
-        "best_test_loss": min(r["loss"] for r in evaluations),
+        "best_test_loss": min((r["loss"] for r in evaluations), default=None),  # None: stopped before any
         "wall_seconds": final["seconds"], "train_seconds": summary["train_seconds"], "resumed_from_step": start_step,
         "nonfinite_steps": int(state.nonfinite_steps), "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
         "params_sha256": params_sha256(state.params), "config": config_dict(configs),
@@ -343,7 +343,7 @@ def sweep_table(runs: list[dict]) -> str:
             "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for r in runs:
         solve = lambda v, fmt: "not solved" if v is None else format(v, fmt)
-        rows.append(f"| {r['T']} | {r['cell']} | {r['test_loss']:.4f} | {r['baseline_loss']:.4f} | {r['best_test_loss']:.4f} | "
+        rows.append(f"| {r['T']} | {r['cell']} | {r['test_loss']:.4f} | {r['baseline_loss']:.4f} | {'-' if r['best_test_loss'] is None else format(r['best_test_loss'], '.4f')} | "
                     f"{solve(r['steps_to_solve'], 'd')} | {solve(r['seconds_to_solve'], '.0f')} | {r['wall_seconds']:.0f} | {r['test_accuracy']:.3f} |")  # fmt: skip
     return "\n".join(rows)
 

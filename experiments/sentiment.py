@@ -50,6 +50,7 @@ from lstm_jax import cli, data, gates, parallel
 from lstm_jax.checkpoint import (
     CheckpointError,
     RunCheckpoints,
+    WorkdirBusy,
     atomic_write_text,
     config_dict,
     has_checkpoints,
@@ -221,6 +222,8 @@ def removed_if_left_empty(workdir: Path):
     created = not workdir.exists()
     try:
         yield
+    except WorkdirBusy:  # the folder is another process's, even if this one saw it missing a moment before
+        raise
     except BaseException:
         if created and workdir.is_dir() and not any(workdir.iterdir()):
             workdir.rmdir()

@@ -113,7 +113,7 @@ class RunCheckpoints:
     def restore_best(self, abstract_state) -> tuple[Restored | None, str | None]:
         """The best checkpoint, or None and a one-line warning where it exists but cannot be read, so that the
         caller can go on with other weights and say so. Nothing is moved aside."""
-        restored, skipped = _newest_readable(self.best, abstract_state)
+        restored, skipped = _newest_readable(self.best, abstract_state, move_aside=False)
         if restored is None and skipped:
             return None, f"warning: the best checkpoint in {self.best.directory} cannot be read ({_reasons(skipped)})"
         return restored, None
@@ -131,10 +131,11 @@ class RunCheckpoints:
         self.best.close()
 
 
-def _newest_readable(manager: ocp.CheckpointManager, abstract_state) -> tuple[Restored | None, list[tuple[int, str]]]:
+def _newest_readable(manager: ocp.CheckpointManager, abstract_state, *, move_aside: bool = True
+                     ) -> tuple[Restored | None, list[tuple[int, str]]]:
     """The newest checkpoint of ``manager`` that reads and matches its checksum, and ``(step, reason)`` for each newer
-    one that does not. Once one reads, the newer ones are moved aside (see the module docstring); if none reads, none
-    is moved."""
+    one that does not. Once one reads, the newer ones are moved aside (see the module docstring) if ``move_aside``;
+    if none reads, none is moved."""
     skipped = []
     for step in sorted(manager.all_steps(), reverse=True):
         mismatch = _shape_mismatch(manager, step, abstract_state)
@@ -153,6 +154,8 @@ def _newest_readable(manager: ocp.CheckpointManager, abstract_state) -> tuple[Re
         if saved_sha256 is not None and saved_sha256 != params_sha256(restored["state"]):
             skipped.append((step, "checksum mismatch: the arrays on disk changed after they were saved"))
             continue
+        if not move_aside:
+            return Restored(restored["state"], meta, step, [f"step {bad}: {reason}" for bad, reason in skipped]), skipped
         reports = [f"step {bad}: {reason}; {_set_aside(manager.directory, bad)}" for bad, reason in skipped]
         if skipped:
             manager.reload()  # forget the steps moved aside
@@ -276,6 +279,10 @@ def _make_workdir(workdir: Path) -> None:
 _LOCKED: set[Path] = set()  # the run directories this process holds
 
 
+class WorkdirBusy(SystemExit):
+    """Another process holds the run directory (:func:`workdir_lock`); the message says what to do."""
+
+
 @contextlib.contextmanager
 def workdir_lock(workdir) -> Iterator[None]:
     """Holds an exclusive lock on the run directory (created if need be) for the block, so that a second process
@@ -293,8 +300,8 @@ def workdir_lock(workdir) -> Iterator[None]:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except OSError:
         os.close(fd)
-        raise SystemExit(f"error: another process is training in {workdir}; let it finish (or stop it), "
-                         "or pass another --workdir") from None
+        raise WorkdirBusy(f"error: another process is training in {workdir}; let it finish (or stop it), "
+                          "or pass another --workdir") from None
     _LOCKED.add(key)
     try:
         yield

@@ -145,7 +145,7 @@ def _text_array(split: datasets.Dataset, column: str, split_name: str) -> tuple[
 # hyphen, zero-width (non-)joiner, byte-order mark, direction marks) sit inside words and are dropped.
 SPACE_CHARACTERS = r"[\x{00}-\x{08}\x{0b}\x{0c}\x{0e}-\x{1f}\x{7f}-\x{9f}\x{200b}]"
 FORMAT_CHARACTERS = r"\p{Cf}"
-CONTROL_CHARACTERS = r"[\x{00}-\x{08}\x{0b}\x{0c}\x{0e}-\x{1f}\x{7f}-\x{9f}\p{Cf}]"  # either kind
+CONTROL_CHARACTERS = f"{SPACE_CHARACTERS}|{FORMAT_CHARACTERS}"  # either kind
 
 
 def _count_with_control_characters(texts: pa.ChunkedArray) -> int:
@@ -163,18 +163,18 @@ def _label_names_in(split: datasets.Dataset, column: str) -> tuple[str, ...] | N
 
 
 def _label_array(split: datasets.Dataset, column: str, split_name: str,
-                 names: tuple[str, ...] | None = None) -> np.ndarray:
-    """Class ids: the column's integers, or the indices in ``names`` of its class names (strings)."""
+                 class_names: tuple[str, ...] | None = None) -> np.ndarray:
+    """Class ids: the column's integers, or the indices in ``class_names`` of its class names (strings)."""
     labels = split.with_format("arrow")[column]
     if labels.null_count:  # before the type: pandas reads an integer column with blanks as floats
         raise DataError(f"split '{split_name}' has {labels.null_count} missing labels; "
                         "fill or remove them")
-    if names is not None and _is_string(labels.type):
-        ids = pc.index_in(labels, value_set=pa.array(names, labels.type))
+    if class_names is not None and _is_string(labels.type):
+        ids = pc.index_in(labels, value_set=pa.array(class_names, labels.type))
         if ids.null_count:
             unseen = sorted(set(pc.filter(labels, pc.is_null(ids)).to_pylist()))
             raise DataError(f"split '{split_name}' has {ids.null_count} labels that train never has ({unseen[:5]}); "
-                            f"the classes are train's {list(names)[:10]}: fix the labels or remove those rows")
+                            f"the classes are train's {list(class_names)[:10]}: fix the labels or remove those rows")
         return ids.to_numpy().astype(np.int64)
     if not pa.types.is_integer(labels.type):
         raise DataError(f"label column '{column}' of split '{split_name}' has type {labels.type}; labels must be "
@@ -182,11 +182,11 @@ def _label_array(split: datasets.Dataset, column: str, split_name: str,
     return labels.to_numpy().astype(np.int64)
 
 
-def _class_info(feature, train_labels: np.ndarray, names: tuple[str, ...] | None = None) -> tuple[int, tuple[str, ...]]:
+def _class_info(feature, train_labels: np.ndarray, class_names: tuple[str, ...] | None = None) -> tuple[int, tuple[str, ...]]:
     if isinstance(feature, datasets.ClassLabel):
         return feature.num_classes, tuple(feature.names)
-    if names is not None:
-        return len(names), names
+    if class_names is not None:
+        return len(class_names), class_names
     labelled = train_labels[train_labels != UNLABELLED]
     present = np.unique(labelled)
     if len(present) >= 2 and present[0] > 0:  # (one class only is the next check's error)
@@ -212,14 +212,14 @@ def _check_label_range(labels: np.ndarray, num_classes: int, split_name: str) ->
 
 
 def _clean_split(split: datasets.Dataset, name: str, text_col: str, label_col: str,
-                 num_classes: int, notes: list[str], names: tuple[str, ...] | None = None) -> pa.Table | None:
+                 num_classes: int, notes: list[str], class_names: tuple[str, ...] | None = None) -> pa.Table | None:
     """Returns the split as a `text` / `label` table (None if wholly unlabelled), noting changes."""
     for column, flag in ((text_col, "--text-column"), (label_col, "--label-column")):
         if column not in split.column_names:
             raise DataError(f"split '{name}' has no column '{column}' "
                             f"(columns: {split.column_names}); fix the data or pass {flag}")
     texts, num_null = _text_array(split, text_col, name)
-    labels = _label_array(split, label_col, name, names)
+    labels = _label_array(split, label_col, name, class_names)
     _check_label_range(labels, num_classes, name)
     if num_null:
         notes.append(f"{name}: {num_null} missing texts read as empty strings")
@@ -290,15 +290,15 @@ def load_text_splits(dataset: str, *, text_column: str | None = None,
     val_name = next((name for name in VALIDATION_NAMES if name in raw), None)
     splits_used = ["train"] + ([val_name] if val_name else []) + (["test"] if "test" in raw else [])
 
-    names = None if isinstance(train_raw.features[label_col], datasets.ClassLabel) else _label_names_in(train_raw, label_col)
-    train_labels = _label_array(train_raw, label_col, "train", names)
+    class_names = None if isinstance(train_raw.features[label_col], datasets.ClassLabel) else _label_names_in(train_raw, label_col)
+    train_labels = _label_array(train_raw, label_col, "train", class_names)
     if not np.any(train_labels != UNLABELLED):
         raise DataError(f"train split of '{dataset}' has no labelled rows; pass a dataset with training data")
-    num_classes, label_names = _class_info(train_raw.features[label_col], train_labels, names)
+    num_classes, label_names = _class_info(train_raw.features[label_col], train_labels, class_names)
     if num_classes < 2:
         raise DataError(f"train labels give {num_classes} class(es); a classifier needs at least 2")
     notes: list[str] = []
-    tables = {name: _clean_split(raw[name], name, text_col, label_col, num_classes, notes, names)
+    tables = {name: _clean_split(raw[name], name, text_col, label_col, num_classes, notes, class_names)
               for name in splits_used}
     if unused := [name for name in raw if name not in splits_used]:
         notes.append(f"splits not used: {', '.join(unused)} (read are train, {' or '.join(VALIDATION_NAMES)}, and test)")

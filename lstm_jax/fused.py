@@ -268,7 +268,7 @@ def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
     if mask_grad is None:
         return *grads, no_grad(valid_TN), no_grad(mask_NH)
     # h_prev * mask entered every step's matmul: d mask = sum over steps of h_prev * (dz @ W_h^T)
-    dh_in_TNH = jnp.einsum("tng,hg->tnh", dz_TNG.astype(w_h.dtype), w_h)
+    dh_in_TNH = jnp.einsum("tng,hg->tnh", dz_TNG, w_h.astype(dz_TNG.dtype))
     d_mask = jnp.sum(_previous(h_TNH, h0_NH, reverse) * dh_in_TNH, axis=0).astype(mask_NH.dtype)
     return *grads, no_grad(valid_TN), d_mask
 

@@ -156,12 +156,13 @@ def train_loop(
     best_meta = checkpoints.best_meta()
     best = best_meta["val"][best_metric] if best_meta else -math.inf
     if best_meta is None and (best_step := checkpoints.best.latest_step()) is not None:
-        print(f"warning: the best checkpoint (step {best_step}) cannot be read; the next evaluation replaces it")
+        print(f"warning: the best checkpoint (step {best_step}) cannot be read; the next scheduled evaluation replaces it")
     val, seconds, tokens, window = carried_figures((checkpoints.latest_meta(step) or {}) if step else None)
     seconds_known = seconds is not None
     seconds = seconds or 0.0
     compiled_shapes = set()  # the first step of each batch shape compiles; keep it out of tokens/s
     bar = tqdm(total=stop_step, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
+    stopped_by_error = True
     try:
         while step < stop_step:
             epoch, first = divmod(step, steps_per_epoch)
@@ -227,15 +228,15 @@ def train_loop(
                     checkpoints.save(step, state, {**meta, "step": step, "epoch": epoch, "val": val, "loop": loop})
                 if step == stop_step:
                     break
-    except BaseException:  # also on an error, so the last good checkpoint is never left half-written
+        stopped_by_error = False
+    finally:  # also on an error, so the last good checkpoint is never left half-written
         bar.close()
         try:
             checkpoints.wait()
-        except Exception as wait_error:  # the first error is the one to raise; this one is said too
-            print(f"note: while stopping, {wait_error}")
-        raise
-    bar.close()
-    checkpoints.wait()
+        except Exception as wait_error:
+            if not stopped_by_error:
+                raise
+            print(f"note: while stopping, {wait_error}")  # the first error goes on; this one is said too
     summary = {"train_seconds": seconds if seconds_known else None,
                "tokens_per_second": tokens / seconds if seconds else None, "last_val": val,
                "steps": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip

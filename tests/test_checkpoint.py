@@ -21,6 +21,7 @@ import pytest
 from lstm_jax.checkpoint import (
     CheckpointError,
     RunCheckpoints,
+    WorkdirBusy,
     config_differences,
     prepare_workdir,
     resumable_fields,
@@ -323,22 +324,30 @@ def test_a_run_directory_is_held_by_one_process_at_a_time(tmp_path):
     """Another process holding the workdir (a job restarted while the old one still runs) makes a second trainer stop
     with a one-line error; in one process the lock nests, and it is free again once released or its holder ends."""
     workdir = tmp_path / "run"
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from lstm_jax.checkpoint import workdir_lock\n"
-         f"with workdir_lock({str(workdir)!r}):\n    print('held', flush=True); sys.stdin.readline()"],
-        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    repo = Path(__file__).resolve().parents[1]
+    hold = ("import sys; from lstm_jax.checkpoint import workdir_lock\n"
+            f"with workdir_lock({str(workdir)!r}):\n    print('held', flush=True); sys.stdin.readline()")  # fmt: skip
+    holder = subprocess.Popen([sys.executable, "-c", hold], stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True, cwd=repo)
     try:
         assert holder.stdout.readline().strip() == "held"
-        with pytest.raises(SystemExit, match=f"another process is training in {workdir}; .*another --workdir"):
+        with pytest.raises(WorkdirBusy, match=f"another process is training in {workdir}; .*another --workdir"):
             with workdir_lock(workdir):
                 pass
     finally:
         holder.stdin.close()
         holder.wait(timeout=60)
-    with workdir_lock(workdir), workdir_lock(workdir):  # free again, and nested
-        pass
-    with workdir_lock(workdir):  # and released by the nested use's end
-        pass
+
+    def another_process_can_lock() -> bool:
+        attempt = subprocess.run([sys.executable, "-c", f"from lstm_jax.checkpoint import workdir_lock\nwith workdir_lock({str(workdir)!r}): pass"],
+                                 cwd=repo, capture_output=True, text=True, timeout=60)  # fmt: skip
+        assert attempt.returncode == 0 or "another process is training" in attempt.stderr, attempt.stderr
+        return attempt.returncode == 0
+
+    with workdir_lock(workdir):  # free again
+        with workdir_lock(workdir):  # nested in this process
+            pass
+        assert not another_process_can_lock()  # the inner block's end did not release the outer one's lock
+    assert another_process_can_lock()
 
 
 def test_config_differences_lists_nested_leaves():

@@ -80,7 +80,7 @@ def test_fused_with_recurrent_dropout_mask():
 @pytest.mark.parametrize("mask_shape", [(len(LENGTHS), H), (H,)])
 def test_a_learned_recurrent_mask_gets_the_scans_gradient(mask_shape, reverse):
     """A mask differentiated by its caller (a learned or concrete dropout, say) gets its gradient through the fused
-    path as through the scan, with lengths and a mask broadcast over the batch; a drawn one costs nothing extra."""
+    path as through the scan, with lengths and a mask broadcast over the batch."""
     params = random_layers(LSTM)[0]
     x, carry = random_inputs((len(LENGTHS),))
     h_mask = jnp.asarray(np.random.default_rng(7).uniform(0.5, 1.5, mask_shape), jnp.float32)

@@ -62,6 +62,13 @@ def test_a_stopped_run_resumes_to_the_same_bits(uninterrupted, tmp_path, capsys)
         run(tmp_path, "--hidden-size", 16)
 
 
+@pytest.mark.slow
+def test_a_run_stopped_before_its_first_scheduled_evaluation_reports_no_best_loss(tmp_path):
+    results = run(tmp_path, "--max-steps", 30)  # evaluations every 40: only the stop's own, not on the schedule
+    assert results["steps"] == 30 and results["best_test_loss"] is None and results["steps_to_solve"] is None
+    assert results["test_loss"] > 0  # the final weights are still evaluated
+
+
 def test_unknown_names_are_refused_in_one_line(capsys):
     with pytest.raises(SystemExit):
         memory.main(["--cell", "lstn"])
