@@ -389,6 +389,23 @@ def test_a_max_steps_stop_is_evaluated_but_never_kept_as_the_best(tmp_path):
     assert best_step(tmp_path / "stopped") == best_step(tmp_path / "reference") == 12
 
 
+def test_the_best_checkpoint_is_the_first_highest_evaluation_and_holds_that_steps_state(tmp_path):
+    scores = iter([1.0, 3.0, 3.0, 0.0])  # at steps 5, 6, 10, 12: step 10 only ties step 6, and step 12 falls
+
+    def scored(params):
+        return {**toy_evaluate(params), "accuracy": next(scores)}
+
+    toy_run(tmp_path / "run", evaluate=scored)
+    checkpoints = RunCheckpoints(tmp_path / "run")
+    try:
+        best = checkpoints.restore(toy_state(), which="best")
+    finally:
+        checkpoints.close()
+    at_step_6, _ = toy_run(tmp_path / "six", loop=dataclasses.replace(TOY_LOOP, max_steps=6))
+    assert best.step == 6 and best.meta["val"]["accuracy"] == 3.0
+    assert params_sha256(best.state) == params_sha256(at_step_6)
+
+
 def test_a_failed_save_while_stopping_on_an_error_does_not_hide_that_error(tmp_path, monkeypatch, capsys):
     def full_disk(self):
         raise CheckpointError("could not write a checkpoint (disk full)")

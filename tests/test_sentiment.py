@@ -5,7 +5,10 @@ import json
 import os
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+import orbax.checkpoint as ocp
 import pyarrow.parquet as pq
 import pytest
 
@@ -13,6 +16,9 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 from experiments import sentiment  # noqa: E402
+from lstm_jax import data  # noqa: E402
+from lstm_jax.checkpoint import RunCheckpoints  # noqa: E402
+from lstm_jax.model import classifier_logits  # noqa: E402
 
 SST2 = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "sst2"
 SMALL_MODEL = ["--embed-dim", "32", "--hidden-size", "32", "--head-hidden", "32", "--vocab-size", "4000",
@@ -61,7 +67,10 @@ def test_end_to_end_writes_every_output_and_beats_the_majority_class(trained_run
     steps_per_epoch = saved["steps"] // 3
     assert steps_per_epoch >= 3000 // 32
     records = [json.loads(line) for line in (workdir / "metrics.jsonl").read_text().splitlines()]
-    assert [r["step"] for r in records if r["split"] == "validation"] == [steps_per_epoch * k for k in (1, 2, 3)]
+    evaluations = [r for r in records if r["split"] == "validation"]
+    assert [r["step"] for r in evaluations] == [steps_per_epoch * k for k in (1, 2, 3)]
+    best = max(evaluations, key=lambda r: r["accuracy"])  # the first of equal ones, as the loop keeps it
+    assert saved["best_step"] == best["step"] and saved["val_accuracy"] == pytest.approx(best["accuracy"], abs=1e-9)
 
 
 @pytest.mark.slow
@@ -70,8 +79,22 @@ def test_predict_prints_a_label_and_probability(trained_run, capsys):
     texts = ["a gorgeous , witty , seductive movie .", "dull and tedious"]
     answers = sentiment.predict(["--workdir", str(workdir), *texts])
     assert len(answers) == 2
-    for label, probability in answers:
-        assert label in ("negative", "positive") and 0.5 <= probability <= 1.0
+    # against the best checkpoint's averaged weights, restored here without predict's own loading code
+    model_cfg = sentiment.ModelConfig(**json.loads((workdir / "config.json").read_text())["ModelConfig"])
+    tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
+    checkpoints = RunCheckpoints(workdir)
+    try:
+        best_step = checkpoints.best.latest_step()
+        restored = checkpoints.best.restore(best_step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        checkpoints.close()
+    assert best_step == json.loads((workdir / "results.json").read_text())["best_step"]
+    ema = restored["state"]["ema_params"]
+    for (label, probability), text in zip(answers, texts, strict=True):
+        ids = jnp.asarray([tokenizer.encode(text, add_special_tokens=False).ids])
+        probs = jax.nn.softmax(classifier_logits(ema, model_cfg, ids, jnp.asarray([ids.shape[1]]))[0])
+        assert label == ("negative", "positive")[int(probs.argmax())]
+        assert probability == pytest.approx(float(probs.max()), abs=1e-5)
     printed = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in printed[-2:]] == [label for label, _ in answers]
     assert [line.split("\t")[2] for line in printed[-2:]] == texts
