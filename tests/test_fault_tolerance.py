@@ -328,14 +328,19 @@ class Crash(Exception):
     pass
 
 
-def toy_run(workdir: Path, crash_before_step: int | None = None, evaluate=toy_evaluate, loop: LoopConfig = TOY_LOOP):
-    """Train to the end, resuming whatever ``workdir`` holds, or raise Crash instead of taking ``crash_before_step``."""
+def toy_run(workdir: Path, crash_before_step: int | None = None, evaluate=toy_evaluate, loop: LoopConfig = TOY_LOOP,
+            taken: list | None = None):
+    """Train to the end, resuming whatever ``workdir`` holds, or raise Crash instead of taking ``crash_before_step``;
+    each step's ``(batch, metrics)`` goes to ``taken`` if given."""
     step = make_train_step(toy_loss, TOY_OPTIMIZER, ema_decay=0.9)
 
     def train_step(state, batch):
         if int(state.step) + 1 == crash_before_step:
             raise Crash
-        return step(state, batch)
+        state, metrics = step(state, batch)
+        if taken is not None:
+            taken.append((batch, metrics))
+        return state, metrics
 
     checkpoints = RunCheckpoints(workdir, keep=TOY_LOOP.keep)
     try:
@@ -416,6 +421,18 @@ def test_a_failed_save_while_stopping_on_an_error_does_not_hide_that_error(tmp_p
     assert "note: while stopping, could not write a checkpoint (disk full)" in capsys.readouterr().out
     with pytest.raises(CheckpointError, match="disk full"):  # and without another error, it is the error
         toy_run(tmp_path / "whole")
+
+
+def test_train_lines_are_the_row_weighted_means_of_their_steps(tmp_path):
+    taken = []
+    toy_run(tmp_path, taken=taken)
+    lines = [r for r in metrics_without_timing(tmp_path) if r["split"] == "train"]
+    assert [r["step"] for r in lines] == [4, 8, 12] and len(taken) == 12
+    for line, window in zip(lines, (taken[0:4], taken[4:8], taken[8:12]), strict=True):
+        rows = sum(float(batch.weights_B.sum()) for batch, _ in window)
+        loss = sum(float(metrics["loss"]) * float(batch.weights_B.sum()) for batch, metrics in window) / rows
+        correct = sum(float(metrics["aux"]) for _, metrics in window) / rows
+        assert line["loss"] == pytest.approx(loss, rel=1e-6) and line["accuracy"] == pytest.approx(correct, rel=1e-6)
 
 
 def test_rerunning_a_finished_loop_returns_the_first_runs_figures(tmp_path):

@@ -290,6 +290,23 @@ def test_train_mode_depends_on_the_key():
     assert not np.allclose(a[valid], evaluation[valid])
 
 
+@pytest.mark.parametrize("field", ["embed_dropout", "word_dropout", "input_dropout", "layer_dropout", "recurrent_dropout",
+                                   "zoneout", "weight_drop", "output_dropout"])  # fmt: skip
+def test_each_regulariser_alone_reaches_the_logits_in_training_only(field):
+    """Each one on its own changes the training logits (so none is silently dropped on the way to rnn or the head)
+    and leaves evaluation as without it; zoneout evaluates with its expectation (Krueger et al. 2017), so not."""
+    config = small_config(num_layers=2, bidirectional=False, pooling="mean", **{field: 0.5})
+    plain = small_config(num_layers=2, bidirectional=False, pooling="mean")
+    params = random_params(config)
+    tokens = padded_tokens(LENGTHS, T)
+    trained = np.asarray(logits_fn(params, config, tokens, LENGTHS, key=jax.random.key(2), train=True))
+    if field != "zoneout":
+        np.testing.assert_array_equal(logits_fn(params, config, tokens, LENGTHS), logits_fn(params, plain, tokens, LENGTHS))
+    without = np.asarray(logits_fn(params, plain, tokens, LENGTHS, key=jax.random.key(2), train=True))
+    valid = LENGTHS > 0
+    assert not np.allclose(trained[valid], without[valid], rtol=1e-4, atol=1e-4), field
+
+
 def test_train_mode_without_dropout_equals_eval_mode(bidirectional_outputs):
     config, params, tokens, _, _ = bidirectional_outputs
     np.testing.assert_allclose(

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from rnn_fixtures import E, padded_batch, random_layers
 
-from lstm_jax import LSTM, Carry, regularisers, rnn
+from lstm_jax import LSTM, Carry, Cell, regularisers, rnn, scan_layer
 
 _JIT_RECUR = jax.jit(LSTM.recur)
 _JIT_PROJECT = jax.jit(LSTM.project)
@@ -298,6 +298,21 @@ def test_rnn_zoneout_in_evaluation_mixes_carries_by_their_expectation():
         assert (np.asarray(y)[b, n:] == 0).all()
     _, (plain,) = rnn(LSTM, layers, jnp.asarray(x), jnp.array(LENGTHS))
     assert np.abs(np.asarray(plain.c) - np.asarray(final.c)).max() > 1e-3
+
+
+def test_zoneout_draws_a_new_mask_at_every_step():
+    """A cell whose update is always 1, from a zero carry: step 1 emits 1 - m1 and step 2 emits 1 - m1 * m2 for the
+    masks m (1: keep the old value). One mask reused at every step would make them equal; fresh masks keep a unit at
+    0 for both steps with probability rate**2."""
+    rate, batch, hidden = 0.3, 512, 64
+    ones = lambda params, carry, xp, h_mask=None: (Carry(jnp.ones_like(carry.h), jnp.ones_like(carry.c)), jnp.ones_like(carry.h))
+    always_one = Cell(lambda *a, **k: {}, lambda params, x: x, ones, lambda params, batch_shape=(): Carry(
+        jnp.zeros((*batch_shape, hidden)), jnp.zeros((*batch_shape, hidden))))  # fmt: skip
+    x_TE = jnp.zeros((2, batch, hidden))
+    _, y_TH = scan_layer(always_one, {}, x_TE, zoneout=rate, key=jax.random.key(1), train=True)
+    zero_1, zero_2 = np.asarray(y_TH[0]) == 0, np.asarray(y_TH[1]) == 0
+    assert within_sigmas(zero_1.mean(), rate, zero_1.size)
+    assert (zero_2 <= zero_1).all() and within_sigmas(zero_2.mean(), rate**2, zero_2.size)
 
 
 def test_rnn_zoneout_in_training_keeps_or_updates_each_unit():
