@@ -31,7 +31,12 @@ from lstm_jax.model import (
     rnn_width,
 )
 from lstm_jax.recurrence import rnn
-from lstm_jax.train import classifier_loss, language_model_pretraining_loss, weighted_cross_entropy
+from lstm_jax.train import (
+    classifier_loss,
+    language_model_pretraining_loss,
+    make_language_model_eval_step,
+    weighted_cross_entropy,
+)
 
 V, E, H, HEAD, C = 23, 4, 5, 6, 3
 NO_DROPOUT = {
@@ -505,6 +510,19 @@ def test_language_model_targets_reach_the_outputs_that_predict_them_only_in_a_de
         with pytest.raises(ValueError, match="--num-layers 1"):
             small_config(num_layers=2, lm_pretrain_epochs=1)
         small_config(num_layers=2, bidirectional=False, lm_weight=0.5)  # one direction never reads ahead
+
+
+def test_the_language_model_eval_step_sums_the_numpy_terms_in_evaluation_mode():
+    lm_words = 9
+    config = small_config(lm_weight=0.5, lm_words=lm_words, input_dropout=0.5, output_dropout=0.5)
+    params = random_params(config, seed=11)
+    tokens = padded_tokens(LENGTHS, T)
+    batch = Batch(tokens, LENGTHS, LABELS, (LENGTHS > 0).astype(np.float32))
+    loss_sum, correct, count = make_language_model_eval_step(config)(params, batch)
+    _, y_BTH = classifier_logits(params, config, jnp.asarray(tokens), jnp.asarray(LENGTHS), with_outputs=True)  # no key: eval
+    terms = numpy_language_model_terms(params["lm"], np.asarray(y_BTH), tokens, LENGTHS, lm_words)
+    assert int(count) == len(terms) and int(correct) == int(terms[:, 1].sum())
+    np.testing.assert_allclose(float(loss_sum), terms[:, 0].sum(), rtol=1e-5)
 
 
 def test_language_model_pretraining_loss_trains_the_stack_not_the_head():
