@@ -69,6 +69,7 @@ def test_checkpoint_restores_across_mesh_sizes(mesh_report):
     assert mesh_report["restored_4_to_1_devices"] == 1
     assert mesh_report["restored_1_to_4_devices"] == 4
     assert mesh_report["restored_difference_4_to_1"] == 0.0
+    assert mesh_report["restored_difference_1_to_4"] == 0.0  # parameters, their average and Adam's moments
     assert mesh_report["accuracy_4_restored_on_1"] == mesh_report["accuracy_4"]
     assert mesh_report["accuracy_1_restored_on_4"] == mesh_report["accuracy_1"]
     assert mesh_report["accuracy_4"] > 0.9, mesh_report["accuracy_4"]  # labels are balanced: 0.5 is the class prior
