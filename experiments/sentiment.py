@@ -300,7 +300,7 @@ def train_configs(configs: dict, mesh) -> dict:
     eval_step = parallel.host_batch_step(make_eval_step(model_cfg, params_sharding=state_sharding.eval_params, batch_sharding=rows), mesh)
     state, summary, best = train_phase(
         state, state_sharding, lambda p, batch, key: classifier_loss(p, model_cfg, batch, key), optimizer, eval_step, val_split,
-        mesh, epoch_batches, checkpoints, workdir, loop_cfg, ema_decay=optim_cfg.ema_decay, sam_rho=optim_cfg.sam_rho, meta=meta, title=f"{data_cfg.dataset}: {model_cfg.cell}",
+        mesh, epoch_batches, checkpoints, workdir, loop_cfg, ema_decay=optim_cfg.ema_decay, sam_rho=optim_cfg.sam_rho, ensemble=model_cfg.ensemble, meta=meta, title=f"{data_cfg.dataset}: {model_cfg.cell}",
     )  # fmt: skip
     best_state = best.state if best else state
     val = evaluate(eval_step, best_state.eval_params, val_split)
@@ -323,7 +323,7 @@ def train_configs(configs: dict, mesh) -> dict:
 
 
 def train_phase(state, state_sharding, loss_fn, optimizer, eval_step, val_split, mesh, epoch_batches,
-                checkpoints: RunCheckpoints, folder: Path, loop_cfg: LoopConfig, *, ema_decay: float, sam_rho: float,
+                checkpoints: RunCheckpoints, folder: Path, loop_cfg: LoopConfig, *, ema_decay: float, sam_rho: float, ensemble: int = 1,
                 meta: dict, title: str):
     """Trains ``state`` by ``loss_fn`` through :func:`~lstm_jax.loop.train_loop` in ``folder`` (``metrics.jsonl``,
     ``curves.png``, ``checkpoints``), on ``mesh``; evaluates ``eval_step`` (host batches) on ``val_split``.
@@ -331,7 +331,7 @@ def train_phase(state, state_sharding, loss_fn, optimizer, eval_step, val_split,
     Returns ``(state, summary, best)``: the last state, the loop's summary and the best checkpoint by
     validation accuracy (None if there is none). ``checkpoints`` stay open.
     """
-    step_on_mesh = make_train_step(loss_fn, optimizer, ema_decay=ema_decay, sam_rho=sam_rho, state_sharding=state_sharding,
+    step_on_mesh = make_train_step(loss_fn, optimizer, ema_decay=ema_decay, sam_rho=sam_rho, ensemble=ensemble, state_sharding=state_sharding,
                                    batch_sharding=parallel.batch_sharding(mesh))  # fmt: skip
     log = MetricsLog(folder / "metrics.jsonl", int(state.step))
     state, summary = train_loop(

@@ -203,14 +203,22 @@ def all_finite(tree) -> jax.Array:
     return jnp.all(jnp.stack([jnp.all(jnp.isfinite(leaf)) for leaf in jax.tree.leaves(tree)]))
 
 
-def sharpness_aware_gradient(loss_and_grad: Callable, params, batch, key, grads, rho: float):
+def sharpness_aware_gradient(loss_and_grad: Callable, params, batch, key, grads, rho: float, members: int = 1):
     """The gradient at ``params + rho * grads / ||grads||``, the first-order worst point within ``rho`` (L2, over all
-    parameters, an ensemble's members together) of ``params``: sharpness-aware minimisation (Foret et al. 2021, "Sharpness-aware minimization for
+    parameters) of ``params``: sharpness-aware minimisation (Foret et al. 2021, "Sharpness-aware minimization for
     efficiently improving generalization", eq. 3), under the same batch and dropout ``key``. ``loss_and_grad`` is
-    ``value_and_grad(loss_fn, has_aux=True)``; ``grads`` are its gradients at ``params``."""
-    scale = rho / jnp.maximum(optax.tree.norm(grads), jnp.finfo(jnp.float32).tiny)
-    nearby = jax.tree.map(lambda p, g: p + (scale * g).astype(p.dtype), params, grads)
-    _, nearby_grads = loss_and_grad(nearby, batch, key)
+    ``value_and_grad(loss_fn, has_aux=True)``; ``grads`` are its gradients at ``params``. With ``members`` > 1 (an
+    ensemble, every leaf with a leading axis of its members) each member moves ``rho`` along its own gradient, as it
+    is clipped and optimised on its own."""
+    tiny = jnp.finfo(jnp.float32).tiny
+    if members == 1:
+        scale = rho / jnp.maximum(optax.tree.norm(grads), tiny)
+        moved = lambda p, g: p + (scale * g).astype(p.dtype)
+    else:
+        squares_K = sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(members, -1), axis=1) for g in jax.tree.leaves(grads))
+        scale_K = rho / jnp.maximum(jnp.sqrt(squares_K), tiny)
+        moved = lambda p, g: p + (scale_K.reshape(-1, *(1,) * (g.ndim - 1)) * g).astype(p.dtype)
+    _, nearby_grads = loss_and_grad(jax.tree.map(moved, params, grads), batch, key)
     return nearby_grads
 
 
@@ -220,6 +228,7 @@ def make_train_step(
     *,
     ema_decay: float = 0.0,
     sam_rho: float = 0.0,
+    ensemble: int = 1,
     state_sharding=None,
     batch_sharding=None,
 ):
@@ -228,7 +237,8 @@ def make_train_step(
     With ``ema_decay`` > 0, ``state.ema_params`` tracks an average of the parameters; its warm-up
     counts applied updates, so a skipped step changes neither the average nor its next rate.
     With ``sam_rho`` > 0 the optimiser gets :func:`sharpness_aware_gradient` instead of the gradient (a second
-    forward and backward pass); the loss and aux reported are those at the parameters themselves.
+    forward and backward pass); the loss and aux reported are those at the parameters themselves. ``ensemble``: the
+    members along the parameters' leading axis, each moved by SAM on its own.
     The input state's buffers are donated. ``state_sharding`` and ``batch_sharding``
     (see :mod:`lstm_jax.parallel`) pin the layout of the state, in and out, and of
     the batch on a device mesh; the step itself is unchanged.
@@ -241,7 +251,7 @@ def make_train_step(
         loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, aux), grads = loss_and_grad(state.params, batch, key)
         if sam_rho > 0.0:
-            grads = sharpness_aware_gradient(loss_and_grad, state.params, batch, key, grads, sam_rho)
+            grads = sharpness_aware_gradient(loss_and_grad, state.params, batch, key, grads, sam_rho, ensemble)
         finite = jnp.isfinite(loss) & all_finite(grads)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)

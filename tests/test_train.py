@@ -246,6 +246,24 @@ def test_sharpness_aware_step_takes_the_gradient_at_the_weights_moved_up_the_gra
     np.testing.assert_allclose(float(metrics["loss"]), expected_loss, rtol=1e-5)  # at the weights, not nearby
 
 
+def test_sharpness_aware_ensemble_members_each_move_rho_along_their_own_gradient():
+    """Two members side by side, a loss that is the sum of theirs: each takes the step it would take alone."""
+    rho, sgd = 0.3, optax.sgd(1.0)
+    members = [copy(TINY_PARAMS), jax.tree.map(lambda a: a * 3.0 + 0.5, copy(TINY_PARAMS))]  # gradients of other norms
+    stacked = jax.tree.map(lambda *a: jnp.stack(a), *members)
+    batch = tiny_batch(seed=6)
+
+    def ensemble_loss(params, batch, key):
+        losses, aux = jax.vmap(lambda p: tiny_loss(p, batch, key))(params)
+        return jnp.sum(losses), aux
+
+    together, _ = make_train_step(ensemble_loss, sgd, sam_rho=rho, ensemble=2)(init_train_state(stacked, sgd, 0), batch)
+    for k, params in enumerate(members):
+        alone, _ = make_train_step(tiny_loss, sgd, sam_rho=rho)(init_train_state(params, sgd, 0), batch)
+        for name in params:
+            np.testing.assert_allclose(together.params[name][k], alone.params[name], rtol=1e-5, atol=1e-6)
+
+
 def test_sharpness_aware_rho_zero_is_the_plain_step_bit_for_bit_and_a_negative_rho_is_refused():
     plain, _ = TINY_STEP(tiny_state(), tiny_batch(seed=5))
     off, _ = make_train_step(tiny_loss, TINY_OPTIMIZER, sam_rho=0.0)(tiny_state(), tiny_batch(seed=5))
