@@ -27,7 +27,7 @@ class OptimConfig:
     b1: float = dataclasses.field(default=0.9, metadata={"help": "Adam beta1"})
     b2: float = dataclasses.field(default=0.999, metadata={"help": "Adam beta2"})
     ema_decay: float = dataclasses.field(default=0.999, metadata={"help": "evaluate an exponential moving average of the weights with this decay (0: off)"})
-    sam_rho: float = dataclasses.field(default=0.0, metadata={"help": "sharpness-aware minimisation: take each gradient at the weights moved this far (L2) along the gradient (0: off; about twice the time per step)"})
+    sam_rho: float = dataclasses.field(default=0.0, metadata={"help": "sharpness-aware minimisation: take each gradient at the weights moved this far (L2) along the gradient, each ensemble member along its own (0: off; about twice the time per step)"})
 
     def __post_init__(self):
         if self.schedule not in SCHEDULES:

@@ -215,7 +215,9 @@ def sharpness_aware_gradient(loss_and_grad: Callable, params, batch, key, grads,
         scale = rho / jnp.maximum(optax.tree.norm(grads), tiny)
         moved = lambda p, g: p + (scale * g).astype(p.dtype)
     else:
-        squares_K = sum(jnp.sum(jnp.square(g.astype(jnp.float32)).reshape(members, -1), axis=1) for g in jax.tree.leaves(grads))
+        if any(g.shape[:1] != (members,) for g in jax.tree.leaves(grads)):
+            raise ValueError(f"sharpness_aware_gradient: every leaf needs a leading axis of the {members} members")
+        squares_K = sum(jnp.sum(jnp.square(g.astype(jnp.float32)), axis=tuple(range(1, g.ndim))) for g in jax.tree.leaves(grads))
         scale_K = rho / jnp.maximum(jnp.sqrt(squares_K), tiny)
         moved = lambda p, g: p + (scale_K.reshape(-1, *(1,) * (g.ndim - 1)) * g).astype(p.dtype)
     _, nearby_grads = loss_and_grad(jax.tree.map(moved, params, grads), batch, key)

@@ -177,7 +177,9 @@ def main():
         report["accuracy_4_restored_on_1"] = accuracy_on(one, on_one.eval_params, eval_batches)
         report["accuracy_1"] = accuracy_on(one, state_1.eval_params, eval_batches)
         report["accuracy_1_restored_on_4"] = accuracy_on(four, on_four.eval_params, eval_batches)
-        report["restored_difference_4_to_1"] = max_relative_difference(on_one.params, state_4.params)
+        report["restored_difference_4_to_1"] = max_relative_difference(
+            (on_one.params, on_one.ema_params, on_one.opt_state), (state_4.params, state_4.ema_params, state_4.opt_state)
+        )
         report["restored_difference_1_to_4"] = max_relative_difference(
             (on_four.params, on_four.ema_params, on_four.opt_state), (state_1.params, state_1.ema_params, state_1.opt_state)
         )

@@ -137,7 +137,8 @@ def test_fused_bfloat16_tracks_float32():
 
 def test_bfloat16_scan_loops_track_float32_values_and_gradients():
     """The hand-written backward of the bfloat16 lax.scan loops (GPU, and CPUs without AMX), with lengths, a mask and
-    reverse: values and gradients in bfloat16, within a few per cent of float32's."""
+    reverse: values and gradients in bfloat16, within 2 % of float32's from the same (rounded) inputs (0.1-0.9 %
+    measured on the AVX2 machine, leaf by leaf)."""
     params = random_layers(LSTM)[0]
     x, carry = random_inputs((len(LENGTHS),))
     h_mask = regularisers.recurrent_mask(jax.random.key(4), (len(LENGTHS), H), 0.3, train=True)
@@ -151,11 +152,11 @@ def test_bfloat16_scan_loops_track_float32_values_and_gradients():
     with native.disabled():
         gradient = jax.jit(jax.value_and_grad(loss, argnums=(0, 1, 2)))
         assert native.TARGETS["backward"] not in gradient.lower(*low_args).as_text()
-        low, high = gradient(*low_args), gradient(params, x, carry)
+        low, high = gradient(*low_args), gradient(*jax.tree.map(lambda a: a.astype(jnp.float32), low_args))
     for a, e in zip(jax.tree.leaves(low), jax.tree.leaves(high), strict=True):
         assert a.dtype == (jnp.float32 if a.ndim == 0 else jnp.bfloat16)
         a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
-        assert np.linalg.norm(a - e) < 0.05 * np.linalg.norm(e)
+        assert np.linalg.norm(a - e) < 0.02 * np.linalg.norm(e)
 
 
 def test_zoneout_falls_back_to_the_scan():

@@ -224,6 +224,23 @@ def test_help_lists_the_dataset_presets(capsys):
     assert "(default: 128; preset imdb 800, yelp_polarity 256, ag_news 64)" in flat  # --max-len
 
 
+def test_an_ensemble_reaches_sharpness_aware_minimisation_member_by_member(sst2_slice, tmp_path, monkeypatch):
+    """The run hands --ensemble to the train step, so that SAM moves each member on its own (test_train.py)."""
+    seen = []
+
+    class Stop(Exception):
+        pass
+
+    def recording(*args, **kwargs):
+        seen.append((kwargs["sam_rho"], kwargs["ensemble"]))
+        raise Stop
+
+    monkeypatch.setattr(sentiment, "make_train_step", recording)
+    with pytest.raises(Stop):
+        run("--dataset", sst2_slice, "--workdir", tmp_path, *SMALL_MODEL, "--ensemble", 2, "--sam-rho", 0.05)
+    assert seen == [(0.05, 2)]
+
+
 @pytest.mark.slow
 def test_an_ensemble_run_predicts_the_mean_of_its_members_and_explains_each(sst2_slice, tmp_path, capsys):
     results = run("--dataset", sst2_slice, "--workdir", tmp_path, "--epochs", 3, "--ensemble", 2, *SMALL_MODEL, "--num-buckets", 2)
