@@ -154,10 +154,9 @@ def _newest_readable(manager: ocp.CheckpointManager, abstract_state, *, move_asi
         if saved_sha256 is not None and saved_sha256 != params_sha256(restored["state"]):
             skipped.append((step, "checksum mismatch: the arrays on disk changed after they were saved"))
             continue
-        if not move_aside:
-            return Restored(restored["state"], meta, step, [f"step {bad}: {reason}" for bad, reason in skipped]), skipped
-        reports = [f"step {bad}: {reason}; {_set_aside(manager.directory, bad)}" for bad, reason in skipped]
-        if skipped:
+        reports = [f"step {bad}: {reason}" for bad, reason in skipped]
+        if move_aside and skipped:
+            reports = [f"{report}; {_set_aside(manager.directory, bad)}" for report, (bad, _) in zip(reports, skipped)]
             manager.reload()  # forget the steps moved aside
         return Restored(restored["state"], meta, step, reports), skipped
     return None, skipped
