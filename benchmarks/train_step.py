@@ -36,6 +36,7 @@ import optax
 import lstm_jax as lj
 from experiments.allocator import has_malloc_tunables, rerun_keeping_freed_memory
 from lstm_jax.model import cast_floating
+from lstm_jax.parallel import usable_cores
 
 VOCAB = 20_000
 NUM_CLASSES = 2
@@ -432,7 +433,7 @@ def machine_description() -> str:
     device = jax.devices()[0]
     if device.platform == "gpu":
         return device.device_kind
-    return f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    return f"{platform.processor() or platform.machine()} CPU, {usable_cores()} cores"
 
 
 def load_warning(load_average: list[float], cores: int) -> str | None:
@@ -455,7 +456,7 @@ def print_table(result: dict) -> None:
     header = f"{'system':32s} {'train ms':>9s} {'tok/s':>9s} {'vs best':>8s} {'GFLOP/s':>8s} {'%ceil':>6s} {'infer ms':>9s} {'tok/s':>9s} {'vs best':>8s}"
     print(header)
     print("-" * len(header))
-    warning = load_warning(result["load_average"], os.cpu_count() or 1)
+    warning = load_warning(result["load_average"], usable_cores())
     for row in result["rows"]:
         print(
             f"{row['system']:32s} {row['train_ms']:9.2f} {row['train_tokens_per_s']:9.0f} {row['train_vs_best_peer']:7.2f}x "
@@ -539,7 +540,7 @@ def main(argv=None):
     shapes = [Shape.parse(s) for s in (args.shape or (GPU_SHAPES if on_gpu else CPU_SHAPES))]
     ceiling = matmul_ceiling()
     report = {"machine": machine_description(), "backend": jax.default_backend(), "commit": git_commit(),
-              "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "cores": os.cpu_count() or 1,
+              "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "cores": usable_cores(),
               "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "results": []}  # fmt: skip
     print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}"
           + (f"  GLIBC_TUNABLES={report['glibc_tunables']}" if report["glibc_tunables"] else ""))  # fmt: skip

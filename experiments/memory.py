@@ -28,7 +28,6 @@ import argparse
 import dataclasses
 import json
 import math
-import os
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -174,11 +173,6 @@ class StepBatches(Sequence):
         if isinstance(index, slice):
             return StepBatches(self.batch_at, self.steps[index])
         return self.batch_at(self.steps[index])
-
-
-def usable_cores() -> int:
-    """The cores this process may run on (its affinity, where the OS has one: not macOS)."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 def scheduled_evaluations(records: list[dict], eval_every: int, steps: int) -> list[dict]:
@@ -383,7 +377,7 @@ def run_sweep(configs: dict, sweep: SweepConfig, argv: list[str]) -> Path:
             if k in ("learning_rate", "clip_norm", "schedule")
         }
     )
-    machine = f"{jax.default_backend()}, {jax.device_count()} device(s), {usable_cores()} CPU cores"
+    machine = f"{jax.default_backend()}, {jax.device_count()} device(s), {parallel.usable_cores()} CPU cores"
     summary = {"task": task, "command": "python -m experiments.memory " + " ".join(argv), "figure": figure,
                "machine": machine, "settings": settings, "runs": runs}  # fmt: skip
     (results_dir / f"memory_{task}.json").write_text(json.dumps(summary, indent=1))

@@ -15,7 +15,7 @@ import optax
 from lstm_jax import regularisers
 from lstm_jax.cells import get_cell
 from lstm_jax.data import UNK_ID
-from lstm_jax.recurrence import init_rnn, is_bidirectional, rnn
+from lstm_jax.recurrence import init_rnn, is_bidirectional, rnn, valid_mask
 
 POOLINGS = ("last", "mean", "max", "mean_max", "attention")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -142,7 +142,7 @@ def language_model_sums(lm, y_BTH, tokens_BT, lengths_B, lm_words: int):
     """
     targets_BT = jnp.minimum(tokens_BT, lm_words - 1)
     width = lm["fwd"]["w"].shape[0]
-    valid_BT = jnp.arange(tokens_BT.shape[1]) < lengths_B[:, None]
+    valid_BT = valid_mask(lengths_B, tokens_BT.shape[1]).T
     # (outputs, their targets, valid, head): forward output t predicts word t + 1, backward output t word t - 1
     pairs = [(y_BTH[:, :-1, :width], targets_BT[:, 1:], valid_BT[:, 1:], lm["fwd"])]
     if "bwd" in lm:
@@ -191,7 +191,7 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, pooling: str, attention=None, *
     concat pooling of Howard & Ruder 2018 (ULMFiT) without its last state. Rows of length 0 (batch
     padding) pool to zeros.
     """
-    valid_BT = jnp.arange(y_BTH.shape[1]) < lengths_B[:, None]
+    valid_BT = valid_mask(lengths_B, y_BTH.shape[1]).T
     lowest = jnp.finfo(y_BTH.dtype).min
     if pooling == "last":
         pooled_BH = _last_over_time(y_BTH, lengths_B, bidirectional)

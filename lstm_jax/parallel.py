@@ -15,6 +15,7 @@ deterministic batch list and feeds only its own rows of each batch
 
 import dataclasses
 import math
+import os
 from collections.abc import Callable
 
 import jax
@@ -23,6 +24,11 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 MESH_AXES = ("data", "model")
+
+
+def usable_cores() -> int:
+    """The cores this process may run on: its CPU affinity where the OS has one (not macOS), else every core."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
 @dataclasses.dataclass(frozen=True)

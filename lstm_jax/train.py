@@ -21,6 +21,7 @@ from flax import struct
 
 from lstm_jax import regularisers
 from lstm_jax.model import ModelConfig, classifier_logits, language_model_loss, language_model_sums, over_members
+from lstm_jax.recurrence import valid_mask
 
 
 @struct.dataclass
@@ -114,7 +115,7 @@ def virtual_adversarial_loss(logits_at, logits_BC, weights_B, key, shape_BTE, ep
 
     start_BTE = jax.random.normal(key, shape_BTE, logits_BC.dtype)
     if lengths_B is not None:
-        start_BTE = jnp.where((jnp.arange(shape_BTE[1]) < lengths_B[:, None])[..., None], start_BTE, 0.0)
+        start_BTE = jnp.where(valid_mask(lengths_B, shape_BTE[1]).T[..., None], start_BTE, 0.0)
     probe_BTE = regularisers.adversarial_perturbation(start_BTE, epsilon / 10)
     direction_BTE = jax.grad(divergence)(probe_BTE, probe_logits_at or logits_at)
     return divergence(regularisers.adversarial_perturbation(direction_BTE, epsilon))

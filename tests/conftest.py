@@ -13,6 +13,8 @@ import tempfile
 import jax
 import pytest
 
+from lstm_jax.parallel import usable_cores
+
 CACHE_DIR = tempfile.mkdtemp(prefix="lstm_jax_test_xla_cache_")
 os.environ.setdefault("JAX_COMPILATION_CACHE_DIR", CACHE_DIR)
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
@@ -29,4 +31,4 @@ def pytest_sessionfinish(session, exitstatus):
 @pytest.hookimpl(optionalhook=True)
 def pytest_xdist_auto_num_workers(config):
     """``-n auto``: one worker per usable core, at most 4; each worker holds its own JAX runtime and compiled programs."""
-    return max(1, min(4, len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1))
+    return max(1, min(4, usable_cores()))
