@@ -396,6 +396,13 @@ def read_run_file(path: Path, keys: tuple[str, ...], fix: str) -> dict:
     return saved
 
 
+def state_template(model_cfg: ModelConfig, optim_cfg: OptimConfig, meta: dict):
+    """A training state with the structure and shapes of a run's checkpoints (``meta`` is its ``run.json``)."""
+    params = init_classifier(jax.random.key(0), model_cfg, meta["vocab_size"], meta["num_classes"])
+    optimizer = make_optimizer(optim_cfg, 1, ensemble=model_cfg.ensemble)
+    return init_train_state(params, optimizer, 0, ema=optim_cfg.ema_decay > 0)
+
+
 def load_run(workdir: Path):
     """A trained run's model and data configs, ``run.json``, tokenizer, and best (else latest) evaluation parameters."""
     if not (workdir / "config.json").exists() or not (workdir / "run.json").exists():
@@ -409,9 +416,7 @@ def load_run(workdir: Path):
     if not (workdir / "tokenizer.json").exists():
         raise SystemExit(f"error: {workdir} has no tokenizer.json, so its checkpoints cannot read text; restore that file from a copy of the run")
     tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
-    params = init_classifier(jax.random.key(0), model_cfg, meta["vocab_size"], meta["num_classes"])
-    optim_cfg = OptimConfig(**saved["OptimConfig"])
-    abstract_state = init_train_state(params, make_optimizer(optim_cfg, 1, ensemble=model_cfg.ensemble), 0, ema=optim_cfg.ema_decay > 0)
+    abstract_state = state_template(model_cfg, OptimConfig(**saved["OptimConfig"]), meta)
     checkpoints = RunCheckpoints(workdir)
     restored, warning = checkpoints.restore_best(abstract_state)
     if warning:

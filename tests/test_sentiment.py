@@ -3,6 +3,7 @@
 import dataclasses
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -98,6 +99,35 @@ def test_predict_prints_a_label_and_probability(trained_run, capsys):
     printed = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in printed[-2:]] == [label for label, _ in answers]
     assert [line.split("\t")[2] for line in printed[-2:]] == texts
+
+
+@pytest.mark.slow
+def test_predict_reads_the_best_checkpoint_when_a_newer_latest_one_differs(trained_run, tmp_path):
+    """The trained run's best checkpoint may be its last one too; here a newer latest checkpoint predicts the opposite
+    class (its head negated), and predict must still answer from the best, until the best is gone."""
+    workdir, _ = trained_run
+    copy = tmp_path / "run"
+    shutil.copytree(workdir, copy)
+    texts = ["a gorgeous , witty , seductive movie .", "dull and tedious", "it is a film"]
+    best_answers = sentiment.predict(["--workdir", str(workdir), *texts])
+    saved = json.loads((copy / "config.json").read_text())
+    template = sentiment.state_template(sentiment.ModelConfig(**saved["ModelConfig"]),
+                                        sentiment.OptimConfig(**saved["OptimConfig"]), json.loads((copy / "run.json").read_text()))
+    checkpoints = RunCheckpoints(copy, async_save=False)
+    try:
+        latest = checkpoints.restore(template)
+        out = latest.state.ema_params["head"]["out"]
+        negated = {**latest.state.ema_params, "head": {**latest.state.ema_params["head"], "out": jax.tree.map(jnp.negative, out)}}
+        checkpoints.save(latest.step + 1, latest.state.replace(ema_params=negated), latest.meta)
+        checkpoints.wait()
+    finally:
+        checkpoints.close()
+    assert sentiment.predict(["--workdir", str(copy), *texts]) == best_answers
+    shutil.rmtree(copy / "best")  # now predict falls back to the newest latest checkpoint, the negated one
+    from_latest = sentiment.predict(["--workdir", str(copy), *texts])
+    flipped = {"positive": "negative", "negative": "positive"}
+    assert [label for label, _ in from_latest] == [flipped[label] for label, _ in best_answers]
+    assert [p for _, p in from_latest] == pytest.approx([p for _, p in best_answers], abs=1e-5)
 
 
 @pytest.mark.slow
