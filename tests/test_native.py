@@ -126,6 +126,31 @@ def test_results_do_not_depend_on_the_thread_count(monkeypatch):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
 
 
+@pytest.mark.parametrize("where", ["bias", "input"])
+def test_a_nan_comes_out_where_the_scan_loops_put_it(where, monkeypatch):
+    """A NaN in a gate's pre-activation must reach the loss and the gradients, which the train step checks for
+    finiteness: the kernel's exp once clamped NaN to 88, so its sigmoid and tanh returned finite numbers."""
+    params, x, carry, valid, mask = problem(seed=3)
+    if where == "bias":
+        params = {**params, "b": params["b"].at[5].set(jnp.nan)}
+    else:
+        x = x.at[2, 4, 7].set(jnp.nan)
+
+    def loss(params, x):
+        final, y = lstm_sequence(params, x, carry=carry, valid_T=valid, h_mask=mask)
+        return jnp.sum(y**2) + jnp.sum(final.c), y
+
+    results = {}
+    for mode in "10":
+        monkeypatch.setenv("LSTM_JAX_NATIVE", mode)
+        results[mode] = jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1), has_aux=True))(params, x)
+    (kernel_loss, kernel_y), _ = results["1"]
+    assert np.isnan(kernel_loss) and np.isnan(results["0"][0][0])
+    assert 0 < np.isnan(kernel_y).sum() < kernel_y.size  # padded steps emit 0, as in the scan loops
+    for a, e in zip(jax.tree.leaves(results["1"]), jax.tree.leaves(results["0"]), strict=True):
+        np.testing.assert_array_equal(np.isnan(np.asarray(a)), np.isnan(np.asarray(e)))
+
+
 def test_inference_outputs_equal_the_training_forward(monkeypatch):
     """The forward pass without saved activations (no gradient taken) gives the same bits as the one that saves them."""
     monkeypatch.setenv("LSTM_JAX_NATIVE", "1")

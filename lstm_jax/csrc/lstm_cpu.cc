@@ -145,8 +145,10 @@ inline void fence_streaming() {
 
 // exp, lane by lane: 2^n * p(r) with x = n ln 2 + r, |r| <= ln(2) / 2 (Cephes' expf polynomial).
 inline vfloat exp_v(vfloat x) {
-  x = x < splat(88.0f) ? x : splat(88.0f);
-  x = x > splat(-87.0f) ? x : splat(-87.0f);
+  // Clamped so that a NaN fails both tests and stays NaN (as `x < 88 ? x : 88` would not): the train step's
+  // finiteness check must see it, as it does from the lax.scan loops.
+  x = x > splat(88.0f) ? splat(88.0f) : x;
+  x = x < splat(-87.0f) ? splat(-87.0f) : x;
   const vfloat magic = splat(12582912.0f);  // 1.5 * 2^23: adding it rounds to an integer
   vfloat t = x * splat(1.44269504088896341f) + magic;
   vfloat n = t - magic;
@@ -479,7 +481,7 @@ void pack_columns(const float* b, int64_t G, int64_t first, int64_t width, int64
       const int64_t columns = std::clamp<int64_t>(G - first - j, 0, kPanel);
       for (int64_t v = 0; v < kVectors; ++v) {
         const int64_t lanes = std::clamp<int64_t>(columns - v * kLanes, 0, kLanes);
-        store(out + v * kLanes, load(row + first + j + v * kLanes, lanes));
+        store(out + v * kLanes, lanes > 0 ? load(row + first + j + v * kLanes, lanes) : splat(0.0f));
       }
     }
   }
@@ -785,8 +787,8 @@ void forward(const Sequence& seq, const float* x, const float* h0, const float* 
         const float* h_in = seq.mask ? masked_h.data() + (s % 2) * N * H : h_prev;
         gemm({x + t * N * E, E, E}, {h_in, H, H}, N, packed.data(), panels, z.data(), ldz);
       }
-      float* next_masked = masked_h.data() + ((s + 1) % 2) * N * H;
-      bf16* next_b = h_b.data() + ((s + 1) % 2) * N_tiles * H_tiles;
+      float* next_masked = seq.mask ? masked_h.data() + ((s + 1) % 2) * N * H : nullptr;  // buffers that exist
+      bf16* next_b = seq.bf16 ? h_b.data() + ((s + 1) % 2) * N_tiles * H_tiles : nullptr;
       for (int64_t n = 0; n < N; ++n) {
         const float* z_row = z.data() + n * ldz;
         const int64_t at = (t * N + n) * H, prev_at = n * H;
