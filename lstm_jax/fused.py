@@ -26,6 +26,7 @@ Gates are in the order ``i, f, g, o``, as everywhere in :mod:`lstm_jax.cells`. T
 recurrent-dropout mask is a constant: no gradient flows into it.
 """
 
+import dataclasses
 import functools
 import math
 
@@ -60,8 +61,10 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
     x_TNE = x_TE.reshape(num_steps, rows, input_size)
     h_NH = jnp.broadcast_to(carry.h, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
     c_NH = jnp.broadcast_to(carry.c, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
-    valid_TN = (
-        None if valid_T is None else jnp.broadcast_to(valid_T, (num_steps, *batch_shape)).reshape(num_steps, rows)
+    valid_TN = (  # as bool, which the kernel takes (0/1 integers would be refused there)
+        None
+        if valid_T is None
+        else jnp.broadcast_to(valid_T, (num_steps, *batch_shape)).reshape(num_steps, rows).astype(bool)
     )
     mask_NH = (
         None
@@ -89,13 +92,18 @@ def _float32(arrays):
     return tuple(a.astype(jnp.float32) if a is not None and a.dtype == jnp.bfloat16 else a for a in arrays)
 
 
-def _forward(reverse, unroll, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, save=True):
-    """The forward loop; also returns the gate activations and the carried states for the backward pass.
+def _forward_precision(w_x, w_h, b, x_TNE, h_NH, c_NH):
+    """Where the forward loop runs: ``native.precision`` of its operands, or None for the lax.scan loops."""
+    return _kernel_precision(w_x, w_h, b, x_TNE, h_NH, c_NH)
+
+
+def _forward(reverse, unroll, precision, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, save=True):
+    """The forward loop, in the kernel at ``precision`` or (None) as lax.scan; also returns the gate activations
+    and the carried states for the backward pass.
 
     ``save=False`` lets the CPU kernel skip storing them (they are then None). From the kernel they are
     float32 whatever the operands' dtype.
     """
-    precision = _kernel_precision(w_x, w_h, b, x_TNE, h_NH, c_NH)
     if precision is not None:
         operands = _float32((w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH))
         return _native_forward(reverse, unroll, save, precision == "bfloat16", *operands)
@@ -178,8 +186,23 @@ def _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _lstm_scan(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH):
-    h_NH, c_NH, _, h_TNH, _ = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, save=False)
+    precision = _forward_precision(w_x, w_h, b, x_TNE, h0_NH, c0_NH)
+    h_NH, c_NH, _, h_TNH, _ = _forward(reverse, unroll, precision, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH,
+                                       save=False)  # fmt: skip
     return _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH)
+
+
+@jax.tree_util.register_static
+@dataclasses.dataclass(frozen=True)
+class _Decisions:
+    """What the forward rule decided, handed to the backward rule as static structure of the residuals: the
+    backward pass runs where the forward pass ran (not where a later trace would choose, inside or outside
+    ``native.disabled()``), skips the weight gradients where no weight is differentiated, and differentiates the
+    mask only where a caller learns it."""
+
+    precision: str | None  # the forward's native.precision; None: the lax.scan loops
+    weights: bool
+    mask_grad: bool
 
 
 def _lstm_scan_fwd(reverse, unroll, *primals):
@@ -189,12 +212,12 @@ def _lstm_scan_fwd(reverse, unroll, *primals):
     w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH = (
         jax.tree_util.tree_map(lambda p: p.value, primal) for primal in primals  # valid_TN, mask_NH may be None
     )
-    h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH)
+    precision = _forward_precision(w_x, w_h, b, x_TNE, h0_NH, c0_NH)
+    h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, precision, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN,
+                                                  mask_NH)  # fmt: skip
     # a mask is differentiated only where a caller learns it (a dropout mask drawn from a key is not)
-    mask_grad = mask_NH is not None and primals[-1].perturbed
-    # the flags as the residuals' structure (() or None), so that the backward rule reads them at trace time
-    saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, () if weights else None,
-             () if mask_grad else None)
+    decisions = _Decisions(precision, weights, mask_NH is not None and primals[-1].perturbed)
+    saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, decisions)
     return _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH), saved
 
 
@@ -248,24 +271,23 @@ def _backward_scan(reverse, unroll, w_x, w_h, dy_TNH, acts_TNG, c_TNH, c0_NH, dh
 
 
 def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
-    w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, weights, mask_grad = saved
+    w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, decisions = saved
+    precision = decisions.precision
     # a cotangent that is symbolically zero, as zeros that vary along the mesh axes the outputs vary along
     zeros = lambda c: varying.vary(jnp.zeros(c.shape, c.dtype), varying.varying_axes(h_TNH))
     dh_NH, dc_NH, dy_TNH = (zeros(c) if isinstance(c, jax.custom_derivatives.SymbolicZero) else c for c in cotangents)
     operands = (w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, valid_TN, mask_NH)
-    # as the forward pass chose (the saved activations are float32 wherever the kernel ran)
-    precision = _kernel_precision(w_x, w_h, x_TNE, dy_TNH, c0_NH, dh_NH, dc_NH)
     if precision is None:
         dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = _scan_backward(reverse, unroll, *operands)
     else:
-        backward = functools.partial(_native_backward, reverse, unroll, weights is not None, precision == "bfloat16")
+        backward = functools.partial(_native_backward, reverse, unroll, decisions.weights, precision == "bfloat16")
         dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = backward(*_float32(operands))
     db = dz_TNG.reshape(-1, dz_TNG.shape[-1]).sum(0)
     grads = (dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH)
     if precision is not None:  # the kernel's float32 results in the primals' dtypes (b has w_x's: native.precision)
         grads = tuple(g.astype(p.dtype) for g, p in zip(grads, (w_x, w_h, w_x, x_TNE, h0_NH, c0_NH), strict=True))
     no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
-    if mask_grad is None:
+    if not decisions.mask_grad:
         return *grads, no_grad(valid_TN), no_grad(mask_NH)
     # h_prev * mask entered every step's matmul: d mask = sum over steps of h_prev * (dz @ W_h^T)
     dh_in_TNH = jnp.einsum("tng,hg->tnh", dz_TNG, w_h.astype(dz_TNG.dtype))

@@ -60,7 +60,11 @@ def disabled():
     """Trace with the ``lax.scan`` loops instead of the kernel, e.g. to compare the two in one process.
 
     The choice is made when a function is traced: a function jitted and first called inside the block keeps
-    the scan loops afterwards, and one traced before keeps the kernel.
+    the scan loops afterwards, and one traced before keeps the kernel. JAX also keeps what it traced of inner
+    functions by their identity (a ``lax.scan`` body, a function under ``jax.jit`` or ``jax.checkpoint``), so a
+    fresh outer function built from inner functions already traced elsewhere may keep their first choice: call
+    ``jax.clear_caches()`` before entering, and again after leaving, where both paths must be traced from the same
+    inner functions. A gradient's backward pass always runs where its forward pass ran.
     """
     _scan_only.append(True)
     try:
@@ -69,16 +73,31 @@ def disabled():
         _scan_only.pop()
 
 
-def _cpu_signature():
+def _cpu_signature(compiler):
+    """What ``-march=native`` builds for here: the target macros the compiler predefines for it (every ISA extension
+    it would use), and the CPU's feature line (``flags`` on x86 Linux, ``Features`` on Arm Linux) where there is one,
+    so that a cache shared between machines never hands one CPU another's build."""
     try:
         with open("/proc/cpuinfo") as cpuinfo:
-            return next((line for line in cpuinfo if line.startswith("flags")), "")
+            features = next((line for line in cpuinfo if line.split(":")[0].strip() in ("flags", "Features")), "")
     except OSError:
-        return platform.processor()
+        features = platform.processor()
+    macros = subprocess.run([*compiler, "-march=native", "-E", "-dM", "-x", "c++", os.devnull],
+                            capture_output=True, text=True).stdout  # fmt: skip
+    return features + "".join(sorted(macros.splitlines(keepends=True)))
 
 
 def _compiler():
-    return os.environ.get("CXX") or shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
+    """The compiler command as a list: ``$CXX`` (which may carry arguments, e.g. ``ccache g++``), else the first of
+    c++, g++ and clang++ on the PATH; None without one."""
+    if os.environ.get("CXX", "").strip():
+        return shlex.split(os.environ["CXX"])
+    found = _compiler_on_path()
+    return [found] if found else None
+
+
+def _compiler_on_path():
+    return shutil.which("c++") or shutil.which("g++") or shutil.which("clang++")
 
 
 def _flags():
@@ -88,8 +107,9 @@ def _flags():
 
 def library_path(compiler):
     """Where the build for this source, compiler, flags, jaxlib and CPU lives."""
-    version = subprocess.run([compiler, "--version"], capture_output=True, text=True, check=True).stdout
-    key = "\n".join([SOURCE.read_text(), compiler, version, " ".join(_flags()), jax.__version__, _cpu_signature()])
+    version = subprocess.run([*compiler, "--version"], capture_output=True, text=True, check=True).stdout
+    key = "\n".join([SOURCE.read_text(), " ".join(compiler), version, " ".join(_flags()), jax.__version__,
+                     _cpu_signature(compiler)])  # fmt: skip
     cache = Path(os.environ.get("LSTM_JAX_CACHE") or Path.home() / ".cache" / "lstm_jax")
     return cache / f"lstm_cpu-{hashlib.sha256(key.encode()).hexdigest()[:16]}.so"
 
@@ -98,7 +118,7 @@ def build(compiler, path):
     path.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=path.parent) as scratch:
         partial = Path(scratch) / path.name
-        command = [compiler, *_flags(), "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
+        command = [*compiler, *_flags(), "-I", jax.ffi.include_dir(), str(SOURCE), "-o", str(partial)]
         subprocess.run(command, capture_output=True, text=True, check=True)
         os.replace(partial, path)  # atomic: a concurrent process sees the whole library or none
 
@@ -114,11 +134,10 @@ def load():
         if not path.exists():
             build(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
-    except (OSError, subprocess.CalledProcessError) as error:
-        detail = getattr(error, "stderr", None) or str(error)
+    except Exception as error:  # whatever stops the build or the load, the scan loops still run
         warnings.warn(
-            f"lstm_jax: the CPU LSTM kernel could not be built ({detail.strip().splitlines()[-1] if detail else error}); "
-            "using the lax.scan loops instead. Install a C++ compiler or set LSTM_JAX_NATIVE=0 to silence this.",
+            f"lstm_jax: the CPU LSTM kernel could not be built or loaded ({_first_error(error)}); using the lax.scan "
+            "loops instead. Check the C++ compiler ($CXX) or set LSTM_JAX_NATIVE=0 to silence this.",
             RuntimeWarning,
             stacklevel=2,
         )
@@ -128,6 +147,12 @@ def load():
         jax.ffi.register_ffi_target(TARGETS["backward"], jax.ffi.pycapsule(library.LstmBackward), platform="cpu")
         _registered.append(library)
     return True
+
+
+def _first_error(error: Exception) -> str:
+    """The compiler's first line that says ``error`` (its last line is often a caret), else the exception itself."""
+    lines = (getattr(error, "stderr", None) or "").strip().splitlines()
+    return next((line.strip() for line in lines if "error" in line.lower()), lines[-1].strip() if lines else str(error))
 
 
 @functools.cache
@@ -141,6 +166,13 @@ def _optional(valid_TN, mask_NH):
     valid = jnp.zeros((1,), bool) if valid_TN is None else valid_TN
     mask = jnp.zeros((1,), jnp.float32) if mask_NH is None else mask_NH
     return (valid, mask), dict(has_valid=int(valid_TN is not None), has_mask=int(mask_NH is not None))
+
+
+def _registered_targets():
+    if not load():
+        raise RuntimeError("the CPU LSTM kernel is not available here (see the warning above); lstm_jax.fused runs the "
+                           "lax.scan loops instead, so call it rather than lstm_jax.native directly")
+    return TARGETS
 
 
 def forward(reverse, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, bf16=False):
@@ -158,7 +190,7 @@ def forward(reverse, save, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, bf
         varying.result_type((num_steps, rows, hidden) if save else (rows, hidden), jnp.float32, x_TNE),
     )
     optional, flags = _optional(valid_TN, mask_NH)
-    call = jax.ffi.ffi_call(TARGETS["forward"], result, vmap_method="sequential")
+    call = jax.ffi.ffi_call(_registered_targets()["forward"], result, vmap_method="sequential")
     operands = (x_TNE, h_NH, c_NH, w_x, w_h, b, *optional)
     acts_TNG, h_TNH, c = call(*operands, reverse=int(reverse), save=int(save), bf16=int(bf16), **flags)
     last = 0 if reverse else -1
@@ -182,7 +214,8 @@ def backward(reverse, w_x, w_h, x_TNE, h0_NH, c0_NH, acts_TNG, h_TNH, c_TNH, dy_
     operands = (x_TNE, h0_NH, c0_NH, w_x, w_h, acts_TNG, h_TNH, c_TNH, dy_TNH, dh_NH, dc_NH, *optional)
     # Result 0 (dz) is written over operand 5 (the gate activations it is computed from, step by step): no fresh
     # 4H-wide buffer to fault in. XLA copies the activations first wherever something else still reads them.
-    call = jax.ffi.ffi_call(TARGETS["backward"], result, vmap_method="sequential", input_output_aliases={5: 0})
+    call = jax.ffi.ffi_call(_registered_targets()["backward"], result, vmap_method="sequential",
+                             input_output_aliases={5: 0})
     return call(*operands, reverse=int(reverse), weights=int(weights), bf16=int(bf16), **flags)
 
 

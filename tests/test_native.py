@@ -220,6 +220,29 @@ def test_disabled_traces_with_the_scan_loops_inside_the_block_only(monkeypatch):
     assert native.TARGETS["forward"] in lowered_text(jnp.float32, monkeypatch)
 
 
+def test_a_pullback_runs_where_its_forward_pass_ran(monkeypatch):
+    """The backward rule follows the forward rule's choice, whatever holds when the pullback is traced."""
+    monkeypatch.setenv("LSTM_JAX_NATIVE", "1")
+    params, x, carry, valid, _ = problem()
+    loss = lambda p: jnp.sum(lstm_sequence(p, x, carry=carry, valid_T=valid)[1] ** 2)
+    with native.disabled():
+        _, scan_pullback = jax.vjp(loss, params)
+    assert native.TARGETS["backward"] not in str(jax.make_jaxpr(scan_pullback)(1.0))
+    _, kernel_pullback = jax.vjp(loss, params)
+    with native.disabled():
+        assert native.TARGETS["backward"] in str(jax.make_jaxpr(kernel_pullback)(1.0))
+    for a, e in zip(jax.tree.leaves(kernel_pullback(1.0)), jax.tree.leaves(scan_pullback(1.0)), strict=True):
+        np.testing.assert_allclose(np.asarray(a), np.asarray(e), rtol=1e-4, atol=1e-5 * float(np.abs(e).max()))
+
+
+def test_lengths_mask_of_integers_runs_in_the_kernel_as_booleans(monkeypatch):
+    monkeypatch.setenv("LSTM_JAX_NATIVE", "1")
+    params, x, carry, valid, _ = problem()
+    run = lambda valid: jax.jit(lambda p: lstm_sequence(p, x, carry=carry, valid_T=valid))(params)
+    for a, e in zip(jax.tree.leaves(run(valid.astype(jnp.int32))), jax.tree.leaves(run(valid)), strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
 def test_kernel_under_vmap_matches_a_loop(monkeypatch):
     """``vmap`` (the ensemble's) runs the kernel once per member."""
     monkeypatch.setenv("LSTM_JAX_NATIVE", "1")
@@ -256,6 +279,37 @@ def test_a_failed_build_names_the_compiler_error(monkeypatch, tmp_path):
         assert not list(tmp_path.glob("*.so"))
     finally:
         native.load.cache_clear()
+
+
+def test_a_compiler_command_with_arguments_builds(monkeypatch, tmp_path):
+    """``CXX="ccache g++"``: the command is split, not run as one program name."""
+    monkeypatch.setenv("LSTM_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", f"env LSTM_JAX_UNUSED=1 {native._compiler_on_path()}")
+    native.load.cache_clear()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert native.load()
+        assert len(list(tmp_path.glob("lstm_cpu-*.so"))) == 1
+    finally:
+        native.load.cache_clear()
+
+
+def test_a_failed_build_names_the_first_error_line_not_the_caret():
+    error = subprocess.CalledProcessError(1, ["c++"], stderr="lstm_cpu.cc: In function 'f':\nlstm_cpu.cc:3:5: error: "
+                                          "'lanes' was not declared\n    3 |   lanes\n      |   ^\n")
+    assert native._first_error(error) == "lstm_cpu.cc:3:5: error: 'lanes' was not declared"
+    assert native._first_error(FileNotFoundError("no C++ compiler found (set CXX)")) == "no C++ compiler found (set CXX)"
+
+
+def test_the_build_cache_key_holds_the_cpu_the_compiler_targets(monkeypatch, tmp_path):
+    """Two CPUs with other ISA extensions get other builds, on x86 and Arm alike (the key holds the macros that
+    -march=native predefines, such as __AVX2__ or __ARM_FEATURE_SVE)."""
+    monkeypatch.delenv("CXX", raising=False)
+    compiler = native._compiler()
+    signature = native._cpu_signature(compiler)
+    assert "#define __" in signature
+    assert any(f"#define {macro} " in signature for macro in ("__AVX2__", "__SSE2__", "__ARM_NEON", "__aarch64__"))
 
 
 @pytest.mark.slow
