@@ -10,7 +10,8 @@ for the CPU it runs on, once per source, compiler and CPU, into ``$LSTM_JAX_CACH
 (default ``~/.cache/lstm_jax``). Without a compiler, or with ``LSTM_JAX_NATIVE=0``, the
 ``lax.scan`` loops run instead, after one warning in the first case. ``LSTM_JAX_NUM_THREADS``
 caps the kernel's threads (default: the cores this process may use); the results do not
-depend on it.
+depend on it. The kernel reads it at every call, so set it before the process starts, or at
+least not while a computation may be running (JAX dispatches asynchronously).
 
 Where the CPU has AMX (Intel since Sapphire Rapids) the kernel also takes bfloat16 operands,
 the ``compute_dtype="bfloat16"`` of :class:`lstm_jax.model.ModelConfig`: each matmul then

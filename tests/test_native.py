@@ -64,8 +64,9 @@ def value_and_grads(options, mode, monkeypatch, threads=None):
         weights = jnp.linspace(0.5, 1.5, y.size).reshape(y.shape)
         return jnp.sum(weights * y) + jnp.sum(jnp.sin(final.h)) + jnp.sum(final.c**2)
 
-    # a new function object per call, so that jit traces again under the environment just set
-    return jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1, 2)))(params, x, carry)
+    # a new function object per call, so that jit traces again under the environment just set; done before the
+    # caller changes the environment again, which the kernel reads (getenv) while it runs
+    return jax.block_until_ready(jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1, 2)))(params, x, carry))
 
 
 OPTIONS = [
@@ -438,8 +439,9 @@ def test_bf16_results_do_not_depend_on_the_thread_count(monkeypatch):
                                  bf16=True)  # fmt: skip
         _, _, acts, h_seq, c_seq = forward
         ones = jnp.ones_like(h_seq)
-        runs.append(forward + native.backward(False, params["w_x"], params["w_h"], x, *carry, acts, h_seq, c_seq,
-                                              ones, ones[0], ones[0], None, mask, bf16=True))  # fmt: skip
+        runs.append(jax.block_until_ready(forward + native.backward(
+            False, params["w_x"], params["w_h"], x, *carry, acts, h_seq, c_seq, ones, ones[0], ones[0], None, mask,
+            bf16=True)))  # fmt: skip  (done before the next setenv: the kernel reads it while it runs)
     for other in runs[1:]:
         for a, e in zip(other, runs[0], strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
