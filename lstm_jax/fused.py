@@ -92,11 +92,6 @@ def _float32(arrays):
     return tuple(a.astype(jnp.float32) if a is not None and a.dtype == jnp.bfloat16 else a for a in arrays)
 
 
-def _forward_precision(w_x, w_h, b, x_TNE, h_NH, c_NH):
-    """Where the forward loop runs: ``native.precision`` of its operands, or None for the lax.scan loops."""
-    return _kernel_precision(w_x, w_h, b, x_TNE, h_NH, c_NH)
-
-
 def _forward(reverse, unroll, precision, w_x, w_h, b, x_TNE, h_NH, c_NH, valid_TN, mask_NH, save=True):
     """The forward loop, in the kernel at ``precision`` or (None) as lax.scan; also returns the gate activations
     and the carried states for the backward pass.
@@ -186,7 +181,7 @@ def _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH):
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(0, 1))
 def _lstm_scan(reverse, unroll, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH):
-    precision = _forward_precision(w_x, w_h, b, x_TNE, h0_NH, c0_NH)
+    precision = _kernel_precision(w_x, w_h, b, x_TNE, h0_NH, c0_NH)
     h_NH, c_NH, _, h_TNH, _ = _forward(reverse, unroll, precision, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH,
                                        save=False)  # fmt: skip
     return _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH)
@@ -212,7 +207,7 @@ def _lstm_scan_fwd(reverse, unroll, *primals):
     w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH = (
         jax.tree_util.tree_map(lambda p: p.value, primal) for primal in primals  # valid_TN, mask_NH may be None
     )
-    precision = _forward_precision(w_x, w_h, b, x_TNE, h0_NH, c0_NH)
+    precision = _kernel_precision(w_x, w_h, b, x_TNE, h0_NH, c0_NH)
     h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, precision, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN,
                                                   mask_NH)  # fmt: skip
     # a mask is differentiated only where a caller learns it (a dropout mask drawn from a key is not)

@@ -83,8 +83,8 @@ def _cpu_signature(compiler):
             features = next((line for line in cpuinfo if line.split(":")[0].strip() in ("flags", "Features")), "")
     except OSError:
         features = platform.processor()
-    macros = subprocess.run([*compiler, "-march=native", "-E", "-dM", "-x", "c++", os.devnull],
-                            capture_output=True, text=True).stdout  # fmt: skip
+    macros = subprocess.run([*compiler, "-march=native", "-E", "-dM", "-x", "c++", os.devnull], capture_output=True,
+                            text=True, stdin=subprocess.DEVNULL, timeout=60).stdout  # fmt: skip
     return features + "".join(sorted(macros.splitlines(keepends=True)))
 
 
@@ -127,14 +127,16 @@ def build(compiler, path):
 @functools.cache
 def load():
     """Build (once) and register the kernel; False, with one warning, where that is impossible."""
-    compiler = _compiler()
     try:
+        compiler = _compiler()
         if compiler is None:
             raise FileNotFoundError("no C++ compiler found (set CXX)")
         path = library_path(compiler)
         if not path.exists():
             build(compiler, path)
         library = ctypes.cdll.LoadLibrary(str(path))
+        handlers = {name: jax.ffi.pycapsule(getattr(library, symbol))
+                    for name, symbol in (("forward", "LstmForward"), ("backward", "LstmBackward"))}  # fmt: skip
     except Exception as error:  # whatever stops the build or the load, the scan loops still run
         warnings.warn(
             f"lstm_jax: the CPU LSTM kernel could not be built or loaded ({_first_error(error)}); using the lax.scan "
@@ -144,8 +146,8 @@ def load():
         )
         return False
     if not _registered:  # XLA keeps the first registration of a name for the life of the process
-        jax.ffi.register_ffi_target(TARGETS["forward"], jax.ffi.pycapsule(library.LstmForward), platform="cpu")
-        jax.ffi.register_ffi_target(TARGETS["backward"], jax.ffi.pycapsule(library.LstmBackward), platform="cpu")
+        for name, handler in handlers.items():
+            jax.ffi.register_ffi_target(TARGETS[name], handler, platform="cpu")
         _registered.append(library)
     return True
 

@@ -98,7 +98,7 @@ def test_gradients_of_gradients_match_the_scan_loops(monkeypatch):
     for mode in "10":
         monkeypatch.setenv("LSTM_JAX_NATIVE", mode)
         second_order = jax.jit(jax.value_and_grad(lambda *a: input_gradient_norm(*a), argnums=(0, 1)))
-        results[mode] = second_order(params, x)
+        results[mode] = jax.block_until_ready(second_order(params, x))  # before the next setenv
         if mode == "1":
             assert native.TARGETS["backward"] in second_order.lower(params, x).as_text()
     for a, e in zip(jax.tree.leaves(results["1"]), jax.tree.leaves(results["0"]), strict=True):
@@ -144,7 +144,9 @@ def test_a_nan_comes_out_where_the_scan_loops_put_it(where, monkeypatch):
     results = {}
     for mode in "10":
         monkeypatch.setenv("LSTM_JAX_NATIVE", mode)
-        results[mode] = jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1), has_aux=True))(params, x)
+        # done before the next setenv: the kernel reads the environment (getenv) while it runs
+        results[mode] = jax.block_until_ready(
+            jax.jit(jax.value_and_grad(lambda *a: loss(*a), argnums=(0, 1), has_aux=True))(params, x))
     (kernel_loss, kernel_y), _ = results["1"]
     assert np.isnan(kernel_loss) and np.isnan(results["0"][0][0])
     assert 0 < np.isnan(kernel_y).sum() < kernel_y.size  # padded steps emit 0, as in the scan loops
@@ -303,14 +305,29 @@ def test_a_failed_build_names_the_first_error_line_not_the_caret():
     assert native._first_error(FileNotFoundError("no C++ compiler found (set CXX)")) == "no C++ compiler found (set CXX)"
 
 
-def test_the_build_cache_key_holds_the_cpu_the_compiler_targets(monkeypatch, tmp_path):
-    """Two CPUs with other ISA extensions get other builds, on x86 and Arm alike (the key holds the macros that
-    -march=native predefines, such as __AVX2__ or __ARM_FEATURE_SVE)."""
+def test_the_build_cache_key_holds_the_cpu_the_compiler_targets(monkeypatch):
+    """Two CPUs with other ISA extensions get other builds, on x86 and Arm alike: the key holds the macros that
+    -march=native predefines (such as __AVX2__ or __ARM_FEATURE_SVE), beyond those of the compiler's default target."""
     monkeypatch.delenv("CXX", raising=False)
     compiler = native._compiler()
-    signature = native._cpu_signature(compiler)
-    assert "#define __" in signature
-    assert any(f"#define {macro} " in signature for macro in ("__AVX2__", "__SSE2__", "__ARM_NEON", "__aarch64__"))
+    baseline = subprocess.run([*compiler, "-E", "-dM", "-x", "c++", os.devnull], capture_output=True, text=True).stdout
+    native_only = set(native._cpu_signature(compiler).splitlines()) - set(baseline.splitlines())
+    assert any(line.startswith("#define __") for line in native_only), "no macro of -march=native in the key"
+    monkeypatch.setattr(native, "_cpu_signature", lambda compiler: "#define __AVX512F__ 1\n")
+    other_cpu = native.library_path(compiler)
+    monkeypatch.setattr(native, "_cpu_signature", lambda compiler: "#define __AVX2__ 1\n")
+    assert native.library_path(compiler) != other_cpu
+
+
+def test_an_unreadable_cxx_falls_back_with_one_warning(monkeypatch, tmp_path):
+    monkeypatch.setenv("LSTM_JAX_CACHE", str(tmp_path))
+    monkeypatch.setenv("CXX", 'g++ "')  # shlex cannot split it
+    native.load.cache_clear()
+    try:
+        with pytest.warns(RuntimeWarning, match="could not be built or loaded.*No closing quotation"):
+            assert not native.load()
+    finally:
+        native.load.cache_clear()
 
 
 @pytest.mark.slow

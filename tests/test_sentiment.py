@@ -116,9 +116,10 @@ def test_predict_reads_the_best_checkpoint_when_a_newer_latest_one_differs(train
     checkpoints = RunCheckpoints(copy, async_save=False)
     try:
         latest = checkpoints.restore(template)
-        out = latest.state.ema_params["head"]["out"]
-        negated = {**latest.state.ema_params, "head": {**latest.state.ema_params["head"], "out": jax.tree.map(jnp.negative, out)}}
-        checkpoints.save(latest.step + 1, latest.state.replace(ema_params=negated), latest.meta)
+        evaluated = "params" if latest.state.ema_params is None else "ema_params"  # what predict reads: eval_params
+        weights = getattr(latest.state, evaluated)
+        negated = {**weights, "head": {**weights["head"], "out": jax.tree.map(jnp.negative, weights["head"]["out"])}}
+        checkpoints.save(latest.step + 1, latest.state.replace(**{evaluated: negated}), latest.meta)
         checkpoints.wait()
     finally:
         checkpoints.close()
