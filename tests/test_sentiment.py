@@ -102,6 +102,33 @@ def test_predict_prints_a_label_and_probability(trained_run, capsys):
 
 
 @pytest.mark.slow
+def test_predict_without_ema_answers_from_the_best_checkpoints_raw_weights(sst2_slice, tmp_path):
+    """With ``--ema-decay 0`` no averaged weights exist: the run evaluates and predict answers from the trained ones."""
+    workdir = tmp_path / "run"
+    results = run("--dataset", sst2_slice, "--epochs", 2, *SMALL_MODEL, "--num-buckets", 2, "--ema-decay", 0,
+                  "--workdir", workdir)  # fmt: skip
+    assert results["val_accuracy"] > 444 / 872  # above the majority class
+    texts = ["a gorgeous , witty , seductive movie .", "dull and tedious"]
+    answers = sentiment.predict(["--workdir", str(workdir), *texts])
+    model_cfg = sentiment.ModelConfig(**json.loads((workdir / "config.json").read_text())["ModelConfig"])
+    tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
+    checkpoints = RunCheckpoints(workdir)
+    try:
+        best_step = checkpoints.best.latest_step()
+        restored = checkpoints.best.restore(best_step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
+    finally:
+        checkpoints.close()
+    assert best_step == results["best_step"]
+    state = restored["state"]
+    assert state.get("ema_params") is None
+    for (label, probability), text in zip(answers, texts, strict=True):
+        ids = jnp.asarray([tokenizer.encode(text, add_special_tokens=False).ids])
+        probs = jax.nn.softmax(classifier_logits(state["params"], model_cfg, ids, jnp.asarray([ids.shape[1]]))[0])
+        assert label == ("negative", "positive")[int(probs.argmax())]
+        assert probability == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+@pytest.mark.slow
 def test_predict_reads_the_best_checkpoint_when_a_newer_latest_one_differs(trained_run, tmp_path):
     """The trained run's best checkpoint may be its last one too; here a newer latest checkpoint predicts the opposite
     class (its head negated), and predict must still answer from the best, until the best is gone."""
