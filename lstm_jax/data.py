@@ -29,6 +29,8 @@ import pyarrow as pa
 import pyarrow.compute as pc
 from tokenizers import Regex, Tokenizer, models, normalizers, pre_tokenizers, trainers
 
+from lstm_jax.vocab import PAD, PAD_ID, UNK, UNK_ID
+
 PRESETS = {
     "sst2": "stanfordnlp/sst2",
     "imdb": "stanfordnlp/imdb",
@@ -39,8 +41,6 @@ PRESETS = {
 TEXT_COLUMNS = ("sentence", "text", "review", "content", "document")
 LABEL_COLUMNS = ("label", "labels", "sentiment")
 VALIDATION_NAMES = ("validation", "dev", "valid")
-PAD_ID, UNK_ID = 0, 1
-PAD, UNK = "[PAD]", "[UNK]"
 UNLABELLED = -1  # the Hub's marker for a hidden label (e.g. the GLUE test split)
 
 

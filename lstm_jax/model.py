@@ -14,8 +14,8 @@ import optax
 
 from lstm_jax import regularisers
 from lstm_jax.cells import get_cell
-from lstm_jax.data import UNK_ID
 from lstm_jax.recurrence import init_rnn, is_bidirectional, rnn, valid_mask
+from lstm_jax.vocab import UNK_ID
 
 POOLINGS = ("last", "mean", "max", "mean_max", "attention")
 COMPUTE_DTYPES = ("float32", "bfloat16")

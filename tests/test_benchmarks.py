@@ -77,6 +77,17 @@ def test_sst2_epoch_times_the_kernel_and_the_scan_loops_over_the_same_batches(tm
         assert epoch["scan_loops_seconds"] > 0 and epoch["scan_loops_compile_seconds"] > 0
 
 
+def test_the_benchmark_and_the_model_import_without_the_data_pipeline():
+    """GPU images ship jax, flax, optax and torch but not always ``datasets``: the step benchmark must still run there."""
+    import subprocess
+    import sys
+
+    code = "import sys, benchmarks.train_step, lstm_jax.model, lstm_jax.train; print(sorted(set(sys.modules) & {'datasets', 'tokenizers'}))"
+    printed = subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).resolve().parents[1], capture_output=True,
+                             text=True, check=True).stdout  # fmt: skip
+    assert printed.strip() == "[]"
+
+
 @pytest.mark.slow
 def test_keep_freed_memory_restarts_the_benchmark_and_says_so_in_the_report(tmp_path):
     import os
