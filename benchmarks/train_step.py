@@ -167,9 +167,13 @@ def flax_system(shape: Shape) -> System:
     return _jax_system("flax OptimizedLSTMCell", params, model.apply, shape)
 
 
-def cudnn_jax_system(shape: Shape) -> System:
-    """``jax.experimental.rnn.lstm``: JAX's cuDNN binding (GPU only)."""
-    from jax.experimental import rnn as jrnn
+def cudnn_jax_system(shape: Shape) -> System | None:
+    """``jax.experimental.rnn.lstm``: JAX's cuDNN binding (GPU only); None, with a note, where this jax lacks it."""
+    try:
+        from jax.experimental import rnn as jrnn
+    except ImportError as error:
+        print(f"note: no 'jax.experimental.rnn (cuDNN)' row: this jax {jax.__version__} has no such module ({error})")
+        return None
 
     k_embed, k_rnn, k_out = jax.random.split(jax.random.key(0), 3)
     weights = jrnn.init_lstm_weight(k_rnn, shape.embed, shape.hidden, 1, False)
@@ -258,6 +262,20 @@ def matmul_ceiling() -> Callable[[], float]:
     return measure
 
 
+def matmul_precision() -> dict:
+    """What each framework's float32 matmuls may round to. On NVIDIA GPUs since Ampere, JAX's default (None) lets
+    XLA use TF32 tensor cores, PyTorch's plain matmuls stay float32 unless ``allow_tf32`` is set, and its cuDNN calls
+    (the LSTM among them) may use TF32 while ``cudnn.allow_tf32`` is True, its default. On CPUs all are float32."""
+    precision = {"jax_default_matmul_precision": jax.config.jax_default_matmul_precision}
+    try:
+        import torch
+    except ImportError:
+        return precision
+    precision["torch_matmul_allow_tf32"] = torch.backends.cuda.matmul.allow_tf32
+    precision["torch_cudnn_allow_tf32"] = torch.backends.cudnn.allow_tf32
+    return precision
+
+
 def time_calls(fn: Callable[[], None], count: int) -> list[float]:
     """Wall times of ``count`` calls, with Python's cyclic garbage collector paused as ``timeit`` pauses it.
 
@@ -286,9 +304,12 @@ def build_systems(shape: Shape, on_gpu: bool, bf16: bool = False, scan_loops: bo
         *([lstm_jax_system(shape, kernel=False)] if scan_loops else []),
         flax_system(shape),
     ]
-    if on_gpu:
-        systems.append(cudnn_jax_system(shape))
-    for peer in (torch_system(shape, on_gpu=on_gpu), torch_system(shape, bf16=True, on_gpu=on_gpu) if bf16 else None):
+    peers = (
+        cudnn_jax_system(shape) if on_gpu else None,
+        torch_system(shape, on_gpu=on_gpu),
+        torch_system(shape, bf16=True, on_gpu=on_gpu) if bf16 else None,
+    )
+    for peer in peers:
         if peer is not None:
             systems.append(peer)
     return systems
@@ -473,8 +494,13 @@ def markdown(report: dict) -> str:
     when = f"{report['date']}, commit `{report['commit']}`, jax {report['jax']}."
     if report.get("glibc_tunables"):
         when += f" Every system ran with `GLIBC_TUNABLES={report['glibc_tunables']}`."
+    ceiling = "float32's"
+    if report["backend"] == "gpu":  # where float32 matmuls may run on TF32 tensor cores
+        settings = ", ".join(f"`{name}={value}`" for name, value in report.get("matmul_precision", {}).items())
+        when += f" Float32 matmul settings: {settings}."
+        ceiling = "a float32 2048³ matmul at JAX's default precision"
     lines = [heading, "", when + " Ratios are against the fastest peer of the same precision in the same run (> 1: "
-             "lstm_jax is faster); the matmul ceiling is float32's.", ""]
+             f"lstm_jax is faster); the matmul ceiling is {ceiling}.", ""]
     lines += ["| B,T,E,H | system | train ms | train tok/s | vs best peer | GFLOP/s (% of matmul ceiling) | infer tok/s | vs best peer | load avg |",
               "|---|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for result in report["results"]:
@@ -541,7 +567,8 @@ def main(argv=None):
     ceiling = matmul_ceiling()
     report = {"machine": machine_description(), "backend": jax.default_backend(), "commit": git_commit(),
               "date": time.strftime("%Y-%m-%d"), "jax": jax.__version__, "cores": usable_cores(),
-              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "results": []}  # fmt: skip
+              "glibc_tunables": os.environ.get("GLIBC_TUNABLES", ""), "matmul_precision": matmul_precision(),
+              "results": []}  # fmt: skip
     print(f"{report['machine']}  jax {jax.__version__}  commit {report['commit']}"
           + (f"  GLIBC_TUNABLES={report['glibc_tunables']}" if report["glibc_tunables"] else ""))  # fmt: skip
     scan_loops = (not on_gpu and lj.native.enabled()) if args.scan_loops is None else args.scan_loops

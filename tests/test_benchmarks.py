@@ -3,6 +3,7 @@
 import json
 from pathlib import Path
 
+import jax
 import pytest
 
 import lstm_jax as lj
@@ -111,3 +112,24 @@ def test_keep_freed_memory_restarts_the_benchmark_and_says_so_in_the_report(tmp_
     opted_out = run(**{OPT_OUT: "0"})
     assert "note: --keep-freed-memory needs glibc" in opted_out
     assert json.loads(out.read_text())["glibc_tunables"] == ""
+
+
+@pytest.mark.slow
+def test_the_prepared_gpu_run_leaves_the_card_the_benchmark_and_the_tests_in_out(tmp_path):
+    """``benchmarks/gpu_check.sh`` is what a session with a lent GPU runs once; here on the CPU with a tiny shape."""
+    import os
+    import subprocess
+    import sys
+
+    env = {**os.environ, "OUT": str(tmp_path), "PYTHON": sys.executable, "SHAPES": "4,6,8,8",
+           "TESTS": "tests/test_benchmarks.py -k shape_parsing", "COMMIT": "abc1234"}  # fmt: skip
+    printed = subprocess.run(["bash", "benchmarks/gpu_check.sh"], cwd=Path(__file__).resolve().parents[1], env=env,
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    card = (tmp_path / "card.txt").read_text()
+    assert f"jax {jax.__version__}" in card and "devices" in card
+    report = json.loads((tmp_path / "bench.json").read_text())
+    assert [result["shape"] for result in report["results"]] == ["4,6,8,8"]
+    assert "jax_default_matmul_precision" in report["matmul_precision"]
+    assert "benchmark exit status 0" in printed and "tests exit status 0" in printed
+    assert "1 passed" in (tmp_path / "tests.log").read_text()
+
