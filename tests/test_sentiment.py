@@ -74,28 +74,37 @@ def test_end_to_end_writes_every_output_and_beats_the_majority_class(trained_run
     assert saved["best_step"] == best["step"] and saved["val_accuracy"] == pytest.approx(best["accuracy"], abs=1e-9)
 
 
-@pytest.mark.slow
-def test_predict_prints_a_label_and_probability(trained_run, capsys):
-    workdir, _ = trained_run
-    texts = ["a gorgeous , witty , seductive movie .", "dull and tedious"]
-    answers = sentiment.predict(["--workdir", str(workdir), *texts])
-    assert len(answers) == 2
-    # against the best checkpoint's averaged weights, restored here without predict's own loading code
-    model_cfg = sentiment.ModelConfig(**json.loads((workdir / "config.json").read_text())["ModelConfig"])
-    tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
+def best_checkpoint_state(workdir):
+    """The best checkpoint's step and state, restored here without predict's own loading code."""
     checkpoints = RunCheckpoints(workdir)
     try:
         best_step = checkpoints.best.latest_step()
         restored = checkpoints.best.restore(best_step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
     finally:
         checkpoints.close()
-    assert best_step == json.loads((workdir / "results.json").read_text())["best_step"]
-    ema = restored["state"]["ema_params"]
+    return best_step, restored["state"]
+
+
+def assert_answers_come_from(weights, workdir, texts, answers):
+    """Each of predict's ``answers`` is the label and probability that ``weights`` give the text."""
+    model_cfg = sentiment.ModelConfig(**json.loads((workdir / "config.json").read_text())["ModelConfig"])
+    tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
     for (label, probability), text in zip(answers, texts, strict=True):
         ids = jnp.asarray([tokenizer.encode(text, add_special_tokens=False).ids])
-        probs = jax.nn.softmax(classifier_logits(ema, model_cfg, ids, jnp.asarray([ids.shape[1]]))[0])
+        probs = jax.nn.softmax(classifier_logits(weights, model_cfg, ids, jnp.asarray([ids.shape[1]]))[0])
         assert label == ("negative", "positive")[int(probs.argmax())]
         assert probability == pytest.approx(float(probs.max()), abs=1e-5)
+
+
+@pytest.mark.slow
+def test_predict_prints_a_label_and_probability(trained_run, capsys):
+    workdir, _ = trained_run
+    texts = ["a gorgeous , witty , seductive movie .", "dull and tedious"]
+    answers = sentiment.predict(["--workdir", str(workdir), *texts])
+    assert len(answers) == 2
+    best_step, state = best_checkpoint_state(workdir)
+    assert best_step == json.loads((workdir / "results.json").read_text())["best_step"]
+    assert_answers_come_from(state["ema_params"], workdir, texts, answers)  # the best checkpoint's averaged weights
     printed = capsys.readouterr().out.splitlines()
     assert [line.split("\t")[0] for line in printed[-2:]] == [label for label, _ in answers]
     assert [line.split("\t")[2] for line in printed[-2:]] == texts
@@ -110,22 +119,10 @@ def test_predict_without_ema_answers_from_the_best_checkpoints_raw_weights(sst2_
     assert results["val_accuracy"] > 444 / 872  # above the majority class
     texts = ["a gorgeous , witty , seductive movie .", "dull and tedious"]
     answers = sentiment.predict(["--workdir", str(workdir), *texts])
-    model_cfg = sentiment.ModelConfig(**json.loads((workdir / "config.json").read_text())["ModelConfig"])
-    tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
-    checkpoints = RunCheckpoints(workdir)
-    try:
-        best_step = checkpoints.best.latest_step()
-        restored = checkpoints.best.restore(best_step, args=ocp.args.Composite(state=ocp.args.StandardRestore()))
-    finally:
-        checkpoints.close()
+    best_step, state = best_checkpoint_state(workdir)
     assert best_step == results["best_step"]
-    state = restored["state"]
     assert state.get("ema_params") is None
-    for (label, probability), text in zip(answers, texts, strict=True):
-        ids = jnp.asarray([tokenizer.encode(text, add_special_tokens=False).ids])
-        probs = jax.nn.softmax(classifier_logits(state["params"], model_cfg, ids, jnp.asarray([ids.shape[1]]))[0])
-        assert label == ("negative", "positive")[int(probs.argmax())]
-        assert probability == pytest.approx(float(probs.max()), abs=1e-5)
+    assert_answers_come_from(state["params"], workdir, texts, answers)
 
 
 @pytest.mark.slow
