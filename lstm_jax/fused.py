@@ -218,6 +218,8 @@ def _lstm_scan_fwd(reverse, unroll, *primals):
 
 def _previous(series_TNH, initial_NH, reverse):
     """The state each step started from: the series shifted by one step, against the scan direction."""
+    if series_TNH.shape[0] == 0:  # no steps, so no step started anywhere
+        return series_TNH
     if reverse:
         return jnp.concatenate([series_TNH[1:], initial_NH[None]], axis=0)
     return jnp.concatenate([initial_NH[None], series_TNH[:-1]], axis=0)

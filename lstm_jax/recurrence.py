@@ -69,6 +69,8 @@ def scan_layer(
         carry = cell.init_carry(params, batch_shape)
     else:
         carry = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (*batch_shape, leaf.shape[-1])), carry)
+    step_dtype = jnp.result_type(x_TE, *jax.tree.leaves(params), *jax.tree.leaves(carry), *jax.tree.leaves(h_mask))
+    carry = jax.tree.map(lambda leaf: leaf.astype(step_dtype), carry)  # a scan's carry keeps the step's dtype
     valid_T = None if lengths is None else valid_mask(lengths, num_steps)
     carry = varying.vary(carry, varying.varying_axes(params, x_TE, valid_T, carry, h_mask, key))  # see lstm_jax.varying
     if cell.sequence is not None and zoneout == 0.0:
@@ -170,7 +172,8 @@ def rnn(
         if initial_carries is None:
             starts = (None, None)
         else:
-            starts = initial_carries[index] if is_bidirectional(layer) else (initial_carries[index],)
+            start = initial_carries[index]
+            starts = (start or (None, None)) if is_bidirectional(layer) else (start,)
         outputs, carries = [], []
         for backwards, params, start, (k_weights, k_mask, k_zone, _) in zip((reverse, True), directions, starts, layer_keys):
             params = regularisers.weight_drop(k_weights, params, weight_drop, train=train)

@@ -4,6 +4,8 @@ The float64 finite-difference check in ``test_recurrence.py`` covers the kernel'
 hand-written backward pass independently of autodiff.
 """
 
+import contextlib
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -54,6 +56,20 @@ def test_fused_matches_scanned_values_and_gradients(reverse, with_lengths):
     lengths = jnp.array(LENGTHS) if with_lengths else None
     fused, scanned = run_both(lambda cell: sequence_loss(cell, lengths=lengths, reverse=reverse))
     assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
+
+
+@pytest.mark.parametrize("kernel", [True, False])
+def test_an_empty_sequence_passes_the_carry_through_both_ways(kernel):
+    """T = 0: the final carry is the initial one, and so is the gradient (weights and inputs get zeros)."""
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((3,), num_steps=0)
+    with native.disabled() if not kernel else contextlib.nullcontext():
+        fused, scanned = run_both(lambda cell: sequence_loss(cell))
+        got = fused(params, x, carry)
+    assert_trees_close(got, scanned(params, x, carry), rtol=0, atol=0)
+    _, (d_params, d_x, d_carry) = got
+    assert d_x.shape == x.shape and all(not np.asarray(leaf).any() for leaf in jax.tree.leaves(d_params))
+    np.testing.assert_array_equal(d_carry.c, 2 * carry.c)  # d/dc of sum(c**2) with c the initial cell state
 
 
 def test_fused_outputs_and_final_carry_match_with_padding():

@@ -237,6 +237,32 @@ def test_initial_carries_are_honoured(cell_name):
     assert_trees_close(finals, ref_finals)
 
 
+def test_a_none_entry_of_initial_carries_starts_that_layer_from_zeros():
+    """Per layer, ``None`` means zeros, for a bidirectional layer as for a unidirectional one."""
+    lengths = [5, 2, 0]
+    x = jnp.asarray(padded_batch(lengths, 5))
+    for bidirectional in (False, True):
+        layers = random_layers(LSTM, num_layers=2, bidirectional=bidirectional)
+        _, finals = rnn(LSTM, layers, x, jnp.array(lengths))
+        zeros = jax.tree.map(jnp.zeros_like, finals[0])
+        with_none = rnn(LSTM, layers, x, jnp.array(lengths), initial_carries=[None, finals[1]])
+        with_zeros = rnn(LSTM, layers, x, jnp.array(lengths), initial_carries=[zeros, finals[1]])
+        assert_trees_close(with_none, with_zeros, atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("cell_name", sorted(CELLS))
+def test_bfloat16_weights_on_float32_inputs_run_in_float32(cell_name):
+    """Mixed operands promote as jnp does: the carry and outputs are float32, equal to float32 weights of the same
+    values (before, the zero carry took the weights' bfloat16 and the scan refused the float32 step)."""
+    cell = CELLS[cell_name]
+    params = cell.init(jax.random.key(0), E, H, dtype=jnp.bfloat16)
+    x = jnp.asarray(padded_batch([5, 2, 4], 5)).swapaxes(0, 1)
+    got = scan_layer(cell, params, x, lengths=jnp.array([5, 2, 4]))
+    want = scan_layer(cell, jax.tree.map(lambda a: a.astype(jnp.float32), params), x, lengths=jnp.array([5, 2, 4]))
+    assert all(leaf.dtype == jnp.float32 for leaf in jax.tree.leaves(got))
+    assert_trees_close(got, want, rtol=1e-6, atol=1e-6)
+
+
 @pytest.mark.parametrize("cell_name, zoneout", [("lstm", 0.0), ("lstm", 0.2), ("gru", 0.0), ("lstmp", 0.0)])
 def test_one_unbatched_carry_starts_every_sequence(cell_name, zoneout):
     """A carry without batch axes broadcasts, on the fused LSTM kernel and on the plain scan (zoneout, other cells)."""
