@@ -70,19 +70,20 @@ class TaskConfig:
     task: str = dataclasses.field(default="adding", metadata={"help": "synthetic task: " + ", ".join(TASKS)})
     cell: str = dataclasses.field(default="lstm", metadata={"help": "recurrent cell: " + ", ".join(CELLS)})
     T: int = dataclasses.field(
-        default=200, metadata={"help": "sequence length (adding) or delay (copy: sequences have T + 20 steps)"}
+        default=200, metadata={"range": cli.AT_LEAST_1, "help": "sequence length (adding) or delay (copy: sequences have T + 20 steps)"}
     )
-    hidden_size: int = dataclasses.field(default=64, metadata={"help": "units of the recurrent layer"})
+    hidden_size: int = dataclasses.field(default=64, metadata={"range": cli.AT_LEAST_1, "help": "units of the recurrent layer"})
     batch_size: int = dataclasses.field(
-        default=64, metadata={"help": "training sequences per step, drawn fresh every step"}
+        default=64, metadata={"range": cli.AT_LEAST_1, "help": "training sequences per step, drawn fresh every step"}
     )
     steps: int = dataclasses.field(
-        default=2000, metadata={"help": "training steps (the learning-rate schedule spans them)"}
+        default=2000, metadata={"range": cli.AT_LEAST_1, "help": "training steps (the learning-rate schedule spans them)"}
     )
-    test_size: int = dataclasses.field(default=1000, metadata={"help": "sequences in the fixed test set"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed for init, training data and test set"})
+    test_size: int = dataclasses.field(default=1000, metadata={"range": cli.AT_LEAST_1, "help": "sequences in the fixed test set"})
+    seed: int = dataclasses.field(default=0, metadata={"range": cli.AT_LEAST_0, "help": "seed for init, training data and test set"})
 
     def __post_init__(self):
+        cli.check_ranges(self)
         get_task(self.task)
         get_cell(self.cell)
 
@@ -91,12 +92,12 @@ class TaskConfig:
 class MemoryOptimConfig(OptimConfig):
     """Optimiser settings; the defaults here suit the synthetic tasks (tighter clipping, no decay, no EMA)."""
 
-    learning_rate: float = dataclasses.field(default=3e-3, metadata={"help": "peak learning rate"})
-    warmup_steps: int = dataclasses.field(default=100, metadata={"help": "linear warm-up steps from 0"})
-    weight_decay: float = dataclasses.field(default=0.0, metadata={"help": "decoupled weight decay on kernels"})
-    clip_norm: float = dataclasses.field(default=1.0, metadata={"help": "clip gradients to this global norm (0: off)"})
+    learning_rate: float = dataclasses.field(default=3e-3, metadata={"range": cli.POSITIVE, "help": "peak learning rate"})
+    warmup_steps: int = dataclasses.field(default=100, metadata={"range": cli.AT_LEAST_0, "help": "linear warm-up steps from 0"})
+    weight_decay: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "decoupled weight decay on kernels"})
+    clip_norm: float = dataclasses.field(default=1.0, metadata={"range": cli.AT_LEAST_0, "help": "clip gradients to this global norm (0: off)"})
     ema_decay: float = dataclasses.field(
-        default=0.0, metadata={"help": "evaluate an exponential moving average of the weights with this decay (0: off)"}
+        default=0.0, metadata={"range": cli.RATE, "help": "evaluate an exponential moving average of the weights with this decay (0: off)"}
     )
 
 
@@ -117,13 +118,16 @@ class RunConfig:
     )
     max_steps: int = dataclasses.field(
         default=0,
-        metadata={"resumable": True, "help": "stop after this many steps in total (0: --steps); the schedule still spans --steps"},
+        metadata={"range": cli.AT_LEAST_0, "resumable": True, "help": "stop after this many steps in total (0: --steps); the schedule still spans --steps"},
     )
-    eval_every: int = dataclasses.field(default=100, metadata={"resumable": True, "help": "evaluate on the test set every N steps"})
-    log_every: int = dataclasses.field(default=50, metadata={"resumable": True, "help": "write a train metrics line every N steps"})
-    save_every: int = dataclasses.field(default=500, metadata={"resumable": True, "help": "checkpoint every N steps"})
-    keep: int = dataclasses.field(default=2, metadata={"resumable": True, "help": "latest checkpoints to keep"})
+    eval_every: int = dataclasses.field(default=100, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "evaluate on the test set every N steps"})
+    log_every: int = dataclasses.field(default=50, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "write a train metrics line every N steps"})
+    save_every: int = dataclasses.field(default=500, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "checkpoint every N steps"})
+    keep: int = dataclasses.field(default=2, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "latest checkpoints to keep"})
     progress: bool = dataclasses.field(default=True, metadata={"resumable": True, "help": "show a progress bar"})
+
+    def __post_init__(self):
+        cli.check_ranges(self)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -152,6 +156,9 @@ def parse_args(argv: list[str]) -> tuple[dict, SweepConfig]:
     for cls in (*RUN_CLASSES, SweepConfig):
         cli.add_flags(parser, cls)
     args = parser.parse_args(argv)
+    out_of_range = cli.range_errors(vars(args), *RUN_CLASSES)
+    if out_of_range:
+        parser.error("; ".join(out_of_range))
     try:
         configs = {cls.__name__: cli.from_args(cls, args) for cls in RUN_CLASSES}
         parallel.check_batch_size(args.batch_size, parallel.start(configs["MeshConfig"]))

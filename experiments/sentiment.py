@@ -89,16 +89,17 @@ class DataConfig:
     dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "configuration (subset) of a Hub dataset that has several, e.g. --dataset nyu-mll/glue --dataset-config sst2"})
     text_column: str | None = dataclasses.field(default=None, metadata={"help": "text column (detected when unset)"})
     label_column: str | None = dataclasses.field(default=None, metadata={"help": "label column (detected when unset)"})
-    val_fraction: float = dataclasses.field(default=0.1, metadata={"help": "fraction of train carved out as validation when there is no validation split"})
+    val_fraction: float = dataclasses.field(default=0.1, metadata={"range": cli.Range(0, 1, low_open=True), "help": "fraction of train carved out as validation when there is no validation split"})
     tokenizer: str = dataclasses.field(default="word", metadata={"help": "tokenizer model: word (one id per word) or wordpiece (rare and unseen words split into pieces; give it a --vocab-size below the number of distinct training words, or no word is split in training)"})
-    vocab_size: int = dataclasses.field(default=20000, metadata={"help": "vocabulary cap, [PAD] and [UNK] included"})
-    min_freq: int = dataclasses.field(default=1, metadata={"help": "words (wordpiece: merges) rarer than this in train are left out of the vocabulary"})
-    max_len: int = dataclasses.field(default=128, metadata={"help": "tokens kept per text (the rest is cut, and counted)"})
-    num_buckets: int = dataclasses.field(default=8, metadata={"help": "padded lengths per split (one XLA program each)"})
-    batch_size: int = dataclasses.field(default=64, metadata={"help": "training batch size"})
-    eval_batch_size: int = dataclasses.field(default=256, metadata={"resumable": True, "help": "evaluation batch size"})
+    vocab_size: int = dataclasses.field(default=20000, metadata={"range": cli.Range(3), "help": "vocabulary cap, [PAD] and [UNK] included"})
+    min_freq: int = dataclasses.field(default=1, metadata={"range": cli.AT_LEAST_0, "help": "words (wordpiece: merges) rarer than this in train are left out of the vocabulary"})
+    max_len: int = dataclasses.field(default=128, metadata={"range": cli.AT_LEAST_1, "help": "tokens kept per text (the rest is cut, and counted)"})
+    num_buckets: int = dataclasses.field(default=8, metadata={"range": cli.AT_LEAST_1, "help": "padded lengths per split (one XLA program each)"})
+    batch_size: int = dataclasses.field(default=64, metadata={"range": cli.AT_LEAST_1, "help": "training batch size"})
+    eval_batch_size: int = dataclasses.field(default=256, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "evaluation batch size"})
 
     def __post_init__(self):
+        cli.check_ranges(self)
         if self.tokenizer not in data.TOKENIZER_MODELS:
             raise ValueError(f"unknown --tokenizer {self.tokenizer!r}; choose one of {', '.join(data.TOKENIZER_MODELS)}")
 
@@ -108,8 +109,11 @@ class RunConfig:
     """Where the run lives and how it starts."""
 
     workdir: str = dataclasses.field(default="runs/sentiment", metadata={"resumable": True, "help": "run directory: checkpoints, logs, results; reruns resume from it"})
-    seed: int = dataclasses.field(default=0, metadata={"help": "seed for init, dropout and data order, and for the rows carved as validation where the data has no validation split"})
+    seed: int = dataclasses.field(default=0, metadata={"range": cli.AT_LEAST_0, "help": "seed for init, dropout and data order, and for the rows carved as validation where the data has no validation split"})
     restart: bool = dataclasses.field(default=False, metadata={"resumable": True, "help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"})
+
+    def __post_init__(self):
+        cli.check_ranges(self)
 
 
 CONFIG_CLASSES = (DataConfig, ModelConfig, OptimConfig, LoopConfig, RunConfig, parallel.MeshConfig)
@@ -126,12 +130,6 @@ DATASET_PRESETS = {
 # Pre-training's per-step keys fold the step into fold_in(key(seed), this), the classifier's into
 # fold_in(key(seed), train.STEP_STREAM), so the two phases never draw the same dropout masks.
 PRETRAINING_STREAM = 0xFFFFFFFF
-
-# The least value of each numeric flag that has one, checked before anything is read or written.
-FLAG_MINIMUMS = {"max_len": 1, "batch_size": 1, "eval_batch_size": 1, "num_buckets": 1, "vocab_size": 3, "epochs": 1,
-                 "log_every": 1, "save_every": 1, "keep": 1, "max_steps": 0, "eval_every": 0, "skip_nonfinite": 0,
-                 "seed": 0, "min_freq": 0}  # fmt: skip
-
 
 def preset_name(dataset: str) -> str | None:
     """``imdb`` for ``imdb``, its Hub id ``stanfordnlp/imdb`` or a local folder named ``imdb``; else None."""
@@ -151,15 +149,6 @@ def presets_epilog() -> str:
     return "\n".join([heading, *lines])
 
 
-def flag_range_errors(args: argparse.Namespace) -> list[str]:
-    """One message per flag outside its allowed range."""
-    errors = [f"{cli.flag_name(name)} must be >= {least}, got {getattr(args, name)}"
-              for name, least in FLAG_MINIMUMS.items() if getattr(args, name) < least]  # fmt: skip
-    if not 0 < args.val_fraction < 1:
-        errors.append(f"--val-fraction must be in (0, 1), got {args.val_fraction}")
-    return errors
-
-
 def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
     """Configs from flags, with the dataset's preset applied under any explicit flag, and the device mesh."""
     cli.check_unique_flags(*CONFIG_CLASSES)
@@ -173,7 +162,7 @@ def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
     applied = {name: value for name, value in DATASET_PRESETS.get(preset, {}).items() if name not in explicit}
     for name, value in applied.items():
         setattr(args, name, value)
-    out_of_range = flag_range_errors(args)
+    out_of_range = cli.range_errors(vars(args), *CONFIG_CLASSES)  # before anything is read or written
     if out_of_range:
         parser.error("; ".join(out_of_range))
     try:

@@ -2,13 +2,55 @@
 
 Every field becomes ``--field-name``; its ``metadata["help"]`` is the help text and
 its default is shown, and ``metadata["resumable"]`` adds that a resumed run may change it.
-Booleans get ``--flag / --no-flag``.
+Booleans get ``--flag / --no-flag``. A numeric field's ``metadata["range"]`` (a :class:`Range`) is what
+:func:`check_ranges` holds its value to, in the config itself and before a command reads or writes anything.
 """
 
 import argparse
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Mapping
+
+
+class Range(typing.NamedTuple):
+    """The values a numeric config field may take: from ``low`` to ``high``, each bound included unless open."""
+
+    low: float
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = True
+
+    def __contains__(self, value) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {self.low:g}"
+        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+
+
+AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
+RATE = Range(0, 1)  # a probability of dropping, or a decay: 1 would drop everything or never move
+FRACTION = Range(0, 1, high_open=False)
+
+
+def range_errors(values: Mapping, *config_classes) -> list[str]:
+    """One message per field of ``config_classes`` whose value in ``values`` (field name -> value) is outside its
+    ``metadata["range"]``, e.g. ``--input-dropout must be in [0, 1), got 1.5``."""
+    return [f"{flag_name(field.name)} must be {field.metadata['range']}, got {values[field.name]}"
+            for cls in config_classes for field in dataclasses.fields(cls)
+            if "range" in field.metadata and values[field.name] not in field.metadata["range"]]  # fmt: skip
+
+
+def check_ranges(config) -> None:
+    """ValueError naming every field of the dataclass ``config`` that is outside its range."""
+    errors = range_errors(vars(config), type(config))
+    if errors:
+        raise ValueError("; ".join(errors))
 
 
 def _flag_type(field: dataclasses.Field):

@@ -21,7 +21,7 @@ import jax
 import numpy as np
 from tqdm.auto import tqdm
 
-from lstm_jax import parallel
+from lstm_jax import cli, parallel
 from lstm_jax.checkpoint import RunCheckpoints, atomic_write_text
 from lstm_jax.faults import kill_point
 
@@ -34,25 +34,28 @@ class NonFiniteError(RuntimeError):
 class LoopConfig:
     """How long to train, and how often to log, evaluate and save."""
 
-    epochs: int = dataclasses.field(default=2, metadata={"help": "training epochs (sets the learning-rate schedule)"})
+    epochs: int = dataclasses.field(default=2, metadata={"range": cli.AT_LEAST_1, "help": "training epochs (sets the learning-rate schedule)"})
     max_steps: int = dataclasses.field(
         default=0,
-        metadata={"resumable": True, "help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs, and the evaluation at the stop is shown but never kept as the best, so a rerun goes on as one uninterrupted run"},
+        metadata={"range": cli.AT_LEAST_0, "resumable": True, "help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs, and the evaluation at the stop is shown but never kept as the best, so a rerun goes on as one uninterrupted run"},
     )
-    log_every: int = dataclasses.field(default=50, metadata={"resumable": True, "help": "write a metrics line every N steps"})
+    log_every: int = dataclasses.field(default=50, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "write a metrics line every N steps"})
     eval_every: int = dataclasses.field(
-        default=250, metadata={"resumable": True, "help": "also evaluate (and keep the best) every N steps (0: only at epoch ends)"}
+        default=250, metadata={"range": cli.AT_LEAST_0, "resumable": True, "help": "also evaluate (and keep the best) every N steps (0: only at epoch ends)"}
     )
     save_every: int = dataclasses.field(
-        default=500, metadata={"resumable": True, "help": "checkpoint every N steps (and at every epoch end)"}
+        default=500, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "checkpoint every N steps (and at every epoch end)"}
     )
     keep: int = dataclasses.field(
-        default=3, metadata={"resumable": True, "help": "latest checkpoints to keep (the best one is kept apart)"}
+        default=3, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "latest checkpoints to keep (the best one is kept apart)"}
     )
     skip_nonfinite: int = dataclasses.field(
-        default=0, metadata={"resumable": True, "help": "tolerate up to N steps with a NaN/Inf loss or gradient by skipping their updates"}
+        default=0, metadata={"range": cli.AT_LEAST_0, "resumable": True, "help": "tolerate up to N steps with a NaN/Inf loss or gradient by skipping their updates"}
     )
     progress: bool = dataclasses.field(default=True, metadata={"resumable": True, "help": "show a progress bar"})
+
+    def __post_init__(self):
+        cli.check_ranges(self)
 
 
 class MetricsLog:

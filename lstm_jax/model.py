@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import optax
 
-from lstm_jax import regularisers
+from lstm_jax import cli, regularisers
 from lstm_jax.cells import get_cell
 from lstm_jax.recurrence import init_rnn, is_bidirectional, rnn, valid_mask
 from lstm_jax.vocab import UNK_ID
@@ -26,56 +26,45 @@ class ModelConfig:
     """Architecture and regularisation of the classifier (every field is a CLI flag in experiments)."""
 
     cell: str = dataclasses.field(default="lstm", metadata={"help": "recurrent cell: lstm, peephole, cifg, layer_norm, lstmp, gru, rnn"})
-    embed_dim: int = dataclasses.field(default=300, metadata={"help": "embedding width"})
-    hidden_size: int = dataclasses.field(default=256, metadata={"help": "units per direction per layer"})
-    num_layers: int = dataclasses.field(default=1, metadata={"help": "stacked recurrent layers"})
+    embed_dim: int = dataclasses.field(default=300, metadata={"range": cli.AT_LEAST_1, "help": "embedding width"})
+    hidden_size: int = dataclasses.field(default=256, metadata={"range": cli.AT_LEAST_1, "help": "units per direction per layer"})
+    num_layers: int = dataclasses.field(default=1, metadata={"range": cli.AT_LEAST_1, "help": "stacked recurrent layers"})
     bidirectional: bool = dataclasses.field(default=True, metadata={"help": "run each layer both ways"})
     residual: bool = dataclasses.field(default=False, metadata={"help": "residual connections from layer 2 on"})
     pooling: str = dataclasses.field(default="max", metadata={"help": "last, mean, max, mean_max (both, concatenated) or attention over time"})
-    head_hidden: int = dataclasses.field(default=256, metadata={"help": "hidden units of the MLP head (0: linear head)"})
-    embed_dropout: float = dataclasses.field(default=0.1, metadata={"help": "drop whole word types from the embedding table"})
-    word_dropout: float = dataclasses.field(default=0.0, metadata={"help": "replace input tokens by [UNK]"})
-    input_dropout: float = dataclasses.field(default=0.3, metadata={"help": "variational dropout on the embedded inputs"})
-    layer_dropout: float = dataclasses.field(default=0.3, metadata={"help": "dropout between recurrent layers"})
-    recurrent_dropout: float = dataclasses.field(default=0.0, metadata={"help": "Gal & Ghahramani dropout on h"})
-    zoneout: float = dataclasses.field(default=0.0, metadata={"help": "zoneout rate on the carry"})
-    weight_drop: float = dataclasses.field(default=0.0, metadata={"help": "DropConnect on recurrent kernels"})
-    output_dropout: float = dataclasses.field(default=0.3, metadata={"help": "dropout before the head"})
-    adversarial_epsilon: float = dataclasses.field(default=0.0, metadata={"help": "also train on embedded inputs pushed this far (L2 norm per text) up the loss gradient, Miyato et al. 2017 (0: off)"})
-    vat_epsilon: float = dataclasses.field(default=0.0, metadata={"help": "also train on the divergence of the prediction from itself on embedded inputs pushed this far (L2 norm per text) where it changes most: virtual adversarial training, Miyato et al. 2017; the logged training loss includes it (0: off)"})
-    label_smoothing: float = dataclasses.field(default=0.0, metadata={"help": "mix this much of a uniform distribution into the training targets"})
-    mixup_alpha: float = dataclasses.field(default=0.0, metadata={"help": "mix each text's pooled vector and label with another's of the batch, share ~ Beta(a, a), Zhang et al. 2018 (0: off)"})
-    unroll: int = dataclasses.field(default=1, metadata={"help": "lax.scan unroll factor"})
-    lm_weight: float = dataclasses.field(default=0.0, metadata={"help": "also train the recurrent stack as a language model with this weight: the forward direction predicts each next word, the backward one each previous word, Rei 2017; the logged training loss includes it (0: off)"})
-    lm_words: int = dataclasses.field(default=2000, metadata={"help": "the language-model loss tells apart the ids below this (with --tokenizer word, the most frequent words); the rest are one class"})
-    lm_pretrain_epochs: int = dataclasses.field(default=0, metadata={"help": "first train the embedding and recurrent stack alone as that language model (--lm-words) for this many epochs over the training texts, then the classifier from them: the LM-LSTM of Dai & Le 2015; that run is kept in WORKDIR/pretrain (0: off)"})
+    head_hidden: int = dataclasses.field(default=256, metadata={"range": cli.AT_LEAST_0, "help": "hidden units of the MLP head (0: linear head)"})
+    embed_dropout: float = dataclasses.field(default=0.1, metadata={"range": cli.RATE, "help": "drop whole word types from the embedding table"})
+    word_dropout: float = dataclasses.field(default=0.0, metadata={"range": cli.RATE, "help": "replace input tokens by [UNK]"})
+    input_dropout: float = dataclasses.field(default=0.3, metadata={"range": cli.RATE, "help": "variational dropout on the embedded inputs"})
+    layer_dropout: float = dataclasses.field(default=0.3, metadata={"range": cli.RATE, "help": "dropout between recurrent layers"})
+    recurrent_dropout: float = dataclasses.field(default=0.0, metadata={"range": cli.RATE, "help": "Gal & Ghahramani dropout on h"})
+    zoneout: float = dataclasses.field(default=0.0, metadata={"range": cli.RATE, "help": "zoneout rate on the carry"})
+    weight_drop: float = dataclasses.field(default=0.0, metadata={"range": cli.RATE, "help": "DropConnect on recurrent kernels"})
+    output_dropout: float = dataclasses.field(default=0.3, metadata={"range": cli.RATE, "help": "dropout before the head"})
+    adversarial_epsilon: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "also train on embedded inputs pushed this far (L2 norm per text) up the loss gradient, Miyato et al. 2017 (0: off)"})
+    vat_epsilon: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "also train on the divergence of the prediction from itself on embedded inputs pushed this far (L2 norm per text) where it changes most: virtual adversarial training, Miyato et al. 2017; the logged training loss includes it (0: off)"})
+    label_smoothing: float = dataclasses.field(default=0.0, metadata={"range": cli.RATE, "help": "mix this much of a uniform distribution into the training targets"})
+    mixup_alpha: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "mix each text's pooled vector and label with another's of the batch, share ~ Beta(a, a), Zhang et al. 2018 (0: off)"})
+    unroll: int = dataclasses.field(default=1, metadata={"range": cli.AT_LEAST_1, "help": "lax.scan unroll factor"})
+    lm_weight: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "also train the recurrent stack as a language model with this weight: the forward direction predicts each next word, the backward one each previous word, Rei 2017; the logged training loss includes it (0: off)"})
+    lm_words: int = dataclasses.field(default=2000, metadata={"range": cli.Range(2), "help": "the language-model loss tells apart the ids below this (with --tokenizer word, the most frequent words); the rest are one class"})
+    lm_pretrain_epochs: int = dataclasses.field(default=0, metadata={"range": cli.AT_LEAST_0, "help": "first train the embedding and recurrent stack alone as that language model (--lm-words) for this many epochs over the training texts, then the classifier from them: the LM-LSTM of Dai & Le 2015; that run is kept in WORKDIR/pretrain (0: off)"})
     compute_dtype: str = dataclasses.field(default="float32", metadata={"help": "dtype of the model's arithmetic: float32, or bfloat16 with float32 parameters, optimiser state and loss (mixed precision, Micikevicius et al. 2018); on a CPU with AMX (Intel since Sapphire Rapids) the LSTM kernel then multiplies in bfloat16 with float32 sums, a training step 1.6-2.8x as fast as float32 at the benchmark's shapes; on other CPUs the LSTM then runs as lax.scan loops, about 2.6x slower than float32"})
-    ensemble: int = dataclasses.field(default=1, metadata={"help": "train this many independently initialised models side by side and average their probabilities"})
+    ensemble: int = dataclasses.field(default=1, metadata={"range": cli.AT_LEAST_1, "help": "train this many independently initialised models side by side and average their probabilities"})
 
     def __post_init__(self):
+        cli.check_ranges(self)
         get_cell(self.cell)
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
-        if self.ensemble < 1:
-            raise ValueError(f"--ensemble must be >= 1, got {self.ensemble}")
-        if self.adversarial_epsilon < 0:
-            raise ValueError(f"--adversarial-epsilon must be >= 0, got {self.adversarial_epsilon}")
-        if self.vat_epsilon < 0:
-            raise ValueError(f"--vat-epsilon must be >= 0, got {self.vat_epsilon}")
         if self.compute_dtype not in COMPUTE_DTYPES:
             raise ValueError(f"unknown --compute-dtype {self.compute_dtype!r}; choose one of {', '.join(COMPUTE_DTYPES)}")
-        if self.lm_pretrain_epochs < 0:
-            raise ValueError(f"--lm-pretrain-epochs must be >= 0, got {self.lm_pretrain_epochs}")
         if self.lm_pretrain_epochs and self.ensemble > 1:
             raise ValueError("--lm-pretrain-epochs pre-trains one model; drop --ensemble or set --lm-pretrain-epochs 0")
         if (self.lm_weight > 0 or self.lm_pretrain_epochs) and self.bidirectional and self.num_layers > 1:
             # from the second layer on, each direction reads the other's outputs, which have seen the word to predict
             raise ValueError("the language-model loss of a bidirectional stack needs --num-layers 1 (deeper, each "
                              "direction sees the words it predicts); or pass --no-bidirectional")
-        if self.mixup_alpha < 0:
-            raise ValueError(f"--mixup-alpha must be >= 0, got {self.mixup_alpha}")
-        if not 0.0 <= self.label_smoothing < 1.0:
-            raise ValueError(f"--label-smoothing must be in [0, 1), got {self.label_smoothing}")
 
 
 def _dense_init(key, fan_in, fan_out):

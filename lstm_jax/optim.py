@@ -10,6 +10,8 @@ import dataclasses
 import jax
 import optax
 
+from lstm_jax import cli
+
 SCHEDULES = ("cosine", "linear", "exponential", "constant")
 
 
@@ -17,23 +19,22 @@ SCHEDULES = ("cosine", "linear", "exponential", "constant")
 class OptimConfig:
     """Optimiser settings (every field is a CLI flag in experiments)."""
 
-    learning_rate: float = dataclasses.field(default=2e-3, metadata={"help": "peak learning rate"})
+    learning_rate: float = dataclasses.field(default=2e-3, metadata={"range": cli.POSITIVE, "help": "peak learning rate"})
     schedule: str = dataclasses.field(default="cosine", metadata={"help": "decay after warm-up: cosine, linear, exponential, constant"})
-    warmup_steps: int = dataclasses.field(default=200, metadata={"help": "linear warm-up steps from 0"})
-    final_lr_factor: float = dataclasses.field(default=0.05, metadata={"help": "final learning rate as a fraction of the peak"})
-    weight_decay: float = dataclasses.field(default=1e-4, metadata={"help": "decoupled weight decay on kernels"})
+    warmup_steps: int = dataclasses.field(default=200, metadata={"range": cli.AT_LEAST_0, "help": "linear warm-up steps from 0"})
+    final_lr_factor: float = dataclasses.field(default=0.05, metadata={"range": cli.FRACTION, "help": "final learning rate as a fraction of the peak"})
+    weight_decay: float = dataclasses.field(default=1e-4, metadata={"range": cli.AT_LEAST_0, "help": "decoupled weight decay on kernels"})
     decay_embeddings: bool = dataclasses.field(default=False, metadata={"help": "also decay the embedding table"})
-    clip_norm: float = dataclasses.field(default=5.0, metadata={"help": "clip gradients to this global norm (0: off)"})
-    b1: float = dataclasses.field(default=0.9, metadata={"help": "Adam beta1"})
-    b2: float = dataclasses.field(default=0.999, metadata={"help": "Adam beta2"})
-    ema_decay: float = dataclasses.field(default=0.999, metadata={"help": "evaluate an exponential moving average of the weights with this decay (0: off)"})
-    sam_rho: float = dataclasses.field(default=0.0, metadata={"help": "sharpness-aware minimisation: take each gradient at the weights moved this far (L2) along the gradient, each ensemble member along its own (0: off; about twice the time per step)"})
+    clip_norm: float = dataclasses.field(default=5.0, metadata={"range": cli.AT_LEAST_0, "help": "clip gradients to this global norm (0: off)"})
+    b1: float = dataclasses.field(default=0.9, metadata={"range": cli.RATE, "help": "Adam beta1"})
+    b2: float = dataclasses.field(default=0.999, metadata={"range": cli.RATE, "help": "Adam beta2"})
+    ema_decay: float = dataclasses.field(default=0.999, metadata={"range": cli.RATE, "help": "evaluate an exponential moving average of the weights with this decay (0: off)"})
+    sam_rho: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "sharpness-aware minimisation: take each gradient at the weights moved this far (L2) along the gradient, each ensemble member along its own (0: off; about twice the time per step)"})
 
     def __post_init__(self):
+        cli.check_ranges(self)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
-        if self.sam_rho < 0:
-            raise ValueError(f"--sam-rho must be >= 0 (0 turns it off); got {self.sam_rho}")
 
 
 def warmup_note(config: OptimConfig, total_steps: int) -> str | None:

@@ -121,7 +121,8 @@ def test_bad_data_is_a_one_line_error_naming_the_fix(name, build, expected, tmp_
     assert not (tmp_path / "run").exists()  # nothing left behind: a corrected rerun is not refused as another config
 
 
-@pytest.mark.parametrize("flag", ["--max-len", "--batch-size", "--epochs", "--log-every"])
+@pytest.mark.parametrize("flag", ["--max-len", "--batch-size", "--epochs", "--log-every", "--num-layers", "--embed-dim",
+                                  "--hidden-size", "--unroll", "--ensemble"])
 def test_zero_for_a_size_flag_is_a_usage_error_naming_the_flag(flag, tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         sentiment.main(run_args(good_folder(tmp_path / "data"), tmp_path / "run", flag, "0"))
@@ -135,7 +136,18 @@ def test_zero_for_a_size_flag_is_a_usage_error_naming_the_flag(flag, tmp_path, c
     [("--seed", "-1", "--seed must be >= 0, got -1"), ("--min-freq", "-1", "--min-freq must be >= 0, got -1"),
      ("--val-fraction", "0", "--val-fraction must be in (0, 1), got 0.0"),
      ("--val-fraction", "1", "--val-fraction must be in (0, 1), got 1.0"),
-     ("--val-fraction", "-0.5", "--val-fraction must be in (0, 1), got -0.5")],
+     ("--val-fraction", "-0.5", "--val-fraction must be in (0, 1), got -0.5"),
+     ("--input-dropout", "1.5", "--input-dropout must be in [0, 1), got 1.5"),
+     ("--zoneout", "1", "--zoneout must be in [0, 1), got 1.0"),
+     ("--layer-dropout", "-0.1", "--layer-dropout must be in [0, 1), got -0.1"),
+     ("--head-hidden", "-1", "--head-hidden must be >= 0, got -1"),
+     ("--learning-rate", "-0.01", "--learning-rate must be > 0, got -0.01"),
+     ("--learning-rate", "0", "--learning-rate must be > 0, got 0.0"),
+     ("--b2", "1.5", "--b2 must be in [0, 1), got 1.5"),
+     ("--ema-decay", "-1", "--ema-decay must be in [0, 1), got -1.0"),
+     ("--final-lr-factor", "1.5", "--final-lr-factor must be in [0, 1], got 1.5"),
+     ("--clip-norm", "-1", "--clip-norm must be >= 0, got -1.0"),
+     ("--warmup-steps", "-1", "--warmup-steps must be >= 0, got -1")],
 )  # fmt: skip
 def test_out_of_range_flag_is_a_usage_error_before_the_workdir_is_touched(flag, value, expected, tmp_path, capsys):
     workdir = tmp_path / "run"

@@ -138,3 +138,32 @@ def test_check_unique_flags():
     cli.check_unique_flags(Small, Other)
     with pytest.raises(ValueError, match=r"\['count', 'seed'\]"):
         cli.check_unique_flags(Small, Other, Clash)
+
+
+def test_ranges_hold_their_bounds_and_say_them():
+    assert 0 in cli.RATE and 0.999 in cli.RATE and 1 not in cli.RATE and -0.1 not in cli.RATE
+    assert 1 in cli.FRACTION and 0 in cli.FRACTION and 1.01 not in cli.FRACTION
+    assert 0 not in cli.POSITIVE and 1e-9 in cli.POSITIVE and 0 in cli.AT_LEAST_0 and 0 not in cli.AT_LEAST_1
+    assert [str(r) for r in (cli.RATE, cli.FRACTION, cli.POSITIVE, cli.AT_LEAST_1, cli.Range(0, 1, low_open=True))] == [
+        "in [0, 1)", "in [0, 1]", "> 0", ">= 1", "in (0, 1)"]  # fmt: skip
+
+
+def test_every_numeric_setting_of_the_experiments_has_a_range_its_default_is_in():
+    """A new numeric flag without a range would take any value silently."""
+    from experiments import memory, sentiment
+
+    classes = {*sentiment.CONFIG_CLASSES, *memory.RUN_CLASSES}
+    numeric = [(cls, field) for cls in classes for field in dataclasses.fields(cls)
+               if cli._flag_type(field) in (int, float)]  # fmt: skip
+    assert len(numeric) > 40
+    assert [f"{cls.__name__}.{field.name}" for cls, field in numeric if "range" not in field.metadata] == []
+    assert all(field.default in field.metadata["range"] for _, field in numeric)
+
+
+def test_a_config_out_of_range_names_every_bad_field_in_one_line():
+    with pytest.raises(ValueError, match=r"^--num-layers must be >= 1, got 0; --input-dropout must be in \[0, 1\), got 1.5$"):
+        ModelConfig(input_dropout=1.5, num_layers=0)
+    with pytest.raises(ValueError, match=r"^--learning-rate must be > 0, got -0.01$"):
+        OptimConfig(learning_rate=-0.01)
+    with pytest.raises(ValueError, match=r"^--keep must be >= 1, got 0$"):
+        LoopConfig(keep=0)

@@ -89,6 +89,15 @@ def test_unknown_names_are_refused_in_one_line(capsys):
         memory.main(["--sweep", "--sweep-cells", "lstm,lst"])
 
 
+def test_settings_out_of_range_are_refused_together_before_the_workdir_exists(tmp_path, capsys):
+    with pytest.raises(SystemExit) as info:
+        memory.main(["--workdir", str(tmp_path / "run"), "--T", "0", "--learning-rate", "0", "--ema-decay", "1"])
+    assert info.value.code == 2
+    assert ("error: --T must be >= 1, got 0; --learning-rate must be > 0, got 0.0; --ema-decay must be in [0, 1), got 1.0"
+            in capsys.readouterr().err)  # fmt: skip
+    assert not (tmp_path / "run").exists()
+
+
 @pytest.mark.slow
 def test_sweep_writes_a_table_and_a_figure_and_reads_finished_runs_back(tmp_path):
     argv = ["--sweep", "--sweep-cells", "rnn", "--sweep-lengths", "8,4", "--hidden-size", "8", "--steps", "10",
