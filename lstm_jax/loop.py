@@ -7,7 +7,8 @@ checkpoints hold the whole train state. Metrics after the restored step are cut
 from ``metrics.jsonl``, and each checkpoint's meta carries the loop's running figures
 (last validation metrics, training seconds and tokens, the unfinished metrics window),
 so a resumed log reads like an uninterrupted one (but for ``tokens_per_second``, a
-timing) and a rerun of a finished run reports what the run did.
+timing, and the lines a ``--max-steps`` stop wrote off the schedule, which are marked
+``"stop": true``) and a rerun of a finished run reports what the run did.
 """
 
 import dataclasses
@@ -37,7 +38,7 @@ class LoopConfig:
     epochs: int = dataclasses.field(default=2, metadata={"range": cli.AT_LEAST_1, "help": "training epochs (sets the learning-rate schedule)"})
     max_steps: int = dataclasses.field(
         default=0,
-        metadata={"range": cli.AT_LEAST_0, "resumable": True, "help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs, and the evaluation at the stop is shown but never kept as the best, so a rerun goes on as one uninterrupted run"},
+        metadata={"range": cli.AT_LEAST_0, "resumable": True, "help": "stop after this many steps in total (0: no limit); the schedule still spans --epochs, and the evaluation at the stop is shown but never kept as the best, so a rerun goes on as one uninterrupted run (the stop's own lines in metrics.jsonl are marked stop: true)"},
     )
     log_every: int = dataclasses.field(default=50, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "write a metrics line every N steps"})
     eval_every: int = dataclasses.field(
@@ -200,22 +201,27 @@ def train_loop(
                     window["loss"] += loss * rows
                     window["correct"] += float(metrics["aux"])
                     window["rows"] += rows
+                # a --max-steps stop off the schedule logs and evaluates too, in lines marked "stop" that leave the
+                # metrics window running, so that the rerun's lines are those of a run never stopped
+                stop = {"stop": True} if step == stop_step < total_steps else {}
                 if step % config.log_every == 0 or step == stop_step:
                     rows = max(window["rows"], 1.0)
                     record = {"step": step, "epoch": epoch, "split": "train", "loss": window["loss"] / rows,
                               "accuracy": window["correct"] / rows, "tokens_per_second": tokens / max(seconds, 1e-9)}  # fmt: skip
-                    log.write(record)
+                    off_schedule = stop if step % config.log_every else {}
+                    log.write({**record, **off_schedule})
                     bar.set_postfix(
                         loss=f"{record['loss']:.3f}",
                         acc=f"{record['accuracy']:.3f}",
                         tok_s=f"{record['tokens_per_second']:.0f}",
                     )
-                    window = dict(EMPTY_WINDOW)
+                    if not off_schedule:
+                        window = dict(EMPTY_WINDOW)
                 end_of_epoch = step % steps_per_epoch == 0
                 scheduled_eval = end_of_epoch or step == total_steps or (config.eval_every and step % config.eval_every == 0)
                 if scheduled_eval or step == stop_step:
                     val = evaluate(state.eval_params)
-                    log.write({"step": step, "epoch": epoch, "split": "validation", **val})
+                    log.write({"step": step, "epoch": epoch, "split": "validation", **val, **({} if scheduled_eval else stop)})
                     kill_point("eval", step)
                     bar.write(
                         f"step {step} epoch {epoch}: validation {best_metric} {val[best_metric]:.4f}, loss {val['loss']:.4f}"

@@ -394,6 +394,17 @@ def test_a_max_steps_stop_is_evaluated_but_never_kept_as_the_best(tmp_path):
     assert best_step(tmp_path / "stopped") == best_step(tmp_path / "reference") == 12
 
 
+def test_a_max_steps_stop_marks_its_own_lines_and_the_rerun_logs_as_a_run_never_stopped(tmp_path):
+    """Stopped at step 7, between the train lines at 4 and 8: the stop's train and validation lines say "stop", and
+    the step-8 line of the rerun still averages steps 5 to 8, as in the run never stopped."""
+    toy_run(tmp_path / "reference")
+    toy_run(tmp_path / "stopped", loop=dataclasses.replace(TOY_LOOP, max_steps=7))
+    toy_run(tmp_path / "stopped")
+    logged = metrics_without_timing(tmp_path / "stopped")
+    assert [(r["step"], r["split"]) for r in logged if r.get("stop")] == [(7, "train"), (7, "validation")]
+    assert [r for r in logged if not r.get("stop")] == metrics_without_timing(tmp_path / "reference")
+
+
 def test_the_best_checkpoint_is_the_first_highest_evaluation_and_holds_that_steps_state(tmp_path):
     scores = iter([1.0, 3.0, 3.0, 0.0])  # at steps 5, 6, 10, 12: step 10 only ties step 6, and step 12 falls
 
