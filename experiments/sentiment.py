@@ -410,7 +410,11 @@ def load_run(workdir: Path):
     restored, warning = checkpoints.restore_best(abstract_state)
     if warning:
         print(f"{warning}; using the latest checkpoint instead")
-    restored = restored or checkpoints.restore(abstract_state)
+    if restored is None:
+        restored = checkpoints.restore(abstract_state)
+        if restored is not None and not warning:
+            print(f"note: {workdir} has no best checkpoint yet (a --max-steps stop is never kept as the best; the first "
+                  f"scheduled evaluation saves one); answering from the latest checkpoint, step {restored.step}")
     if restored is None:
         raise SystemExit(f"error: {workdir} has no checkpoint yet; let training save one (see --save-every) and retry")
     checkpoints.close()

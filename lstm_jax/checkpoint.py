@@ -54,7 +54,9 @@ def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointMana
     options = ocp.CheckpointManagerOptions(
         max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
     )
-    return ocp.CheckpointManager(directory.absolute(), options=options, item_names=("state", "meta"))
+    # handlers named up front: with item names alone, reading one item's metadata warned about the other (absl)
+    handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
+    return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
 
 
 class RunCheckpoints:

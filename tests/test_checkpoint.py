@@ -108,6 +108,19 @@ def test_round_trip_is_bit_exact_across_reopen(checkpoints, tmp_path):
     assert np.asarray(restored.state.rng).dtype == np.uint32
 
 
+def test_reading_a_checkpoint_back_warns_about_nothing(checkpoints, caplog):
+    """Orbax warned, four lines per predict, that an item "was found but could not be restored" when one item's
+    metadata was read from a manager that knew the items by name only."""
+    run = checkpoints()
+    run.save(3, make_state(3.0), meta_for(3))
+    run.save_best(3, make_state(3.0), meta_for(3))
+    reopened = checkpoints()
+    with caplog.at_level("WARNING"):
+        assert reopened.restore(make_state(0.0)).step == 3 and reopened.restore_best(make_state(0.0))[0].step == 3
+        assert reopened.best_meta() == meta_for(3) and reopened.latest_meta(3) == meta_for(3)
+    assert [record.getMessage() for record in caplog.records] == []
+
+
 def test_round_trip_without_ema(checkpoints):
     run = checkpoints()
     run.save(1, make_state(1.0, ema=False), {})

@@ -126,7 +126,7 @@ def test_predict_without_ema_answers_from_the_best_checkpoints_raw_weights(sst2_
 
 
 @pytest.mark.slow
-def test_predict_reads_the_best_checkpoint_when_a_newer_latest_one_differs(trained_run, tmp_path):
+def test_predict_reads_the_best_checkpoint_when_a_newer_latest_one_differs(trained_run, tmp_path, capsys):
     """The trained run's best checkpoint may be its last one too; here a newer latest checkpoint predicts the opposite
     class (its head negated), and predict must still answer from the best, until the best is gone."""
     workdir, _ = trained_run
@@ -149,7 +149,9 @@ def test_predict_reads_the_best_checkpoint_when_a_newer_latest_one_differs(train
         checkpoints.close()
     assert sentiment.predict(["--workdir", str(copy), *texts]) == best_answers
     shutil.rmtree(copy / "best")  # now predict falls back to the newest latest checkpoint, the negated one
+    capsys.readouterr()
     from_latest = sentiment.predict(["--workdir", str(copy), *texts])
+    assert "has no best checkpoint yet" in capsys.readouterr().out  # said, since the best checkpoint is what --help promises
     flipped = {"positive": "negative", "negative": "positive"}
     assert [label for label, _ in from_latest] == [flipped[label] for label, _ in best_answers]
     assert [p for _, p in from_latest] == pytest.approx([p for _, p in best_answers], abs=1e-5)
