@@ -150,7 +150,7 @@ RUN_CLASSES = (TaskConfig, MemoryOptimConfig, RunConfig, parallel.MeshConfig)
 
 def parse_args(argv: list[str]) -> tuple[dict, SweepConfig]:
     cli.check_unique_flags(*RUN_CLASSES, SweepConfig)
-    parser = argparse.ArgumentParser(
+    parser = cli.Parser(
         prog="python -m experiments.memory", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     for cls in (*RUN_CLASSES, SweepConfig):

@@ -153,7 +153,7 @@ def presets_epilog() -> str:
 def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
     """Configs from flags, with the dataset's preset applied under any explicit flag, and the device mesh."""
     cli.check_unique_flags(*CONFIG_CLASSES)
-    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment", description=__doc__,
+    parser = cli.Parser(prog="python -m experiments.sentiment", description=__doc__,
                                      epilog=presets_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     for cls in CONFIG_CLASSES:
         cli.add_flags(parser, cls, presets=DATASET_PRESETS)
@@ -436,7 +436,7 @@ def text_notes(tokenizer, texts: list[str], max_len: int) -> list[str]:
 
 
 def predict(argv: list[str]) -> list[tuple[str, float]]:
-    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment predict", description="Classify texts with a run's best checkpoint.")
+    parser = cli.Parser(prog="python -m experiments.sentiment predict", description="Classify texts with a run's best checkpoint.")
     parser.add_argument("--workdir", required=True, help="a run directory written by training")
     parser.add_argument("texts", nargs="+", help="texts to classify")
     args = parser.parse_args(argv)
@@ -459,7 +459,7 @@ def predict(argv: list[str]) -> list[tuple[str, float]]:
 
 def explain(argv: list[str]):
     """Plot one layer's mean gates, cell-state norm and the running class probability over a text (``lstm_jax.gates``)."""
-    parser = argparse.ArgumentParser(prog="python -m experiments.sentiment explain", description="Plot the gates and running prediction of a run's best checkpoint over one text.")
+    parser = cli.Parser(prog="python -m experiments.sentiment explain", description="Plot the gates and running prediction of a run's best checkpoint over one text.")
     parser.add_argument("--workdir", required=True, help="a run directory written by training")
     parser.add_argument("--out", help="the PNG to write (default: <workdir>/explain.png)")
     parser.add_argument("--layer", type=int, default=0, help="recurrent layer to trace (default: 0)")

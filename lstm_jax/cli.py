@@ -53,6 +53,14 @@ def check_ranges(config) -> None:
         raise ValueError("; ".join(errors))
 
 
+class Parser(argparse.ArgumentParser):
+    """An ``ArgumentParser`` whose errors are one line that points at ``--help``, not the whole usage block first
+    (with some forty flags, that block buried the message)."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
+
+
 def _flag_type(field: dataclasses.Field):
     kind = field.type
     if typing.get_origin(kind) in (typing.Union, types.UnionType):

@@ -167,3 +167,13 @@ def test_a_config_out_of_range_names_every_bad_field_in_one_line():
         OptimConfig(learning_rate=-0.01)
     with pytest.raises(ValueError, match=r"^--keep must be >= 1, got 0$"):
         LoopConfig(keep=0)
+
+
+def test_a_usage_error_is_one_line_that_points_at_help(capsys):
+    parser = cli.Parser(prog="prog")
+    cli.add_flags(parser, Small)
+    with pytest.raises(SystemExit) as info:
+        parser.parse_args(["--count", "x"])
+    assert info.value.code == 2
+    assert capsys.readouterr().err.splitlines() == [
+        "prog: error: argument --count: invalid int value: 'x' (prog --help lists every option)"]  # fmt: skip
