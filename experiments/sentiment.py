@@ -39,6 +39,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import logging
 import os
 import sys
 from pathlib import Path
@@ -512,4 +513,6 @@ def main(argv: list[str] | None = None) -> None:
 
 
 if __name__ == "__main__":
+    # Orbax's first absl log gives the root logger a handler, so each Hub retry warning would print twice
+    logging.getLogger("huggingface_hub").propagate = False
     main()
