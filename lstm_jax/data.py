@@ -484,8 +484,9 @@ def bucket_lengths(lengths: Sequence[int] | np.ndarray, *, max_len: int,
     if lengths.size == 0 or max_len < 1 or num_buckets < 1:
         raise DataError(f"bucket_lengths needs lengths, max_len >= 1 and num_buckets >= 1 "
                         f"(got {lengths.size} lengths, max_len={max_len}, num_buckets={num_buckets})")
-    width = max(1, -(-int(lengths.max()) // 1024))
-    lengths = np.minimum(-(-np.maximum(lengths, 1) // width) * width, max_len)
+    longest = max(int(lengths.max()), 1)
+    width = max(1, -(-longest // 1024))
+    lengths = np.minimum(-(-np.maximum(lengths, 1) // width) * width, longest)  # the last bucket is the longest text
     values_D, counts_D = np.unique(lengths, return_counts=True)
     rows_upto = np.concatenate([[0], np.cumsum(counts_D)])  # [j]: texts among the j shortest values
     steps_upto = np.concatenate([[0], np.cumsum(counts_D * values_D)])

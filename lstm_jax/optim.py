@@ -35,19 +35,27 @@ class OptimConfig:
         cli.check_ranges(self)
         if self.schedule not in SCHEDULES:
             raise ValueError(f"unknown schedule {self.schedule!r}; choose one of {', '.join(SCHEDULES)}")
+        if self.schedule == "exponential" and self.final_lr_factor == 0:  # optax holds a decay rate of 0 constant
+            raise ValueError("an exponential decay never reaches 0: pass --final-lr-factor > 0, or --schedule linear "
+                             "or cosine to end at 0")  # fmt: skip
 
 
 def warmup_note(config: OptimConfig, total_steps: int) -> str | None:
-    """A note when ``make_schedule`` must cut the warm-up to fit ``total_steps``: the rate then never decays."""
-    if config.warmup_steps < total_steps:
+    """A note when no update of the run gets a decayed rate: the warm-up (cut to fit if longer) ends at the last
+    update, ``total_steps - 1``, or later."""
+    if config.warmup_steps == 0 or config.warmup_steps < total_steps - 1 or config.schedule == "constant":
         return None
-    return (f"note: --warmup-steps {config.warmup_steps} does not fit the schedule's {total_steps} steps; the warm-up is "
-            f"cut to {max(total_steps - 1, 0)}, so the learning rate reaches its peak at the end and never decays "
-            "(pass a smaller --warmup-steps)")  # fmt: skip
+    cut = f"is cut to {total_steps - 1}" if config.warmup_steps >= total_steps else "ends at the last update"
+    return (f"note: --warmup-steps {config.warmup_steps} leaves no room in the schedule's {total_steps} steps: the "
+            f"warm-up {cut}, so the learning rate reaches its peak at the end and never decays (pass a smaller "
+            "--warmup-steps)")  # fmt: skip
 
 
 def make_schedule(config: OptimConfig, total_steps: int) -> optax.Schedule:
-    """Linear warm-up to ``learning_rate``, then the chosen decay to ``final_lr_factor`` of it."""
+    """Linear warm-up from 0 to ``learning_rate``, then the chosen decay to ``final_lr_factor`` of it at step
+    ``total_steps``. Optax counts updates from 0, so update n takes the rate at n: the first (during a warm-up) takes
+    0, and the last takes the rate at ``total_steps - 1``, one step short of the final factor (cosine, factor 0.05,
+    200 warm-up and 2112 steps: 0.0500007 of the peak)."""
     peak, final = config.learning_rate, config.learning_rate * config.final_lr_factor
     warmup = min(config.warmup_steps, max(total_steps - 1, 0))
     decay_steps = max(total_steps - warmup, 1)

@@ -378,7 +378,8 @@ def test_bucket_lengths_are_few_ascending_and_capped():
     assert data.bucket_lengths([0, 0], max_len=50) == (1,)
     assert len(data.bucket_lengths(lengths, max_len=1_000, num_buckets=3)) == 3
     huge = np.random.default_rng(1).integers(1, 100_000, size=3_000)  # more distinct lengths than the programme's 1024
-    assert data.bucket_lengths(huge, max_len=200_000)[-1] >= huge.max()
+    assert data.bucket_lengths(huge, max_len=200_000)[-1] == huge.max()  # rounded to the programme's steps, but
+    assert data.bucket_lengths([1, 2000, 2001], max_len=5000) == (2, 2000, 2001)  # never past the longest text
 
 
 def synthetic(lengths_N):

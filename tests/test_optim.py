@@ -63,11 +63,21 @@ def test_warmup_longer_than_the_run_is_cut_to_fit():
     )
 
 
-def test_warmup_note_only_when_the_warmup_is_cut():
+def test_warmup_note_only_when_no_update_gets_a_decayed_rate():
     config = OptimConfig(warmup_steps=200)
-    assert warmup_note(config, 201) is None
+    assert warmup_note(config, 202) is None  # update 201, the last, takes a decayed rate
+    ends_last = warmup_note(config, 201)  # update 200, the last, takes the peak
+    assert "201 steps" in ends_last and "ends at the last update" in ends_last and "never decays" in ends_last
     note = warmup_note(config, 5)
     assert "--warmup-steps 200" in note and "5 steps" in note and "cut to 4" in note and "never decays" in note
+    assert warmup_note(OptimConfig(warmup_steps=200, schedule="constant"), 5) is None  # nothing to decay
+
+
+def test_an_exponential_decay_to_zero_is_refused_not_held_constant():
+    with pytest.raises(ValueError, match="exponential decay never reaches 0.*--final-lr-factor > 0"):
+        OptimConfig(schedule="exponential", final_lr_factor=0.0)
+    lr = make_schedule(OptimConfig(learning_rate=PEAK, schedule="linear", warmup_steps=0, final_lr_factor=0.0), 10)
+    assert float(lr(10)) == 0.0  # linear and cosine do reach 0
 
 
 def test_no_warmup_starts_at_the_peak():
