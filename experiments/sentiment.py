@@ -409,7 +409,7 @@ def load_run(workdir: Path):
         raise SystemExit(f"error: {workdir} has no tokenizer.json, so its checkpoints cannot read text; restore that file from a copy of the run")
     tokenizer = data.load_tokenizer(workdir / "tokenizer.json")
     abstract_state = state_template(model_cfg, OptimConfig(**saved["OptimConfig"]), meta)
-    checkpoints = RunCheckpoints(workdir)
+    checkpoints = RunCheckpoints(workdir, read_only=True)  # training may be saving into it right now
     restored, warning = checkpoints.restore_best(abstract_state)
     if warning:
         print(f"{warning}; using the latest checkpoint instead")

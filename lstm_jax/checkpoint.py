@@ -50,10 +50,10 @@ class Restored:
     skipped: list[str]  # "step N: reason" for each newer checkpoint that could not be read
 
 
-def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointManager:
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=keep, enable_async_checkpointing=async_save, create=True, cleanup_tmp_directories=True
-    )
+def _manager(directory: Path, keep: int, async_save: bool, read_only: bool = False) -> ocp.CheckpointManager:
+    # a reader (predict, explain) leaves unfinished saves alone: they may be a training run's, in flight
+    options = ocp.CheckpointManagerOptions(max_to_keep=keep, enable_async_checkpointing=async_save,
+                                           create=not read_only, cleanup_tmp_directories=not read_only)  # fmt: skip
     # handlers named up front: with item names alone, reading one item's metadata warned about the other (absl)
     handlers = {"state": ocp.StandardCheckpointHandler(), "meta": ocp.JsonCheckpointHandler()}
     return ocp.CheckpointManager(directory.absolute(), options=options, item_handlers=handlers)
@@ -62,10 +62,12 @@ def _manager(directory: Path, keep: int, async_save: bool) -> ocp.CheckpointMana
 class RunCheckpoints:
     """The latest-k and best-by-metric Orbax managers of one run."""
 
-    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True):
+    def __init__(self, workdir, *, keep: int = 3, async_save: bool = True, read_only: bool = False):
+        """``read_only``: for reading a run that another process may be training (no folders made, no unfinished
+        save cleaned up); only a run's owner, holding its workdir lock, writes."""
         self.workdir = Path(workdir)
-        self.latest = _manager(self.workdir / "checkpoints", keep, async_save)
-        self.best = _manager(self.workdir / "best", 1, async_save)
+        self.latest = _manager(self.workdir / "checkpoints", keep, async_save, read_only)
+        self.best = _manager(self.workdir / "best", 1, async_save, read_only)
 
     @staticmethod
     def _args(state, meta):
@@ -85,7 +87,11 @@ class RunCheckpoints:
         kill_point("save", step)
 
     def save_best(self, step: int, state, meta: dict) -> None:
-        """Start saving ``state`` as the best checkpoint, replacing the previous best."""
+        """Start saving ``state`` as the best checkpoint, replacing the previous best. A best already at ``step`` is
+        one the caller could not read (else it would not beat it): it is moved aside, not kept in the new one's place."""
+        if step in self.best.all_steps():
+            print(f"note: the best checkpoint at step {step} could not be read; {_set_aside(self.best.directory, step)}")
+            self.best.reload()
         self._save(self.best, step, state, meta)
         kill_point("best", step)
 
@@ -373,6 +379,9 @@ def prepare_workdir(workdir: Path, configs: dict, *, restart: bool = False) -> b
             raise SystemExit(
                 f"error: {config_path} is damaged ({error}); restore it, or pass --restart to start over"
             ) from None
+        if not isinstance(saved, dict):
+            raise SystemExit(f"error: {config_path} is damaged (it holds {json.dumps(saved)[:40]}, not the run's "
+                             "configs); restore it, or pass --restart to start over")  # fmt: skip
         differences = config_changes(saved, configs)
         if differences:
             raise SystemExit(

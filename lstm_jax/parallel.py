@@ -14,7 +14,6 @@ deterministic batch list and feeds only its own rows of each batch
 """
 
 import dataclasses
-import math
 import os
 from collections.abc import Callable
 
@@ -92,12 +91,12 @@ def make_mesh(spec: str = "", devices=None) -> Mesh:
 
 
 def check_batch_size(batch_size: int, mesh: Mesh, flag: str = "--batch-size") -> None:
-    """The global batch must split evenly over the data axis (and over the hosts)."""
-    shards = math.lcm(mesh.shape["data"], jax.process_count())
+    """The global batch must split evenly over the data axis (each host hands its devices their rows, wherever
+    the mesh puts them: :func:`put_batch`)."""
+    shards = mesh.shape["data"]
     if batch_size % shards:
         raise ValueError(
-            f"{flag} {batch_size} does not split over the mesh's {mesh.shape['data']} data devices"
-            f"{f' and {jax.process_count()} hosts' if jax.process_count() > 1 else ''}; use a multiple of {shards}"
+            f"{flag} {batch_size} does not split over the mesh's {shards} data devices; use a multiple of {shards}"
         )
 
 
@@ -143,19 +142,18 @@ def state_sharding(tree, mesh: Mesh, *, shard_embedding: bool = False):
 def put_batch(batch, mesh: Mesh):
     """Place a global batch (the same on every host) with its rows split over ``data``.
 
-    On several hosts each one contributes only its own contiguous block of rows.
+    On several hosts each one hands its own devices the rows they hold, wherever the mesh puts them (a data axis
+    smaller than the number of hosts gives several hosts the same rows).
     """
     sharding = batch_sharding(mesh)
     if jax.process_count() == 1:
         return jax.device_put(batch, sharding)
 
-    def host_rows(array):
+    def placed(array):
         array = np.asarray(array)
-        rows = array.shape[0] // jax.process_count()
-        local = array[jax.process_index() * rows : (jax.process_index() + 1) * rows]
-        return jax.make_array_from_process_local_data(sharding, local, array.shape)
+        return jax.make_array_from_callback(array.shape, sharding, lambda index: array[index])
 
-    return jax.tree.map(host_rows, batch)
+    return jax.tree.map(placed, batch)
 
 
 def host_batch_step(step: Callable, mesh: Mesh) -> Callable:

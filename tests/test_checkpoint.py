@@ -8,6 +8,7 @@ the way a full disk or a killed copy would leave them.
 import errno
 import gc
 import json
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -306,6 +307,33 @@ def test_a_damaged_best_checkpoint_is_reported_for_the_caller_to_fall_back(damag
         assert run.best_meta() is None  # so the loop warns and its next evaluation replaces it
 
 
+def test_a_new_best_at_the_step_of_an_unreadable_one_replaces_it(checkpoints, tmp_path, capsys):
+    """A resumed run re-evaluates the step of a best checkpoint it could not read: the new one is saved, and the old
+    one moved aside (before, the save was skipped as a step that exists, and the run ended with no readable best)."""
+    run = checkpoints()
+    run.save_best(4, make_state(4.0), meta_for(4))
+    garble_meta(tmp_path / "best" / "4")
+    assert run.best_meta() is None
+    run.save_best(4, make_state(5.0), meta_for(5))
+    best, warning = run.restore_best(make_state(0.0))
+    assert warning is None and best.step == 4 and best.meta == meta_for(5)
+    assert_states_equal(best.state, make_state(5.0))
+    assert sorted(p.name for p in (tmp_path / "best").iterdir()) == ["4", "4.damaged-1"]
+    assert f"moved to {tmp_path / 'best' / '4.damaged-1'}" in capsys.readouterr().out
+
+
+def test_a_reader_leaves_an_unfinished_save_alone(checkpoints, tmp_path):
+    """predict and explain open a run read-only: a save in flight may be a training run's (here this process's own,
+    asynchronous); a manager that cleaned up unfinished saves on opening deleted it, and the save failed."""
+    owner = checkpoints(async_save=True)
+    owner.save_best(2, {"w": jnp.ones((4000, 4000))}, meta_for(2))  # 64 MB: still being written below
+    if not any(".orbax-checkpoint-tmp" in p.name for p in (tmp_path / "best").iterdir()):
+        pytest.skip("the save finished before the reader could open the run")
+    checkpoints(read_only=True)
+    owner.wait()
+    assert owner.best.all_steps() == [2] and owner.best_meta() == meta_for(2)
+
+
 @pytest.mark.parametrize("failing", ["save", "wait"])
 def test_a_full_disk_is_an_error_naming_the_folder(failing, checkpoints, tmp_path, monkeypatch):
     """Simulated: Orbax raises ENOSPC when it starts a save (``RunCheckpoints.save``), or when an
@@ -387,6 +415,13 @@ def test_only_fields_marked_resumable_may_change_on_resume(tmp_path):
     changed = {**configs, "LoopConfig": LoopConfig(epochs=3, eval_every=50)}
     with pytest.raises(SystemExit, match=r"another config \(LoopConfig\.epochs: 2 -> 3\)"):
         prepare_workdir(tmp_path, changed)
+
+
+@pytest.mark.parametrize("text", ["null", "[]", '"x"'])
+def test_a_config_json_that_is_not_an_object_is_damaged(text, tmp_path):
+    (tmp_path / "config.json").write_text(text)
+    with pytest.raises(SystemExit, match=rf"config.json is damaged \(it holds {re.escape(text)}, not the run's configs\)"):
+        prepare_workdir(tmp_path, {"LoopConfig": LoopConfig()})
 
 
 def test_a_run_saved_before_a_field_existed_resumes_with_that_field_at_its_default(tmp_path):

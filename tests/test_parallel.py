@@ -117,3 +117,22 @@ def test_single_device_mesh_and_shardings():
     assert shardings["ensemble"]["embed"].spec == P(None, "model", None)  # members, vocabulary, features
     assert shardings["head"]["w"].spec == P()
     parallel.check_batch_size(len(jax.devices()) * 3, mesh)
+
+
+def test_every_host_places_the_same_global_batch_on_any_mesh():
+    """Two processes on the CPU (jax.distributed, 2 devices each): where the data axis is smaller than the number of
+    hosts, each host used to hand over its own half of the rows, and JAX refused the batch."""
+    import socket
+
+    with socket.socket() as probe:
+        probe.bind(("localhost", 0))
+        port = str(probe.getsockname()[1])
+    job = Path(__file__).with_name("multihost_job.py")
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}
+    processes = [subprocess.Popen([sys.executable, str(job), str(i), port], stdout=subprocess.PIPE,
+                                  stderr=subprocess.PIPE, text=True, env=env) for i in range(2)]  # fmt: skip
+    reports = [json.loads(p.communicate(timeout=300)[0].strip().splitlines()[-1]) for p in processes]
+    expected = {"tokens": np.arange(16).reshape(8, 2).tolist(), "weights": np.arange(8.0).tolist()}
+    for report in reports:
+        assert report["gathered"] == {spec: expected for spec in ("data=4", "data=2,model=2", "data=1,model=4")}
+
