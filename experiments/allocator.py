@@ -61,10 +61,11 @@ def rerun_keeping_freed_memory() -> None:
     """Start this Python command again with :data:`TUNABLES`; return at once where :func:`tuned_environment` is None.
 
     Call it first thing under ``if __name__ == "__main__":``. The process keeps its id, arguments and standard
-    streams. Where the restart itself fails, the run goes on with glibc's defaults.
+    streams. Where the restart itself fails, or the program came from standard input (``python -``, which the
+    restart could not read again), the run goes on with glibc's defaults.
     """
     environ = tuned_environment(os.environ, uses_glibc())
-    if environ is None:
+    if environ is None or sys.argv[0] in ("-", ""):
         return
     sys.stdout.flush()
     sys.stderr.flush()

@@ -468,6 +468,9 @@ def explain(argv: list[str]):
     parser.add_argument("--member", type=int, default=0, help="which model of an ensemble (--ensemble) to trace (default: 0)")
     parser.add_argument("text", help="the text to explain")
     args = parser.parse_args(argv)
+    if args.out and (suffix := Path(args.out).suffix.lstrip(".").lower()) not in (formats := gates.figure_formats()):
+        parser.error(f"--out {args.out}: matplotlib writes no {suffix or 'extension-less'} file; end the name with one "
+                     f"of .{', .'.join(sorted(formats))}")  # fmt: skip
     model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
     ensemble = model_cfg.ensemble
     if not 0 <= args.member < ensemble:

@@ -152,6 +152,8 @@ def explain_classifier(params, config: ModelConfig, tokens_T, *, layer: int = 0,
         raise ValueError(f"layer {layer} does not exist; the model has {num_layers} recurrent layer(s)")
     if direction not in ("fwd", "bwd"):
         raise ValueError(f"direction must be 'fwd' or 'bwd', got {direction!r}")
+    if direction == "bwd" and not is_bidirectional(params["rnn"][layer]):
+        raise ValueError(f"layer {layer} runs one way only; direction 'bwd' needs a bidirectional layer")
     trace, probabilities_TC = _explain(params, config, jnp.asarray(tokens_T, jnp.int32), layer, direction)
     return Explanation(jax.tree.map(np.asarray, trace), np.asarray(probabilities_TC))
 
@@ -173,6 +175,13 @@ def _explain(params, config: ModelConfig, tokens_T, layer: int, direction: str):
     prefixes_TT = jnp.where(jnp.arange(num_tokens)[None, :] <= jnp.arange(num_tokens)[:, None], tokens_T[None, :], 0)
     logits_TC = classifier_logits(params, config, prefixes_TT, jnp.arange(1, num_tokens + 1))
     return trace, jax.nn.softmax(logits_TC, axis=-1)
+
+
+def figure_formats() -> set[str]:
+    """The file endings (without the dot) that :func:`plot_explanation` can write: matplotlib's."""
+    from matplotlib.backend_bases import FigureCanvasBase
+
+    return set(FigureCanvasBase.get_supported_filetypes())
 
 
 def plot_explanation(

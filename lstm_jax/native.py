@@ -9,8 +9,8 @@ The shared library is compiled with the system's C++ compiler (``$CXX``, else ``
 for the CPU it runs on, once per source, compiler and CPU, into ``$LSTM_JAX_CACHE``
 (default ``~/.cache/lstm_jax``). Without a compiler, or with ``LSTM_JAX_NATIVE=0``, the
 ``lax.scan`` loops run instead, after one warning in the first case. ``LSTM_JAX_NUM_THREADS``
-caps the kernel's threads (default: the cores this process may use); the results do not
-depend on it. The kernel reads it at every call, so set it before the process starts, or at
+caps the kernel's threads (a whole number >= 1; default, and for any other value after a
+warning: the cores this process may use; :func:`thread_count`); the results do not depend on it. The kernel reads it at every call, so set it before the process starts, or at
 least not while a computation may be running (JAX dispatches asynchronously).
 
 Where the CPU has AMX (Intel since Sapphire Rapids) the kernel also takes bfloat16 operands,
@@ -145,6 +145,10 @@ def load():
             stacklevel=2,
         )
         return False
+    threads = os.environ.get("LSTM_JAX_NUM_THREADS")
+    if threads is not None and not (threads.isascii() and threads.isdigit() and len(threads) < 10 and int(threads) >= 1):
+        warnings.warn(f"lstm_jax: LSTM_JAX_NUM_THREADS={threads!r} is not a whole number >= 1; the CPU kernel uses "
+                      "every usable core", RuntimeWarning, stacklevel=2)  # fmt: skip
     if not _registered:  # XLA keeps the first registration of a name for the life of the process
         for name, handler in handlers.items():
             jax.ffi.register_ffi_target(TARGETS[name], handler, platform="cpu")
@@ -162,6 +166,17 @@ def _first_error(error: Exception) -> str:
 def bf16_supported():
     """Whether the kernel takes bfloat16 operands here: it was built with AMX, and Linux lets this process use it."""
     return load() and bool(_registered[0].LstmBf16Supported())
+
+
+def thread_count(hidden_size: int) -> int | None:
+    """The threads the kernel runs an LSTM of ``hidden_size`` units on, as the environment stands now:
+    ``LSTM_JAX_NUM_THREADS`` where it is a whole number >= 1, else every usable core, and never more than its vectors
+    of units. None where the kernel is not loaded."""
+    if not load():
+        return None
+    function = _registered[0].LstmThreadCount
+    function.restype, function.argtypes = ctypes.c_int64, [ctypes.c_int64]
+    return int(function(hidden_size))
 
 
 def _optional(valid_TN, mask_NH):

@@ -82,3 +82,10 @@ def test_the_sentiment_command_restarts_itself_once():
     lines = out.splitlines()
     assert lines[0] == "unset" and lines[1] == ":".join(TUNABLES), lines[:2]
     assert "usage:" in out and out.count("usage:") == 1
+
+
+def test_a_program_from_standard_input_runs_once_without_the_restart():
+    """``python -`` has read its program from stdin: a restart would find stdin empty, run nothing and exit 0."""
+    program = "from experiments.allocator import rerun_keeping_freed_memory\nrerun_keeping_freed_memory()\nprint('ran')\nraise SystemExit(5)\n"
+    done = subprocess.run([sys.executable, "-"], input=program, cwd=REPO, env=UNTUNED_ENV, capture_output=True, text=True)
+    assert (done.returncode, done.stdout) == (5, "ran\n")

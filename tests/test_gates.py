@@ -87,3 +87,14 @@ def test_explanation_traces_the_chosen_half_and_scores_each_prefix(classifier, l
         np.testing.assert_allclose(explanation.probabilities_TC[t], jax.nn.softmax(logits[0]), rtol=1e-5, atol=1e-6)
     with pytest.raises(ValueError, match="layer 2 does not exist; the model has 2 recurrent layer"):
         gates.explain_classifier(params, config, tokens_T, layer=2)
+
+
+def test_the_backward_direction_of_a_one_way_layer_is_refused_not_traced_forward():
+    config = ModelConfig(embed_dim=8, hidden_size=6, bidirectional=False, head_hidden=8)
+    params = init_classifier(jax.random.key(0), config, 30, 2)
+    with pytest.raises(ValueError, match="layer 0 runs one way only; direction 'bwd' needs a bidirectional layer"):
+        gates.explain_classifier(params, config, np.array([3, 17, 5], np.int32), direction="bwd")
+
+
+def test_figure_formats_are_matplotlibs():
+    assert {"png", "pdf", "svg"} <= gates.figure_formats() and "txt" not in gates.figure_formats()

@@ -24,6 +24,7 @@ from lstm_jax.cells import Carry
 from lstm_jax.data import Batch
 from lstm_jax.fused import lstm_sequence
 from lstm_jax.model import ModelConfig, init_classifier
+from lstm_jax.parallel import usable_cores
 from lstm_jax.train import classifier_loss
 
 T, N, E, H = 9, 13, 37, 70  # 13 rows: 6 + 6 + 1 or 8 + 5 in register tiles; 4H = 280 columns: 17.5 or 8.75 panels
@@ -462,3 +463,22 @@ def test_bf16_results_do_not_depend_on_the_thread_count(monkeypatch):
     for other in runs[1:]:
         for a, e in zip(other, runs[0], strict=True):
             np.testing.assert_array_equal(np.asarray(a), np.asarray(e))
+
+
+@pytest.mark.parametrize("setting, expected", [("1", 1), ("2", 2), ("abc", None), ("0", None), ("-3", None),
+                                               (" 2", None), ("", None), ("99999999999", None)])  # fmt: skip
+def test_the_thread_count_takes_only_a_whole_number_of_one_or_more(setting, expected, monkeypatch):
+    """Anything else means every usable core, the documented default (``atol`` read "abc", "0" and "-3" as one
+    thread, about half the speed on 2 cores)."""
+    if not native.load():
+        pytest.skip("no C++ compiler here: the kernel is not built")
+    monkeypatch.setenv("LSTM_JAX_NUM_THREADS", setting)
+    assert native.thread_count(4096) == (expected or usable_cores())  # 4096 units: vectors for 256 threads or more
+
+
+def test_a_thread_count_that_is_not_a_whole_number_is_warned_of_once():
+    code = "import lstm_jax.native as n; n.load(); n.load()"
+    env = {**os.environ, "LSTM_JAX_NUM_THREADS": "two"}
+    stderr = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
+    assert stderr.count("LSTM_JAX_NUM_THREADS='two' is not a whole number >= 1") == 1
+

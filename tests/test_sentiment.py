@@ -169,6 +169,9 @@ def test_explain_plots_gates_and_ends_on_the_predicted_probability(trained_run, 
     [(label, probability)] = sentiment.predict(["--workdir", str(workdir), text])
     assert explanation.probabilities_TC[-1].max() == pytest.approx(probability, abs=1e-5)
     assert label == ("negative", "positive")[int(explanation.probabilities_TC[-1].argmax())]
+    with pytest.raises(SystemExit) as info:  # refused before the run is loaded: matplotlib cannot write it
+        sentiment.main(["explain", "--workdir", str(workdir), "--out", str(tmp_path / "gates.txt"), text])
+    assert info.value.code == 2 and not (tmp_path / "gates.txt").exists()
     with pytest.raises(SystemExit, match="layer 1 does not exist"):
         sentiment.main(["explain", "--workdir", str(workdir), "--layer", "1", text])
     with pytest.raises(SystemExit, match=r"--member 1 does not exist; the run is one model"):

@@ -29,6 +29,7 @@
 #endif
 #include <memory>
 #include <new>
+#include <string>
 #include <thread>
 #include <utility>
 #include <vector>
@@ -641,10 +642,16 @@ int64_t usable_cores() {
   return std::max<unsigned>(1, std::thread::hardware_concurrency());
 }
 
-// One thread per usable core (or LSTM_JAX_NUM_THREADS), but none without a vector of units to own.
+// One thread per usable core (or LSTM_JAX_NUM_THREADS, where it is a whole number >= 1: lstm_jax.native warns of
+// any other value), but none without a vector of units to own.
 int64_t thread_count(int64_t hidden) {
   int64_t threads = usable_cores();
-  if (const char* env = std::getenv("LSTM_JAX_NUM_THREADS")) threads = std::max(1L, std::atol(env));
+  if (const char* env = std::getenv("LSTM_JAX_NUM_THREADS")) {
+    const std::string text(env);
+    const bool digits = !text.empty() && text.size() < 10 &&
+                        std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
+    if (digits && std::stol(text) >= 1) threads = std::stol(text);
+  }
   return std::max<int64_t>(1, std::min(threads, blocks_of(hidden, kLanes)));
 }
 
@@ -1058,3 +1065,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, BackwardImpl,
 
 // 1 where the `bf16` attribute is available (an AMX build that Linux lets use the tiles), else 0.
 extern "C" int LstmBf16Supported() { return bf16_supported() ? 1 : 0; }
+extern "C" int64_t LstmThreadCount(int64_t hidden) { return thread_count(hidden); }
