@@ -467,7 +467,7 @@ def test_bf16_results_do_not_depend_on_the_thread_count(monkeypatch):
 
 @pytest.mark.parametrize("setting, expected", [("1", 1), ("2", 2), ("abc", None), ("0", None), ("-3", None),
                                                (" 2", None), ("", None), ("99999999999", None)])  # fmt: skip
-def test_the_thread_count_takes_only_a_whole_number_of_one_or_more(setting, expected, monkeypatch):
+def test_lstm_jax_num_threads_takes_only_a_whole_number_of_one_or_more(setting, expected, monkeypatch):
     """Anything else means every usable core, the documented default (``atol`` read "abc", "0" and "-3" as one
     thread, about half the speed on 2 cores)."""
     if not native.load():
@@ -476,7 +476,7 @@ def test_the_thread_count_takes_only_a_whole_number_of_one_or_more(setting, expe
     assert native.thread_count(4096) == (expected or usable_cores())  # 4096 units: vectors for 256 threads or more
 
 
-def test_a_thread_count_that_is_not_a_whole_number_is_warned_of_once():
+def test_a_num_threads_setting_that_is_not_a_whole_number_is_warned_of_once():
     code = "import lstm_jax.native as n; n.load(); n.load()"
     env = {**os.environ, "LSTM_JAX_NUM_THREADS": "two"}
     stderr = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, check=True).stderr
