@@ -146,7 +146,7 @@ def load():
         )
         return False
     threads = os.environ.get("LSTM_JAX_NUM_THREADS")
-    if threads is not None and not (threads.isascii() and threads.isdigit() and len(threads) < 10 and int(threads) >= 1):
+    if threads is not None and _c_function(library, "LstmRequestedThreads")() < 1:  # the kernel's own reading of it
         warnings.warn(f"lstm_jax: LSTM_JAX_NUM_THREADS={threads!r} is not a whole number >= 1; the CPU kernel uses "
                       "every usable core", RuntimeWarning, stacklevel=2)  # fmt: skip
     if not _registered:  # XLA keeps the first registration of a name for the life of the process
@@ -174,9 +174,14 @@ def thread_count(hidden_size: int) -> int | None:
     of units. None where the kernel is not loaded."""
     if not load():
         return None
-    function = _registered[0].LstmThreadCount
-    function.restype, function.argtypes = ctypes.c_int64, [ctypes.c_int64]
-    return int(function(hidden_size))
+    return int(_c_function(_registered[0], "LstmThreadCount", ctypes.c_int64)(hidden_size))
+
+
+def _c_function(library, name: str, *argtypes):
+    """``library``'s function ``name``, returning an int64, of ``argtypes``."""
+    function = getattr(library, name)
+    function.restype, function.argtypes = ctypes.c_int64, list(argtypes)
+    return function
 
 
 def _optional(valid_TN, mask_NH):

@@ -642,16 +642,21 @@ int64_t usable_cores() {
   return std::max<unsigned>(1, std::thread::hardware_concurrency());
 }
 
-// One thread per usable core (or LSTM_JAX_NUM_THREADS, where it is a whole number >= 1: lstm_jax.native warns of
-// any other value), but none without a vector of units to own.
+// LSTM_JAX_NUM_THREADS where it is a whole number >= 1, else 0 (unset, or any other value, which lstm_jax.native
+// warns of).
+int64_t requested_threads() {
+  const char* env = std::getenv("LSTM_JAX_NUM_THREADS");
+  if (env == nullptr) return 0;
+  const std::string text(env);
+  const bool digits = !text.empty() && text.size() < 10 &&
+                      std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
+  return digits ? std::stol(text) : 0;
+}
+
+// One thread per usable core (or as requested), but none without a vector of units to own.
 int64_t thread_count(int64_t hidden) {
-  int64_t threads = usable_cores();
-  if (const char* env = std::getenv("LSTM_JAX_NUM_THREADS")) {
-    const std::string text(env);
-    const bool digits = !text.empty() && text.size() < 10 &&
-                        std::all_of(text.begin(), text.end(), [](char c) { return c >= '0' && c <= '9'; });
-    if (digits && std::stol(text) >= 1) threads = std::stol(text);
-  }
+  const int64_t requested = requested_threads();
+  const int64_t threads = requested >= 1 ? requested : usable_cores();
   return std::max<int64_t>(1, std::min(threads, blocks_of(hidden, kLanes)));
 }
 
@@ -1066,3 +1071,4 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(LstmBackward, BackwardImpl,
 // 1 where the `bf16` attribute is available (an AMX build that Linux lets use the tiles), else 0.
 extern "C" int LstmBf16Supported() { return bf16_supported() ? 1 : 0; }
 extern "C" int64_t LstmThreadCount(int64_t hidden) { return thread_count(hidden); }
+extern "C" int64_t LstmRequestedThreads() { return requested_threads(); }
