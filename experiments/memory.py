@@ -92,13 +92,11 @@ class TaskConfig:
 class MemoryOptimConfig(OptimConfig):
     """Optimiser settings; the defaults here suit the synthetic tasks (tighter clipping, no decay, no EMA)."""
 
-    learning_rate: float = dataclasses.field(default=3e-3, metadata={"range": cli.POSITIVE, "help": "peak learning rate"})
-    warmup_steps: int = dataclasses.field(default=100, metadata={"range": cli.AT_LEAST_0, "help": "linear warm-up steps from 0"})
-    weight_decay: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "decoupled weight decay on kernels"})
-    clip_norm: float = dataclasses.field(default=1.0, metadata={"range": cli.AT_LEAST_0, "help": "clip gradients to this global norm (0: off)"})
-    ema_decay: float = dataclasses.field(
-        default=0.0, metadata={"range": cli.RATE, "help": "evaluate an exponential moving average of the weights with this decay (0: off)"}
-    )
+    learning_rate: float = cli.field_with_default(OptimConfig, "learning_rate", 3e-3)
+    warmup_steps: int = cli.field_with_default(OptimConfig, "warmup_steps", 100)
+    weight_decay: float = cli.field_with_default(OptimConfig, "weight_decay", 0.0)
+    clip_norm: float = cli.field_with_default(OptimConfig, "clip_norm", 1.0)
+    ema_decay: float = cli.field_with_default(OptimConfig, "ema_decay", 0.0)
 
 
 @dataclasses.dataclass(frozen=True)

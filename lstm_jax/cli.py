@@ -53,6 +53,13 @@ def check_ranges(config) -> None:
         raise ValueError("; ".join(errors))
 
 
+def field_with_default(config_cls, name: str, default) -> dataclasses.Field:
+    """Field ``name`` of ``config_cls`` (its help and range) with another default, for a subclass that only changes
+    defaults."""
+    inherited = next(field for field in dataclasses.fields(config_cls) if field.name == name)
+    return dataclasses.field(default=default, metadata=inherited.metadata)
+
+
 class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line that points at ``--help``, not the whole usage block first
     (with some forty flags, that block buried the message)."""
