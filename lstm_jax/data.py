@@ -18,6 +18,7 @@ counts in `Encoded`.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import re
 from collections.abc import Iterable, Sequence
@@ -382,11 +383,26 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
     ])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ and runs of punctuation
     tok.train_from_iterator(_as_texts(texts), trainer=trainer)
+    tok = _without_added_tokens(tok)
     assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(UNK) == UNK_ID
     if tok.get_vocab_size() <= 2:
         raise DataError("the training texts contain no words (all empty, or only spaces and control characters); "
                         "check --text-column")
     return tok
+
+
+def _without_added_tokens(tok: Tokenizer) -> Tokenizer:
+    """The same tokeniser with `[PAD]` and `[UNK]` only in its vocabulary, not as added tokens.
+
+    `tokenizers` matches added tokens in the raw text before normalising, so a review that quotes
+    ``[PAD]`` would get the padding id inside its words. As plain vocabulary entries they are
+    unreachable from text (it is lower-cased and ``[`` splits off), yet keep their ids.
+    """
+    spec = json.loads(tok.to_str())
+    if not spec.get("added_tokens"):
+        return tok
+    spec["added_tokens"] = []
+    return Tokenizer.from_str(json.dumps(spec))
 
 
 def save_tokenizer(tok: Tokenizer, path: str | os.PathLike) -> None:
@@ -402,7 +418,7 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
         raise DataError(f"tokenizer file '{os.fspath(path)}' does not exist; "
                         "train one with train_tokenizer and save_tokenizer")
     try:
-        return Tokenizer.from_file(os.fspath(path))
+        return _without_added_tokens(Tokenizer.from_file(os.fspath(path)))  # runs from before 2026-12-03 have them
     except Exception as err:
         raise DataError(f"tokenizer file '{os.fspath(path)}' is damaged ({_short(err)}); "
                         "restore it from a backup, or train and save a new one") from err

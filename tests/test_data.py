@@ -284,6 +284,22 @@ def test_tokenizer_normalises_and_maps_unknown_words(tmp_path):
         data.load_tokenizer(tmp_path / "missing.json")
 
 
+@pytest.mark.parametrize("model", data.TOKENIZER_MODELS)
+def test_tokenizer_reads_special_token_names_in_text_as_words(tmp_path, model):
+    """A text that quotes `[PAD]` or `[UNK]` gets the ids of the same words lower-cased, never the padding or
+    unknown-word id; also through a tokenizer file saved with them as added tokens (runs before 2026-12-03)."""
+    texts = ["a [PAD] b [UNK] c", "pad unk [ ] a b c"] * 3
+    tok = data.train_tokenizer(texts, vocab_size=60, model=model)
+    quoted, lowered = "the [PAD] and [UNK] here", "the [pad] and [unk] here"
+    assert tok.encode(quoted).ids == tok.encode(lowered).ids
+    assert data.PAD_ID not in tok.encode(quoted).ids
+    tok.add_special_tokens(["[PAD]", "[UNK]"])  # the tokenizer as runs of before 2026-12-03 saved it
+    assert tok.encode(quoted).ids[1] == data.PAD_ID
+    tok.save(str(tmp_path / "old.json"))
+    assert data.load_tokenizer(tmp_path / "old.json").encode(quoted).ids == data.train_tokenizer(
+        texts, vocab_size=60, model=model).encode(lowered).ids
+
+
 def test_tokenizer_reads_controls_as_spaces_and_drops_invisible_characters_inside_words():
     """C1 controls (cp1252's curly quotes and dashes read as Latin-1) and C0 controls separate words; soft hyphens and
     zero-width joiners inside a word are dropped, and every such text is counted."""
