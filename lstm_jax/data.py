@@ -21,10 +21,13 @@ import dataclasses
 import json
 import os
 import re
+import socket
+import urllib.parse
 from collections.abc import Iterable, Sequence
 from typing import NamedTuple
 
 import datasets
+import huggingface_hub
 import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
@@ -84,6 +87,8 @@ def _load_raw(dataset: str, config: str | None = None) -> datasets.DatasetDict:
         raise DataError(f"local folder '{dataset}' does not exist; pass an existing folder "
                         f"or a Hub id / preset ({', '.join(PRESETS)})")
     try:
+        if (host := _unresolvable_hub_host()) and not _hub_cache_has(hub_id):
+            raise ConnectionError(f"no network: the Hub's host {host} does not resolve, and no copy of {hub_id} is cached")
         return datasets.load_dataset(hub_id, config)
     except Exception as err:
         if configs := re.search(r"Config name is missing.*?available configs: (\[[^\]]*\])", str(err), re.S):
@@ -93,6 +98,28 @@ def _load_raw(dataset: str, config: str | None = None) -> datasets.DatasetDict:
         raise DataError(f"could not load '{hub_id}' from the Hugging Face Hub ({_short(err)}); "
                         f"check the name (presets: {', '.join(PRESETS)}), or with no network "
                         f"pass a local folder: --dataset path/to/folder{folder}") from err
+
+
+def _unresolvable_hub_host() -> str | None:
+    """The Hub's host name if it does not resolve (no network), else None; None too in offline mode, which fails fast.
+
+    Without a network `huggingface_hub` retries each request five times over about 25 seconds before `datasets`
+    gives up; a failed name lookup says the same at once.
+    """
+    if huggingface_hub.constants.HF_HUB_OFFLINE or datasets.config.HF_HUB_OFFLINE:
+        return None
+    host = urllib.parse.urlparse(huggingface_hub.constants.ENDPOINT).hostname
+    try:
+        socket.getaddrinfo(host, 443)
+    except (socket.gaierror, UnicodeError):
+        return host
+    return None
+
+
+def _hub_cache_has(hub_id: str) -> bool:
+    """Whether `datasets` could find a copy of the Hub dataset ``hub_id`` in its caches without a network."""
+    return (os.path.isdir(os.path.join(huggingface_hub.constants.HF_HUB_CACHE, f"datasets--{hub_id.replace('/', '--')}"))
+            or os.path.isdir(os.path.join(datasets.config.HF_DATASETS_CACHE, hub_id.replace("/", "___"))))
 
 
 def _folder_error(folder: str, err: Exception) -> DataError:

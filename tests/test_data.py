@@ -8,6 +8,8 @@ os.environ["HF_HUB_OFFLINE"] = "1"
 import collections
 import itertools
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import datasets
@@ -117,6 +119,21 @@ def test_hub_id_offline_is_one_line_pointing_to_a_local_folder():
         message = str(info.value)
         assert f"could not load '{hub_id}' from the Hugging Face Hub" in message
         assert "local folder" in message and "\n" not in message
+
+
+def test_hub_id_without_a_network_fails_at_once_unless_a_copy_is_cached(tmp_path, monkeypatch):
+    """Outside offline mode, a Hub host that does not resolve (here the reserved `.invalid` domain) gives the one-line
+    error before `huggingface_hub`'s five retries; a cached copy of the dataset still goes to `datasets`."""
+    env = {k: v for k, v in os.environ.items() if not k.endswith("_OFFLINE")}
+    env.update(HF_ENDPOINT="https://hub.invalid", HF_HOME=str(tmp_path / "hf"))
+    program = "from lstm_jax import data\ntry:\n    data.load_text_splits('stanfordnlp/sst2')\nexcept data.DataError as e:\n    print(e)"
+    done = subprocess.run([sys.executable, "-c", program], env=env, capture_output=True, text=True, timeout=120)
+    assert "host hub.invalid does not resolve, and no copy of stanfordnlp/sst2 is cached" in done.stdout
+    assert "local folder" in done.stdout and "Retry" not in done.stdout + done.stderr
+    monkeypatch.setattr(data.huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    assert not data._hub_cache_has("stanfordnlp/sst2")
+    (tmp_path / "hub" / "datasets--stanfordnlp--sst2").mkdir(parents=True)
+    assert data._hub_cache_has("stanfordnlp/sst2")
 
 
 def test_a_preset_name_is_the_preset_even_beside_a_folder_of_that_name(tmp_path, monkeypatch):
