@@ -56,7 +56,7 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
     from lstm_jax.cells import Carry
 
     num_steps, *batch_shape, input_size = x_TE.shape
-    hidden_size = carry.h.shape[-1]
+    hidden_size = _check_shapes(params, input_size, carry)
     rows = math.prod(batch_shape)
     x_TNE = x_TE.reshape(num_steps, rows, input_size)
     h_NH = jnp.broadcast_to(carry.h, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
@@ -75,6 +75,24 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
     h_NH, c_NH, y_TNH = _lstm_scan(reverse, unroll, *varying.vary(operands, varying.varying_axes(operands)))
     unflatten = functools.partial(jnp.reshape, shape=(*batch_shape, hidden_size))
     return Carry(unflatten(h_NH), unflatten(c_NH)), y_TNH.reshape(num_steps, *batch_shape, hidden_size)
+
+
+def _check_shapes(params, input_size: int, carry) -> int:
+    """The hidden size, after checking that the weights, the input's last axis and the carry agree (the CPU kernel
+    trusts them: a mismatch there would read past the ends of its operands)."""
+    w_x, w_h, b = (jnp.shape(params[name]) for name in ("w_x", "w_h", "b"))
+    hidden_size = w_h[0] if len(w_h) == 2 else -1
+    if len(w_x) != 2 or w_x[1:] != w_h[1:] or w_h[1:] != (4 * hidden_size,) or b != (4 * hidden_size,):
+        raise ValueError(f"LSTM params of shapes w_x {w_x}, w_h {w_h}, b {b} do not fit together; expected "
+                         "(E, 4H), (H, 4H) and (4H,), as lstm_jax.LSTM.init makes them")
+    if w_x[0] != input_size:
+        raise ValueError(f"the input's last axis has size {input_size} but the LSTM's w_x takes {w_x[0]} features; "
+                         f"pass inputs shaped (..., {w_x[0]}) or init the params with input_size={input_size}")
+    for name, state in zip(carry._fields, carry):
+        if jnp.shape(state)[-1:] != (hidden_size,):
+            raise ValueError(f"the initial carry's {name} has shape {jnp.shape(state)} but the LSTM's hidden size is "
+                             f"{hidden_size}; give it a last axis of {hidden_size}")
+    return hidden_size
 
 
 def _gate_activations(z_NG):

@@ -188,3 +188,27 @@ def test_zoneout_falls_back_to_the_scan():
 def test_the_cpu_kernel_builds_wherever_there_is_a_compiler():
     """test_native.py skips itself where the kernel cannot be built; with a compiler at hand, that is a build error."""
     assert native.load(), "lstm_jax/csrc/lstm_cpu.cc did not build: see the RuntimeWarning above"
+
+
+@pytest.mark.parametrize("case", ["input too wide", "input far too wide", "input too narrow", "carry too narrow",
+                                  "weights that do not fit together"])
+def test_shapes_that_do_not_fit_are_refused_as_the_plain_scan_refuses_them(case):
+    """The kernel trusts its operands' shapes (a wider input once read past w_x, or crashed the process): every
+    mismatch the plain scan's matmuls refuse is refused before the kernel, in one line."""
+    params = LSTM.init(jax.random.key(0), E, H)
+    x, carry = random_inputs((3,))
+    if case == "input too wide":
+        x = jnp.concatenate([x, x[..., :1]], axis=-1)
+    elif case == "input far too wide":
+        x = jnp.tile(x, (1, 1, 500))
+    elif case == "input too narrow":
+        x = x[..., :-1]
+    elif case == "carry too narrow":
+        carry = Carry(carry.h[..., :-1], carry.c[..., :-1])
+    else:
+        params = {**params, "w_h": params["w_h"][:, :-4]}
+    with pytest.raises((TypeError, ValueError)):
+        scan_layer(SCANNED_LSTM, params, x, carry=carry)
+    with pytest.raises(ValueError) as info:
+        scan_layer(LSTM, params, x, carry=carry)
+    assert "\n" not in str(info.value)
