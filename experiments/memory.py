@@ -84,7 +84,9 @@ class TaskConfig:
 
     def __post_init__(self):
         cli.check_ranges(self)
-        get_task(self.task)
+        task = get_task(self.task)
+        if self.T < task.min_T:
+            raise ValueError(f"--T must be >= {task.min_T} for --task {self.task}, got {self.T}")
         get_cell(self.cell)
 
 
@@ -287,10 +289,15 @@ def _train_one_unlocked(configs: dict) -> dict:
 def sweep_runs(configs: dict, sweep: SweepConfig) -> list[dict]:
     """Run every cell at every length one after another; finished runs are read back, not retrained."""
     cells = list(CELLS) if sweep.sweep_cells == "all" else [name.strip() for name in sweep.sweep_cells.split(",")]
-    lengths = [int(value) for value in sweep.sweep_lengths.split(",")]
     for name in cells:
         if name not in CELLS:
             raise SystemExit(f"error: unknown cell {name!r} in --sweep-cells; choose from {', '.join(CELLS)} or 'all'")
+    try:  # every length is checked as --T is, before any run trains
+        lengths = [int(value) for value in sweep.sweep_lengths.split(",")]
+        for T in lengths:
+            dataclasses.replace(configs["TaskConfig"], T=T)
+    except ValueError as error:
+        raise SystemExit(f"error: --sweep-lengths {sweep.sweep_lengths}: {error}") from None
     base = Path(configs["RunConfig"].workdir)
     runs = []
     for T in lengths:
@@ -322,7 +329,7 @@ def plot_sweep(runs: list[dict], path: Path) -> None:
     lengths = sorted({r["T"] for r in runs})
     fig, axes = plt.subplots(1, len(lengths), figsize=(5.5 * len(lengths), 4), squeeze=False)
     for ax, T in zip(axes[0], lengths):
-        for r in (r for r in runs if r["T"] == T):
+        for r in (r for r in runs if r["T"] == T and r["test_curve"]):  # a run stopped early may have none
             steps, losses = zip(*r["test_curve"])
             ax.plot(steps, losses, label=r["cell"])
         first = next(r for r in runs if r["T"] == T)

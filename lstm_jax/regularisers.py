@@ -6,6 +6,7 @@ units are scaled by ``1 / (1 - rate)`` ("inverted" dropout), so nothing changes 
 evaluation time, except for zoneout, whose evaluation form is its expectation.
 """
 
+import math
 from collections.abc import Sequence
 
 import jax
@@ -40,6 +41,9 @@ def dropout(key, x: jax.Array, rate: float, *, train: bool = True, shared_axes: 
     """
     if not check_key(key, rate, train, "dropout"):
         return x
+    for axis in shared_axes:
+        if not -x.ndim <= axis < x.ndim:
+            raise ValueError(f"dropout shared axis {axis} is outside an array of {x.ndim} dimensions")
     mask_shape = [1 if axis % x.ndim in {a % x.ndim for a in shared_axes} else n for axis, n in enumerate(x.shape)]
     keep = jax.random.bernoulli(key, 1.0 - rate, mask_shape)
     return jnp.where(keep, x / (1.0 - rate), jnp.zeros((), x.dtype))
@@ -102,7 +106,7 @@ def zoneout(key, old, new, rate: float, *, train: bool = True):
     leaves_old, treedef = jax.tree.flatten(old)
     keys = jax.random.split(key, len(leaves_old))
     mixed = [
-        jnp.where(jax.random.bernoulli(k, rate, o.shape), o, n)
+        jnp.where(jax.random.bernoulli(k, rate, jnp.broadcast_shapes(o.shape, n.shape)), o, n)
         for k, o, n in zip(keys, leaves_old, treedef.flatten_up_to(new))
     ]
     return jax.tree.unflatten(treedef, mixed)
@@ -127,11 +131,20 @@ def adversarial_perturbation(grad_BTE: jax.Array, epsilon: float) -> jax.Array:
     features. A sequence whose gradient is zero (batch padding) gets no perturbation. The
     gradient is treated as a constant, as in the paper. Unlike the paper (sec. 3), the embeddings
     are not first normalised to zero mean and unit variance under the word frequencies, so
-    ``epsilon`` is relative to the raw, learned embedding scale.
+    ``epsilon`` is relative to the raw, learned embedding scale. Where the squares of ``g`` would underflow
+    (a confident prediction's gradient) or overflow, the norm is ``max|g| * ||g / max|g|||_2``, as in the
+    paper's code; it is taken in float32 at least.
     """
     grad_BTE = jax.lax.stop_gradient(grad_BTE)
-    norm_B11 = jnp.sqrt(jnp.sum(jnp.square(grad_BTE), axis=(1, 2), keepdims=True))
-    return epsilon * grad_BTE / jnp.maximum(norm_B11, jnp.finfo(grad_BTE.dtype).tiny)
+    g_BTE = grad_BTE.astype(jnp.promote_types(grad_BTE.dtype, jnp.float32))
+    finfo = jnp.finfo(g_BTE.dtype)
+    norm_B11 = jnp.sqrt(jnp.sum(jnp.square(g_BTE), axis=(1, 2), keepdims=True))
+    scale_B11 = jnp.max(jnp.abs(g_BTE), axis=(1, 2), keepdims=True)
+    scaled_BTE = g_BTE / jnp.where(scale_B11 > 0, scale_B11, 1.0)
+    stable_norm_B11 = scale_B11 * jnp.sqrt(jnp.sum(jnp.square(scaled_BTE), axis=(1, 2), keepdims=True))
+    exact_B11 = jnp.isfinite(norm_B11) & (norm_B11 >= math.sqrt(finfo.tiny) / finfo.eps)
+    norm_B11 = jnp.where(exact_B11, norm_B11, jnp.where(scale_B11 > 0, stable_norm_B11, 1.0))
+    return (epsilon * g_BTE / norm_B11).astype(grad_BTE.dtype)
 
 
 def mixup_partners(key, num_rows: int, alpha: float) -> tuple[jax.Array, jax.Array]:
@@ -142,8 +155,8 @@ def mixup_partners(key, num_rows: int, alpha: float) -> tuple[jax.Array, jax.Arr
     ``l ~ Beta(alpha, alpha)`` per row, so each row keeps the larger share (in [0.5, 1]) of the mix
     and its own label stays the majority. Mix with :func:`mix_rows`.
     """
-    if alpha <= 0.0:
-        raise ValueError(f"mixup alpha must be > 0, got {alpha}")
+    if not 0.0 < alpha < math.inf:
+        raise ValueError(f"mixup alpha must be > 0 and finite, got {alpha}")
     partner_key, share_key = jax.random.split(key)
     l_B = jax.random.beta(share_key, alpha, alpha, (num_rows,))
     return jax.random.permutation(partner_key, num_rows), jnp.maximum(l_B, 1.0 - l_B)

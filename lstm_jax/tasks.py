@@ -121,6 +121,7 @@ class Task(NamedTuple):
       baseline: ``T -> loss`` of the best guess that ignores the input.
       solved: ``T -> loss`` below which the task counts as solved.
       aux_name: what "number correct" counts.
+      min_T: the smallest ``T`` the generator takes.
     """
 
     generate: Callable[..., TaskBatch]
@@ -130,10 +131,11 @@ class Task(NamedTuple):
     baseline: Callable[[int], float]
     solved: Callable[[int], float]
     aux_name: str
+    min_T: int = 1
 
 
 TASKS: dict[str, Task] = {
-    "adding": Task(adding_problem, 2, 1, adding_loss, adding_baseline, lambda T: 0.01, f"answers within {ADDING_TOLERANCE}"),
+    "adding": Task(adding_problem, 2, 1, adding_loss, adding_baseline, lambda T: 0.01, f"answers within {ADDING_TOLERANCE}", 2),
     "copy": Task(copy_memory, COPY_ALPHABET + 2, COPY_ALPHABET + 1, copy_loss, copy_baseline,
                  lambda T: copy_baseline(T) / 10, "symbols recalled"),
 }  # fmt: skip

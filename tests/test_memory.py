@@ -115,3 +115,25 @@ def test_sweep_writes_a_table_and_a_figure_and_reads_finished_runs_back(tmp_path
     with pytest.raises(SystemExit, match="learning_rate: 0.003 -> 0.01"):  # not read back as if trained at 0.01
         memory.main([*argv, "--learning-rate", "0.01"])
     assert (tmp_path / "runs" / "adding-T8-rnn" / "results.json").read_text() == first
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["--T", "1"], "--T must be >= 2 for --task adding, got 1"),
+    (["--sweep", "--sweep-lengths", "4,abc"], "--sweep-lengths 4,abc: invalid literal"),
+    (["--sweep", "--sweep-lengths", "4,0"], "--sweep-lengths 4,0: --T must be >= 1, got 0"),
+    (["--sweep", "--sweep-lengths", "4,1"], "--sweep-lengths 4,1: --T must be >= 2 for --task adding, got 1"),
+])  # fmt: skip
+def test_lengths_a_task_cannot_take_are_refused_in_one_line_before_the_workdir_exists(tmp_path, capsys, argv, message):
+    """The adding problem needs two steps for its two markers; a sweep checks every length before training any."""
+    with pytest.raises(SystemExit) as info:
+        memory.main([*argv, "--steps", "2", "--test-size", "4", "--no-progress", "--workdir", str(tmp_path / "run")])
+    assert message in str(info.value.code) + capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
+def test_sweep_figure_leaves_out_runs_stopped_before_their_first_evaluation(tmp_path):
+    """``--max-steps`` below ``--eval-every`` leaves a run without scheduled evaluations; the figure still draws."""
+    run = {"task": "adding", "T": 4, "baseline_loss": 1 / 6, "solved_below": 0.01}
+    runs = [{**run, "cell": "rnn", "test_curve": []}, {**run, "cell": "gru", "test_curve": [(5, 0.2), (10, 0.1)]}]
+    memory.plot_sweep(runs, tmp_path / "figure.png")
+    assert (tmp_path / "figure.png").stat().st_size > 0

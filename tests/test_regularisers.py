@@ -483,3 +483,62 @@ def test_mix_rows_matches_numpy():
     partner, share = np.array([2, 0, 3, 1]), np.array([0.5, 0.9, 1.0, 0.7], np.float32)
     expected = share[:, None, None] * x + (1 - share[:, None, None]) * x[partner]
     np.testing.assert_allclose(np.asarray(regularisers.mix_rows(jnp.asarray(x), jnp.asarray(partner), jnp.asarray(share))), expected, rtol=1e-6)
+
+
+@pytest.mark.parametrize(
+    "dtype, scale",
+    [(jnp.float32, 1.0), (jnp.float32, 1e-20), (jnp.float32, 1e-25), (jnp.float16, 1e-4), (jnp.float16, 300.0),
+     (jnp.bfloat16, 1e-30)],
+)  # fmt: skip
+def test_adversarial_perturbation_has_norm_epsilon_for_tiny_huge_and_low_precision_gradients(dtype, scale):
+    """Miyato et al.'s code divides by the largest |g| before squaring, so the direction survives where the squares
+    of g underflow (a confident prediction's gradient) or overflow (float16)."""
+    rng = np.random.default_rng(7)
+    grad = rng.normal(size=(3, 6, 5)) * scale
+    grad[1] = 0.0
+    grad_low = jnp.asarray(grad, dtype)
+    g = np.asarray(grad_low, np.float64)  # the values the function sees
+    r = np.asarray(regularisers.adversarial_perturbation(grad_low, 0.5), np.float64)
+    assert regularisers.adversarial_perturbation(grad_low, 0.5).dtype == dtype
+    norms = np.sqrt((g**2).sum((1, 2), keepdims=True))
+    expected = 0.5 * np.divide(g, norms, out=np.zeros_like(g), where=norms > 0)
+    tolerance = {jnp.float32: 1e-5, jnp.float16: 2e-3, jnp.bfloat16: 1e-2}[dtype]
+    np.testing.assert_allclose(r, expected, rtol=tolerance, atol=tolerance * 0.5 / np.sqrt(30))
+    np.testing.assert_allclose(np.sqrt((r**2).sum((1, 2)))[[0, 2]], 0.5, rtol=tolerance)
+    assert np.all(r[1] == 0.0)
+
+
+@pytest.mark.parametrize("alpha", [float("nan"), float("inf")])
+def test_mixup_alpha_must_be_finite(alpha):
+    with pytest.raises(ValueError, match="alpha must be > 0"):
+        regularisers.mixup_partners(jax.random.key(0), 4, alpha)
+
+
+def test_zoneout_decides_each_unit_of_each_row_when_the_old_carry_broadcasts():
+    """One ``(H,)`` starting state for the whole batch: each row's units still keep it or not on their own draws."""
+    rate, batch, hidden = 0.5, 64, 32
+    out = np.asarray(regularisers.zoneout(jax.random.key(0), jnp.zeros((hidden,)), jnp.ones((batch, hidden)), rate))
+    assert out.shape == (batch, hidden)
+    kept_old = out == 0
+    assert within_sigmas(kept_old.mean(), rate, kept_old.size)
+    assert not (kept_old == kept_old[:1]).all(), "rows must not share one mask"
+
+
+@pytest.mark.parametrize("shared_axes", [(3,), (-4,)])
+def test_dropout_shared_axes_outside_the_array_raise(shared_axes):
+    with pytest.raises(ValueError, match="axis"):
+        regularisers.dropout(jax.random.key(0), X, 0.5, shared_axes=shared_axes)
+    with pytest.raises(ValueError, match="axis"):
+        regularisers.locked_dropout(jax.random.key(0), X, 0.5, time_axis=shared_axes[0])
+
+
+@pytest.mark.parametrize("epsilon", [1.0, 5.0, 100.0])
+def test_adversarial_perturbation_under_jit_spares_zero_rows_at_any_epsilon(epsilon):
+    """Miyato et al. take epsilon = 5 on IMDB; a batch-padding row must get no perturbation there too, not NaN."""
+    grad = np.random.default_rng(8).normal(size=(2, 4, 3)).astype(np.float32)
+    grad[1] = 0.0
+    perturb = jax.jit(regularisers.adversarial_perturbation, static_argnums=1)
+    r = np.asarray(perturb(jnp.asarray(grad), epsilon), np.float64)
+    g = grad.astype(np.float64)
+    np.testing.assert_allclose(r[0], epsilon * g[0] / np.sqrt((g[0] ** 2).sum()), rtol=1e-5)
+    assert np.all(r[1] == 0.0)

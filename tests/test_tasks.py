@@ -101,3 +101,11 @@ def test_task_model_reads_out_every_step_from_the_cell_output():
     assert params["out"]["w"].shape == (8, 9) and params["rnn"][0]["w_x"].shape == (10, 64)
     outputs = jax.eval_shape(lambda p, x: tasks.task_outputs(cell, p, x), params, jnp.zeros((3, 25, 10)))
     assert outputs.shape == (3, 25, 9)
+
+
+@pytest.mark.parametrize("name", list(tasks.TASKS))
+def test_min_T_is_the_shortest_length_the_generator_takes(name):
+    task = tasks.get_task(name)
+    assert task.generate(jax.random.key(0), 2, task.min_T).x_BTE.shape[0] == 2
+    with pytest.raises(ValueError, match="T >="):
+        task.generate(jax.random.key(0), 2, task.min_T - 1)
