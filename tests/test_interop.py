@@ -57,7 +57,6 @@ def nnx_load(module, pure):
     return module
 
 
-
 # ------------------------------------------------------------------- linen, whole sequences
 
 
@@ -244,3 +243,143 @@ def test_rnn_default_initial_carry_is_zeros():
     y_zero, carries_zero = lstm_jax.rnn(LSTM, [params], x_BTE, initial_carries=[zeros])
     np.testing.assert_array_equal(y, y_zero)
     assert_trees_equal(carries, carries_zero)
+
+
+# --------------------------------------------------------------- what cannot map is refused
+
+
+OTHER_CELLS = ["peephole", "cifg", "layer_norm", "lstmp", "gru", "rnn"]
+
+
+def flax_lstm_step_of_converted(params, h, c, x, target):
+    """Convert ``params`` with ``target`` and run Flax's matching cell one step: ``(c, h), y``."""
+    if target == "linen":
+        return nn.LSTMCell(params["w_h"].shape[0]).apply(interop.to_flax_lstm(params), (c, h), x)
+    if target == "nnx":
+        pure = interop.to_flax_lstm(params, nnx=True)
+    else:
+        pure = interop.to_nnx_optimized_lstm(params)
+    hidden = pure["dense_h" if target == "nnx_optimized" else "hi"]["kernel"].shape[-1]
+    module = (nnx.LSTMCell if target == "nnx" else nnx.OptimizedLSTMCell)(E, hidden, rngs=nnx.Rngs(0))
+    return nnx_load(module, pure)((c, h), x)
+
+
+@pytest.mark.parametrize("target", ["linen", "nnx", "nnx_optimized"])
+@pytest.mark.parametrize("name", OTHER_CELLS)
+def test_lstm_converters_refuse_other_cells(name, target):
+    """A conversion either gives a Flax cell that computes what ours does, or is refused with a
+    ValueError naming the lstm_jax cell it takes; never a Flax cell computing something else.
+
+    Regression: peephole, layer-norm and projected LSTMs were converted with their extra
+    weights dropped, and the 3-gate CIFG and GRU (and the 1-gate tanh RNN, where the
+    widths divide) were cut into four "gates", all without a word.
+    """
+    cell = lstm_jax.get_cell(name)
+    hidden = 8  # 3 * 8 and 1 * 8 split into four equal "gates": nothing fails by accident
+    params = cell.init(jax.random.key(90), E, hidden)
+    rng = np.random.default_rng(91)
+    params = jax.tree.map(lambda w: jnp.asarray(0.5 * rng.standard_normal(w.shape), jnp.float32), params)
+    carry = cell.init_carry(params, (B,))
+    h = random_array(carry.h.shape, 92, 0.8)
+    c = random_array((B, hidden), 93, 0.8)
+    x = random_array((B, E), 94)
+    ours, y = cell.step(params, Carry(h, c if carry.c is not None else None), x)
+    try:
+        (c_flax, h_flax), y_flax = flax_lstm_step_of_converted(params, h, c, x, target)
+    except ValueError as error:
+        assert "lstm_jax.LSTM" in str(error)
+        return
+    # converted without complaint: then Flax must compute what our cell computes
+    assert y_flax.shape == y.shape
+    np.testing.assert_allclose(y_flax, y, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", ["lstm", "peephole", "cifg", "layer_norm", "lstmp", "rnn"])
+def test_gru_converter_refuses_other_cells(name):
+    params = lstm_jax.get_cell(name).init(jax.random.key(95), E, 6)  # 4 * 6 splits into three "gates"
+    with pytest.raises(ValueError, match="lstm_jax.GRU"):
+        interop.to_flax_gru(params)
+
+
+def test_converters_refuse_a_whole_layer_or_stack_naming_the_fix():
+    layers = lstm_jax.init_rnn(jax.random.key(96), LSTM, E, H, num_layers=2, bidirectional=True)
+    with pytest.raises(ValueError, match=r"\['fwd'\]"):
+        interop.to_flax_lstm(layers[0])
+    with pytest.raises(ValueError, match=r"one layer"):
+        interop.to_flax_lstm(layers)
+    gru_layers = lstm_jax.init_rnn(jax.random.key(97), GRU, E, H, bidirectional=True)
+    with pytest.raises(ValueError, match=r"\['fwd'\]"):
+        interop.to_flax_gru(gru_layers[0])
+
+
+def test_from_flax_converters_name_the_right_converter():
+    """Flax variables of another cell (or a whole ``nn.RNN``) get a ValueError naming what to call."""
+    x, h = jnp.ones((1, E)), jnp.zeros((1, H))
+    linen_gru = nn.GRUCell(H).init(jax.random.key(1), h, x)
+    linen_lstm = nn.LSTMCell(H).init(jax.random.key(2), (h, h), x)
+    linen_rnn = nn.RNN(nn.OptimizedLSTMCell(H)).init(jax.random.key(3), jnp.ones((1, T, E)))
+    nnx_opt = nnx.to_pure_dict(nnx.state(nnx.OptimizedLSTMCell(E, H, rngs=nnx.Rngs(4)), nnx.Param))
+    nnx_gru = nnx.to_pure_dict(nnx.state(nnx.GRUCell(E, H, rngs=nnx.Rngs(5)), nnx.Param))
+
+    with pytest.raises(ValueError, match="from_flax_gru"):
+        interop.from_flax_lstm(linen_gru)
+    with pytest.raises(ValueError, match="from_nnx_optimized_lstm"):
+        interop.from_flax_lstm(nnx_opt)
+    with pytest.raises(ValueError, match=r"\['cell'\]"):
+        interop.from_flax_lstm(linen_rnn)
+    with pytest.raises(ValueError, match="from_flax_lstm"):
+        interop.from_flax_gru(linen_lstm)
+    with pytest.raises(ValueError, match="nnx.GRUCell"):
+        interop.from_flax_gru(nnx_gru)
+    with pytest.raises(ValueError, match="from_flax_lstm"):
+        interop.from_nnx_optimized_lstm(linen_lstm)
+    # and the nn.RNN variables work once the cell's are picked out
+    assert_trees_equal(
+        interop.to_flax_lstm(interop.from_flax_lstm(linen_rnn["params"]["cell"]))["params"], linen_rnn["params"]["cell"]
+    )
+
+
+@pytest.mark.parametrize("cell_name", ["lstm", "gru"])
+def test_bfloat16_weights_convert_exactly_and_match_flax(cell_name):
+    """bfloat16 parameters keep their dtype both ways, and Flax's bfloat16 cell agrees with ours to
+    bfloat16 rounding; both are compared with a NumPy float64 run of the same weights."""
+    cell = lstm_jax.get_cell(cell_name)
+    params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), random_params(cell, seed=98))
+    x_BTE = random_array((2, 3, T, E), seed=99).astype(jnp.bfloat16)  # two batch axes
+    if cell_name == "lstm":
+        variables, flax_cell = interop.to_flax_lstm(params), nn.OptimizedLSTMCell
+        assert_trees_equal(interop.from_flax_lstm(variables), params)
+    else:
+        variables, flax_cell = interop.to_flax_gru(params), nn.GRUCell
+        assert_trees_equal(interop.from_flax_gru(variables), params)
+    assert {a.dtype for a in jax.tree.leaves(variables)} == {jnp.dtype(jnp.bfloat16)}
+    rnn = nn.RNN(flax_cell(H, dtype=jnp.bfloat16, param_dtype=jnp.bfloat16))
+    y_flax = rnn.apply({"params": {"cell": variables["params"]}}, x_BTE)
+    y, _ = lstm_jax.rnn(cell, [params], x_BTE)
+    assert y.dtype == y_flax.dtype == jnp.bfloat16 and y.shape == y_flax.shape == (2, 3, T, H)
+
+    reference = numpy_float64_run(cell_name, params, x_BTE)
+    np.testing.assert_allclose(np.asarray(y, np.float64), reference, atol=0.03)
+    np.testing.assert_allclose(np.asarray(y_flax, np.float64), reference, atol=0.03)
+
+
+def numpy_float64_run(cell_name, params, x_BTE):
+    p = {k: np.asarray(v, np.float64) for k, v in params.items()}
+    x_BTE = np.asarray(x_BTE, np.float64)
+    sigmoid = lambda z: 1.0 / (1.0 + np.exp(-z))
+    h = np.zeros((*x_BTE.shape[:-2], H))
+    c = np.zeros_like(h)
+    ys = []
+    for t in range(x_BTE.shape[-2]):
+        xw = x_BTE[..., t, :] @ p["w_x"] + p["b"]
+        hw = h @ p["w_h"]
+        if cell_name == "lstm":
+            i, f, g, o = np.split(xw + hw, 4, axis=-1)
+            c = sigmoid(f) * c + sigmoid(i) * np.tanh(g)
+            h = sigmoid(o) * np.tanh(c)
+        else:
+            (x_r, x_z, x_n), (h_r, h_z, h_n) = np.split(xw, 3, axis=-1), np.split(hw, 3, axis=-1)
+            r, z = sigmoid(x_r + h_r), sigmoid(x_z + h_z)
+            h = (1 - z) * np.tanh(x_n + r * (h_n + p["b_hn"])) + z * h
+        ys.append(h)
+    return np.stack(ys, axis=-2)
