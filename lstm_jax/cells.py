@@ -61,6 +61,12 @@ class Cell(NamedTuple):
         return self.recur(params, carry, self.project(params, x))
 
 
+def _documented(cell: Cell, doc: str) -> Cell:
+    """``cell`` as an instance of a subclass of `Cell` whose docstring is ``doc``, so ``help(lj.LSTM)`` and
+    ``lj.LSTM?`` show the cell's own equations and paper (a tuple instance cannot hold a docstring itself)."""
+    return type(Cell.__name__, (Cell,), {"__doc__": doc, "__slots__": (), "__module__": __name__})(*cell)
+
+
 def output_size(params: Params) -> int:
     """Size of the output ``y`` (and of ``carry.h``) of any cell."""
     return params["w_h"].shape[0]
@@ -140,11 +146,13 @@ def _lstm_recur(params, carry, xp, h_mask=None):
     return Carry(h, c), h
 
 
-LSTM = Cell(_init_gated(4, forget_gate=1), _project, _lstm_recur, _zero_carry(True, 4), fused.lstm_sequence)
-"""Long short-term memory (Hochreiter & Schmidhuber 1997, with the forget gate of
-Gers et al. 2000). Gates ``i, f, g, o``; parameters match ``flax.linen.OptimizedLSTMCell``
-through :mod:`lstm_jax.interop`. Sequences run through the fused kernel
-:func:`lstm_jax.fused.lstm_sequence`."""
+LSTM = _documented(
+    Cell(_init_gated(4, forget_gate=1), _project, _lstm_recur, _zero_carry(True, 4), fused.lstm_sequence),
+    """Long short-term memory (Hochreiter & Schmidhuber 1997, with the forget gate of
+    Gers et al. 2000). Gates ``i, f, g, o``; parameters match ``flax.linen.OptimizedLSTMCell``
+    through :mod:`lstm_jax.interop`. Sequences run through the fused kernel
+    :func:`lstm_jax.fused.lstm_sequence`.""",
+)
 
 
 def _init_peephole(key, input_size, hidden_size, *, forget_bias=1.0, dtype=jnp.float32):
@@ -161,10 +169,12 @@ def _peephole_recur(params, carry, xp, h_mask=None):
     return Carry(h, c), h
 
 
-PEEPHOLE_LSTM = Cell(_init_peephole, _project, _peephole_recur, _zero_carry(True, 4))
-"""Peephole LSTM (Gers & Schmidhuber 2000, "Recurrent nets that time and count").
-The input and forget gates see ``c[t-1]``, the output gate sees ``c[t]``, through the
-diagonal weights ``w_peep = [p_i, p_f, p_o]`` (initialised to zero)."""
+PEEPHOLE_LSTM = _documented(
+    Cell(_init_peephole, _project, _peephole_recur, _zero_carry(True, 4)),
+    """Peephole LSTM (Gers & Schmidhuber 2000, "Recurrent nets that time and count").
+    The input and forget gates see ``c[t-1]``, the output gate sees ``c[t]``, through the
+    diagonal weights ``w_peep = [p_i, p_f, p_o]`` (initialised to zero).""",
+)
 
 
 def _cifg_recur(params, carry, xp, h_mask=None):
@@ -175,9 +185,11 @@ def _cifg_recur(params, carry, xp, h_mask=None):
     return Carry(h, c), h
 
 
-CIFG_LSTM = Cell(_init_gated(3, forget_gate=0), _project, _cifg_recur, _zero_carry(True, 3))
-"""Coupled input-forget gate LSTM (Greff et al. 2017, "LSTM: A search space odyssey"):
-the input gate is ``1 - f``. Gates ``f, g, o``."""
+CIFG_LSTM = _documented(
+    Cell(_init_gated(3, forget_gate=0), _project, _cifg_recur, _zero_carry(True, 3)),
+    """Coupled input-forget gate LSTM (Greff et al. 2017, "LSTM: A search space odyssey"):
+    the input gate is ``1 - f``. Gates ``f, g, o``.""",
+)
 
 
 def _init_layer_norm(key, input_size, hidden_size, *, forget_bias=1.0, dtype=jnp.float32):
@@ -199,13 +211,15 @@ def _layer_norm_recur(params, carry, xp, h_mask=None):
     return Carry(h, c), h
 
 
-LAYER_NORM_LSTM = Cell(_init_layer_norm, _layer_norm_project, _layer_norm_recur, _zero_carry(True, 4))
-"""Layer-normalised LSTM (Ba, Kiros & Hinton 2016, "Layer normalization", supplementary
-material, LSTM equations). ``W_x x`` and ``W_h h`` are normalised before they are summed, and
-the cell state is normalised before the output ``tanh``. Unlike the paper, which normalises each
-whole ``4H`` vector with one mean and variance, each gate's block is normalised on its own (as
-TensorFlow's ``LayerNormBasicLSTMCell`` does), so no gate's scale is set by another's. Gates
-``i, f, g, o``."""
+LAYER_NORM_LSTM = _documented(
+    Cell(_init_layer_norm, _layer_norm_project, _layer_norm_recur, _zero_carry(True, 4)),
+    """Layer-normalised LSTM (Ba, Kiros & Hinton 2016, "Layer normalization", supplementary
+    material, LSTM equations). ``W_x x`` and ``W_h h`` are normalised before they are summed, and
+    the cell state is normalised before the output ``tanh``. Unlike the paper, which normalises each
+    whole ``4H`` vector with one mean and variance, each gate's block is normalised on its own (as
+    TensorFlow's ``LayerNormBasicLSTMCell`` does), so no gate's scale is set by another's. Gates
+    ``i, f, g, o``.""",
+)
 
 
 def _init_projected(key, input_size, hidden_size, *, proj_size=None, forget_bias=1.0, dtype=jnp.float32):
@@ -223,10 +237,12 @@ def _projected_recur(params, carry, xp, h_mask=None):
     return Carry(h, c), h
 
 
-PROJECTED_LSTM = Cell(_init_projected, _project, _projected_recur, _zero_carry(True, 4))
-"""LSTM with a recurrent projection layer, LSTMP (Sak, Senior & Beaufays 2014).
-The cell has ``hidden_size`` units; its output ``r = (o * tanh(c)) W_proj`` has
-``proj_size`` units (default ``hidden_size // 2``) and is what recurs."""
+PROJECTED_LSTM = _documented(
+    Cell(_init_projected, _project, _projected_recur, _zero_carry(True, 4)),
+    """LSTM with a recurrent projection layer, LSTMP (Sak, Senior & Beaufays 2014).
+    The cell has ``hidden_size`` units; its output ``r = (o * tanh(c)) W_proj`` has
+    ``proj_size`` units (default ``hidden_size // 2``) and is what recurs.""",
+)
 
 
 def _init_gru(key, input_size, hidden_size, *, dtype=jnp.float32):
@@ -246,9 +262,11 @@ def _gru_recur(params, carry, xp, h_mask=None):
     return Carry(h), h
 
 
-GRU = Cell(_init_gru, _project, _gru_recur, _zero_carry(False, 3))
-"""Gated recurrent unit (Cho et al. 2014), in the form of ``flax.linen.GRUCell``
-(the reset gate multiplies ``W_hn h + b_hn``). Gates ``r, z, n``."""
+GRU = _documented(
+    Cell(_init_gru, _project, _gru_recur, _zero_carry(False, 3)),
+    """Gated recurrent unit (Cho et al. 2014), in the form of ``flax.linen.GRUCell``
+    (the reset gate multiplies ``W_hn h + b_hn``). Gates ``r, z, n``.""",
+)
 
 
 def _rnn_recur(params, carry, xp, h_mask=None):
@@ -260,9 +278,11 @@ def _init_rnn(key, input_size, hidden_size, *, dtype=jnp.float32):
     return _init_gated(1, forget_gate=None)(key, input_size, hidden_size, dtype=dtype)
 
 
-VANILLA_RNN = Cell(_init_rnn, _project, _rnn_recur, _zero_carry(False, 1))
-"""Elman (1990) tanh RNN: ``h = tanh(W_x x + W_h h + b)``; the baseline whose
-gradient vanishes over long gaps."""
+VANILLA_RNN = _documented(
+    Cell(_init_rnn, _project, _rnn_recur, _zero_carry(False, 1)),
+    """Elman (1990) tanh RNN: ``h = tanh(W_x x + W_h h + b)``; the baseline whose
+    gradient vanishes over long gaps.""",
+)
 
 CELLS: dict[str, Cell] = {
     "lstm": LSTM,

@@ -6,6 +6,9 @@ peephole weights and layer-norm scales and biases), so a swapped gate, a missing
 bias or a peephole reading the wrong cell state shows up as a mismatch.
 """
 
+import pydoc
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,7 +16,7 @@ import pytest
 from rnn_fixtures import sigmoid
 
 import lstm_jax
-from lstm_jax import CELLS, Carry, get_cell, output_size
+from lstm_jax import CELLS, Carry, Cell, get_cell, output_size
 
 E, H, B, T = 5, 6, 3, 6
 P = H // 2  # LSTMP default projection size
@@ -429,3 +432,14 @@ def test_lstmp_with_custom_proj_size_matches_reference():
     assert y.shape == (B, 4)
     np.testing.assert_allclose(new.h, h_ref, rtol=RTOL, atol=ATOL)
     np.testing.assert_allclose(new.c, c_ref, rtol=RTOL, atol=ATOL)
+
+
+@pytest.mark.parametrize("name", list(CELLS))
+def test_each_cell_shows_its_own_docstring_in_help(name):
+    """``help(lj.LSTM)`` and ``lj.LSTM?`` read the instance's docstring: each cell's cites its paper, not Cell's
+    generic text, and keeps it through ``_replace``."""
+    cell = CELLS[name]
+    assert isinstance(cell, Cell) and cell.__doc__ != Cell.__doc__
+    assert re.search(r"(19|20)\d\d", cell.__doc__)
+    assert cell._replace(sequence=None).__doc__ == cell.__doc__
+    assert cell.__doc__.splitlines()[0] in pydoc.render_doc(cell, renderer=pydoc.plaintext)
