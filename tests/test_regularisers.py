@@ -235,6 +235,14 @@ def test_weight_drop_only_changes_the_recurrent_kernel():
     assert np.array_equal(out["w_h"], params["w_h"]) and not np.array_equal(out["w_x"], params["w_x"])
 
 
+
+def test_weight_drop_on_params_without_the_kernel_names_the_fix():
+    """A bidirectional layer (or a stack) has no w_h of its own: a one-line error, in eval mode too, not a KeyError."""
+    layer = random_layers(LSTM, 0, 8, 16, bidirectional=True)[0]
+    for train in (True, False):
+        with pytest.raises(ValueError, match=r"one cell's params with 'w_h'; got (fwd, bwd|bwd, fwd) .*layer\['fwd'\]"):
+            regularisers.weight_drop(jax.random.key(0), layer, 0.3, train=train)
+
 # ------------------------------------------------------------------ through rnn
 
 LENGTHS = [8, 5, 3]
