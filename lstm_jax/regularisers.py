@@ -117,11 +117,11 @@ def weight_drop(key, params: dict, rate: float, *, train: bool = True, name: str
 
     One mask for the whole sequence, so the scan still runs one recurrent matrix.
     """
+    if not check_key(key, rate, train, "weight drop"):
+        return params
     if name not in params:
         layer = " (a bidirectional layer: call it on layer['fwd'] and layer['bwd'])" if {"fwd", "bwd"} <= set(params) else ""
         raise ValueError(f"weight_drop takes one cell's params with {name!r}; got {', '.join(map(str, params))}{layer}")
-    if not check_key(key, rate, train, "weight drop"):
-        return params
     return {**params, name: dropout(key, params[name], rate)}
 
 
