@@ -1,12 +1,15 @@
 #!/usr/bin/env bash
-# The one prepared run for a lent GPU machine (issue 5, item 3), sized for a 15-minute lease: it records the card,
-# times the training step on the GPU shapes against jax.experimental.rnn and PyTorch's cuDNN LSTM, then checks the
-# recurrences' numerics on the GPU with whatever time is left. From the repository root:
+# The one prepared run for a lent GPU machine (issue 5, item 3), sized for one 10-minute command (BENCH_SECONDS plus
+# TEST_SECONDS, 570 s by default): it records the card, times the training step on the GPU shapes against
+# jax.experimental.rnn and PyTorch's cuDNN LSTM (with its fused Adam), then checks the recurrences' numerics on the
+# GPU with whatever time is left. From the repository root:
 #
 #     OUT=some/folder bash benchmarks/gpu_check.sh
 #
 # Everything lands in $OUT (default ./gpu_out): card.txt, bench.log, bench.json (rewritten after every shape, so a
-# run cut short keeps the shapes it finished) and tests.log. A step that fails does not stop the next one.
+# run cut short keeps the shapes it finished; it holds every step's time, the rounds' medians, the 8192³ matmul
+# ceiling's setup, each system's Adam, versions and thread counts) and tests.log. A step that fails does not stop
+# the next one.
 #
 # The machine needs jax with CUDA, flax, optax and, for the PyTorch rows, torch with CUDA. datasets and tokenizers
 # are needed only for SST2=path/to/sst2, which adds one SST-2 epoch through the real data pipeline.
