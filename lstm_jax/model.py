@@ -15,7 +15,7 @@ import optax
 from lstm_jax import cli, regularisers
 from lstm_jax.cells import get_cell
 from lstm_jax.recurrence import init_rnn, is_bidirectional, rnn, valid_mask
-from lstm_jax.vocab import UNK_ID
+from lstm_jax.vocab import PAD_ID, UNK_ID
 
 POOLINGS = ("last", "mean", "max", "mean_max", "attention")
 COMPUTE_DTYPES = ("float32", "bfloat16")
@@ -117,8 +117,9 @@ def language_model_loss(lm, y_BTH, tokens_BT, lengths_B, lm_words: int):
     The forward outputs predict each next word and, for a bidirectional ``y_BTH``, the backward
     outputs predict each previous word, with the heads ``lm["fwd"]`` and ``lm["bwd"]``: the
     auxiliary objective of Rei 2017, "Semi-supervised multitask learning for sequence labeling".
-    Ids at or above ``lm_words`` (the rarer words; ids are ordered by frequency) share one class,
-    ``lm_words - 1``.
+    Each id below ``lm_words`` is its own class; the ids at or above it (the rarer words; ids are ordered
+    by frequency) share one class, that of [PAD], which is never a target itself (so no word below
+    ``lm_words`` shares the rare words' class).
     """
     loss_sum, _, count = language_model_sums(lm, y_BTH, tokens_BT, lengths_B, lm_words)
     return loss_sum / jnp.maximum(count, 1.0)
@@ -129,7 +130,7 @@ def language_model_sums(lm, y_BTH, tokens_BT, lengths_B, lm_words: int):
 
     ``correct`` counts the predictions whose most likely class is the target's.
     """
-    targets_BT = jnp.minimum(tokens_BT, lm_words - 1)
+    targets_BT = jnp.where(tokens_BT < lm_words, tokens_BT, PAD_ID)  # [PAD] is never a target: the rare words' class
     width = lm["fwd"]["w"].shape[0]
     valid_BT = valid_mask(lengths_B, tokens_BT.shape[1]).T
     # (outputs, their targets, valid, head): forward output t predicts word t + 1, backward output t word t - 1

@@ -238,7 +238,8 @@ def make_train_step(
     """A jitted ``(state, batch) -> (state, metrics)`` for ``loss_fn(params, batch, key) -> (loss, aux)``.
 
     With ``ema_decay`` > 0, ``state.ema_params`` tracks an average of the parameters; its warm-up
-    counts applied updates, so a skipped step changes neither the average nor its next rate.
+    counts applied updates, so a skipped step changes neither the average nor its next rate. The state
+    has an average exactly when ``ema_decay`` > 0 (a ``ValueError`` otherwise).
     With ``sam_rho`` > 0 the optimiser gets :func:`sharpness_aware_gradient` instead of the gradient (a second
     forward and backward pass); the loss and aux reported are those at the parameters themselves. ``ensemble``: the
     members along the parameters' leading axis, each moved by SAM on its own.
@@ -250,6 +251,9 @@ def make_train_step(
     def train_step(state: TrainState, batch):
         if ema_decay > 0.0 and state.ema_params is None:
             raise ValueError("ema_decay > 0 needs a state with an average: init_train_state(..., ema=True)")
+        if ema_decay == 0.0 and state.ema_params is not None:  # eval_params would read the initial weights
+            raise ValueError("a state with an average needs ema_decay > 0 to update it: pass ema_decay, or "
+                             "init_train_state(..., ema=False)")
         key = jax.random.fold_in(jax.random.wrap_key_data(state.rng), state.step)
         loss_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
         (loss, aux), grads = loss_and_grad(state.params, batch, key)

@@ -37,6 +37,7 @@ from lstm_jax.train import (
     make_language_model_eval_step,
     weighted_cross_entropy,
 )
+from lstm_jax.vocab import PAD_ID
 
 V, E, H, HEAD, C = 23, 4, 5, 6, 3
 NO_DROPOUT = {
@@ -428,6 +429,12 @@ def test_ensemble_must_have_a_member_and_explain_asks_for_one():
         classifier_logits(random_params(config), config, jnp.asarray(padded_tokens(LENGTHS, T)), jnp.asarray(LENGTHS), with_outputs=True)
 
 
+def numpy_language_model_target(word, lm_words):
+    """The class of ``word`` as the ``lm_words`` help says: the ids below ``lm_words`` each their own, the rest one
+    class, the one of [PAD] (id 0, never a target itself)."""
+    return word if word < lm_words else PAD_ID
+
+
 def numpy_language_model_terms(lm, y_BTH, tokens_BT, lengths_B, lm_words):
     """``(nll, correct)`` of every prediction, by a loop over rows and steps: forward output t predicts
     word t + 1, backward output t word t - 1."""
@@ -435,7 +442,7 @@ def numpy_language_model_terms(lm, y_BTH, tokens_BT, lengths_B, lm_words):
     width = lm["fwd"]["w"].shape[0]
 
     def term(outputs_H, head, word):
-        logits, target = outputs_H @ head["w"] + head["b"], min(word, lm_words - 1)
+        logits, target = outputs_H @ head["w"] + head["b"], numpy_language_model_target(word, lm_words)
         top = logits.max()
         return top + np.log(np.exp(logits - top).sum()) - logits[target], float(np.argmax(logits) == target)
 
@@ -483,6 +490,29 @@ def test_language_model_sums_count_the_predictions_and_the_right_ones(bidirectio
     assert int(count) == len(terms) == (2 if bidirectional else 1) * sum(max(n - 1, 0) for n in LENGTHS)
     np.testing.assert_allclose(float(loss_sum), terms[:, 0].sum(), rtol=1e-5)
     assert int(correct) == int(terms[:, 1].sum()) > 0
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_language_model_tells_apart_every_id_below_lm_words_and_pools_the_rest(bidirectional):
+    """``--lm-words N``: "tells apart the ids below this; the rest are one class". With heads that always predict
+    class ``c``, the right predictions are the targets of class ``c``: for ``c = N - 1`` the word ``N - 1`` alone
+    (not the rarer ids too), and every rarer id together in one class that no word below ``N`` has."""
+    lm_words, width = 6, 2
+    tokens = np.array([[2, lm_words - 1, lm_words, 3, lm_words + 4, lm_words - 1, 1, lm_words + 9]], np.int32)
+    lengths = np.array([tokens.shape[1]], np.int32)
+    y_BTH = jnp.ones((1, tokens.shape[1], 2 * width if bidirectional else width))
+    words = list(tokens[0, 1:]) + (list(tokens[0, :-1]) if bidirectional else [])  # what the outputs predict
+    rare_class_hits = []
+    for c in range(lm_words):
+        head = {"w": jnp.zeros((width, lm_words)), "b": 5.0 * jax.nn.one_hot(c, lm_words)}
+        lm = {"fwd": head, "bwd": head} if bidirectional else {"fwd": head}
+        _, correct, count = language_model_sums(lm, y_BTH, jnp.asarray(tokens), jnp.asarray(lengths), lm_words)
+        assert int(count) == len(words)
+        own = sum(word == c for word in words if word < lm_words)
+        rare_class_hits.append(int(correct) - own)
+    rare = sum(word >= lm_words for word in words)
+    assert rare_class_hits.count(rare) == 1 and rare_class_hits.count(0) == lm_words - 1, rare_class_hits
+    assert {word for word in words if word < lm_words}.isdisjoint({rare_class_hits.index(rare)})
 
 
 @pytest.mark.parametrize("num_layers", [1, 2])

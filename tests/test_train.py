@@ -277,6 +277,15 @@ def test_without_ema_eval_params_are_the_params():
     assert state.ema_params is None and state.eval_params is state.params
 
 
+def test_an_average_and_its_decay_come_together():
+    """A state with an average stepped without ``ema_decay`` would keep it at the initial weights, and evaluation
+    (``eval_params``, the average when there is one) would silently read those: refused, as the converse is."""
+    with pytest.raises(ValueError, match="ema_decay > 0 needs a state with an average"):
+        make_train_step(tiny_loss, TINY_OPTIMIZER, ema_decay=0.9)(tiny_state(), tiny_batch())
+    with pytest.raises(ValueError, match="a state with an average needs ema_decay > 0"):
+        TINY_STEP(tiny_state(ema=True), tiny_batch())
+
+
 # --------------------------------------------------------------------------- the classifier
 
 CONFIG = ModelConfig(cell="lstm", embed_dim=8, hidden_size=8, bidirectional=False, pooling="mean", head_hidden=0,
