@@ -150,19 +150,31 @@ def adversarial_perturbation(grad_BTE: jax.Array, epsilon: float) -> jax.Array:
     return (epsilon * g_BTE / norm_B11).astype(grad_BTE.dtype)
 
 
-def mixup_partners(key, num_rows: int, alpha: float) -> tuple[jax.Array, jax.Array]:
+def mixup_partners(key, num_rows: int, alpha: float, *, real_B: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
     """A partner row and a mixing share for each row, for mixup (Zhang et al. 2018, "mixup: Beyond
     empirical risk minimization").
 
     Returns ``partner_B``, a random permutation of the rows, and ``share_B = max(l, 1 - l)`` with
     ``l ~ Beta(alpha, alpha)`` per row, so each row keeps the larger share (in [0.5, 1]) of the mix
-    and its own label stays the majority. Mix with :func:`mix_rows`.
+    and its own label stays the majority. Mix with :func:`mix_rows`. With ``real_B`` (bool, False on
+    a batch's padding rows) the permutation keeps the real rows among themselves, so no real row is
+    mixed with padding (and lost to the loss).
     """
     if not 0.0 < alpha < math.inf:
         raise ValueError(f"mixup alpha must be > 0 and finite, got {alpha}")
     partner_key, share_key = jax.random.split(key)
     l_B = jax.random.beta(share_key, alpha, alpha, (num_rows,))
-    return jax.random.permutation(partner_key, num_rows), jnp.maximum(l_B, 1.0 - l_B)
+    if real_B is None:
+        partner_B = jax.random.permutation(partner_key, num_rows)
+    else:  # two random orders of the rows, real ones first: the j-th row of one takes the j-th of the other
+        order_a, order_b = (_real_rows_first(k, real_B) for k in jax.random.split(partner_key))
+        partner_B = jnp.zeros(num_rows, order_b.dtype).at[order_a].set(order_b)
+    return partner_B, jnp.maximum(l_B, 1.0 - l_B)
+
+
+def _real_rows_first(key, real_B: jax.Array) -> jax.Array:
+    """The row indices in random order, the real rows (``real_B``) before the others."""
+    return jnp.argsort(jax.random.uniform(key, real_B.shape) + jnp.where(real_B, 0.0, 2.0))
 
 
 def mix_rows(x_B: jax.Array, partner_B: jax.Array, share_B: jax.Array) -> jax.Array:

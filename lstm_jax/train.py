@@ -136,8 +136,8 @@ def classifier_loss(params, config: ModelConfig, batch, key):
     clean pass's recurrent outputs.
 
     With ``config.mixup_alpha`` > 0 every pass mixes the pooled vectors and targets of random pairs
-    of rows (:func:`~lstm_jax.regularisers.mixup_partners`); the correct count is then against each
-    row's own label, its larger share.
+    of real rows (:func:`~lstm_jax.regularisers.mixup_partners`; padding rows are never partners); the
+    correct count is then against each row's own label, its larger share.
 
     The members of an ensemble see the same batch, each with its own dropout masks
     (Lakshminarayanan et al. 2017). The loss and correct count returned are the members' means,
@@ -152,7 +152,8 @@ def classifier_loss(params, config: ModelConfig, batch, key):
     mixup = None
     if config.mixup_alpha > 0.0:
         key, mixup_key = jax.random.split(key)
-        mixup = regularisers.mixup_partners(mixup_key, batch.labels_B.shape[0], config.mixup_alpha)
+        mixup = regularisers.mixup_partners(mixup_key, batch.labels_B.shape[0], config.mixup_alpha,
+                                            real_B=batch.weights_B > 0)
 
     def loss_and_logits(embed_delta_BTE, params=params):
         logits_BC, y_BTH = classifier_logits(params, config, batch.tokens_BT, batch.lengths_B, key=key, train=True, embed_delta_BTE=embed_delta_BTE, mixup=mixup, with_outputs=True)

@@ -482,6 +482,21 @@ def test_mixup_partners_permute_the_rows_and_keep_the_larger_beta_share(alpha):
     assert abs(np.median(share) - np.median(expected)) < 0.02
 
 
+def test_mixup_partners_of_real_rows_are_real_and_uniform_among_them():
+    """A batch padded with rows of weight 0: each real row's partner is drawn uniformly from the real rows (itself
+    included, as in a plain permutation), so mixup loses no real row to padding."""
+    real = np.array([True, True, False, True, True, True, False, False])
+    draws = 6000
+    partner_of = lambda key: regularisers.mixup_partners(key, real.size, 1.0, real_B=jnp.asarray(real))[0]
+    partners = np.asarray(jax.vmap(partner_of)(jax.random.split(jax.random.key(0), draws)))
+    for partner in partners[:50]:
+        np.testing.assert_array_equal(np.sort(partner), np.arange(real.size))  # a permutation of all rows
+    assert real[partners[:, real]].all() and not real[partners[:, ~real]].any()
+    counts = np.stack([np.bincount(partners[:, row], minlength=real.size)[real] for row in np.flatnonzero(real)])
+    expected = draws / real.sum()
+    assert np.abs(counts - expected).max() < 5 * np.sqrt(expected)
+
+
 def test_mixup_alpha_must_be_positive():
     with pytest.raises(ValueError, match="alpha must be > 0"):
         regularisers.mixup_partners(jax.random.key(0), 4, 0.0)
