@@ -57,8 +57,15 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
 
     num_steps, *batch_shape, input_size = x_TE.shape
     hidden_size = _check_shapes(params, input_size, carry)
+    if not (isinstance(unroll, bool) or isinstance(unroll, (int, np.integer)) and unroll >= 0):
+        # the kernel has no unroll, so lax.scan's own check would be skipped on CPU
+        raise ValueError(f"`unroll` must be a bool or a non-negative int, as lax.scan takes it; got {unroll!r}")
     rows = math.prod(batch_shape)
     x_TNE = x_TE.reshape(num_steps, rows, input_size)
+    if valid_T is not None and 0 < jnp.ndim(valid_T) <= len(batch_shape):
+        # its batch axes meet the batch's from the right, as the plain scan's step mask meets the carry (..., H):
+        # one length serves every sequence, or one per column
+        valid_T = jnp.expand_dims(valid_T, tuple(range(1, len(batch_shape) + 2 - jnp.ndim(valid_T))))
     h_NH = jnp.broadcast_to(carry.h, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
     c_NH = jnp.broadcast_to(carry.c, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
     valid_TN = (  # as bool, which the kernel takes (0/1 integers would be refused there)
@@ -66,10 +73,10 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
         if valid_T is None
         else jnp.broadcast_to(valid_T, (num_steps, *batch_shape)).reshape(num_steps, rows).astype(bool)
     )
-    mask_NH = (
+    mask_NH = (  # in h's dtype, as h * h_mask is in the plain scan (the kernel takes float32 only, no bool or int)
         None
         if h_mask is None
-        else jnp.broadcast_to(h_mask, (*batch_shape, hidden_size)).reshape(rows, hidden_size)
+        else jnp.broadcast_to(h_mask, (*batch_shape, hidden_size)).reshape(rows, hidden_size).astype(h_NH.dtype)
     )
     operands = (params["w_x"], params["w_h"], params["b"], x_TNE, h_NH, c_NH, valid_TN, mask_NH)
     h_NH, c_NH, y_TNH = _lstm_scan(reverse, unroll, *varying.vary(operands, varying.varying_axes(operands)))
@@ -216,6 +223,7 @@ class _Decisions:
     precision: str | None  # the forward's native.precision; None: the lax.scan loops
     weights: bool
     mask_grad: bool
+    bias_dtype: np.dtype  # b is not saved, but its gradient comes back in its dtype
 
 
 def _lstm_scan_fwd(reverse, unroll, *primals):
@@ -229,7 +237,7 @@ def _lstm_scan_fwd(reverse, unroll, *primals):
     h_NH, c_NH, acts_TNG, h_TNH, c_TNH = _forward(reverse, unroll, precision, w_x, w_h, b, x_TNE, h0_NH, c0_NH, valid_TN,
                                                   mask_NH)  # fmt: skip
     # a mask is differentiated only where a caller learns it (a dropout mask drawn from a key is not)
-    decisions = _Decisions(precision, weights, mask_NH is not None and primals[-1].perturbed)
+    decisions = _Decisions(precision, weights, mask_NH is not None and primals[-1].perturbed, np.dtype(b.dtype))
     saved = (w_x, w_h, x_TNE, h0_NH, c0_NH, valid_TN, mask_NH, acts_TNG, h_TNH, c_TNH, decisions)
     return _results(h0_NH, c0_NH, valid_TN, h_NH, c_NH, h_TNH), saved
 
@@ -298,9 +306,10 @@ def _lstm_scan_bwd(reverse, unroll, saved, cotangents):
         backward = functools.partial(_native_backward, reverse, unroll, decisions.weights, precision == "bfloat16")
         dz_TNG, dx_TNE, dw_x, dw_h, dh0_NH, dc0_NH = backward(*_float32(operands))
     db = dz_TNG.reshape(-1, dz_TNG.shape[-1]).sum(0)
-    grads = (dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH)
-    if precision is not None:  # the kernel's float32 results in the primals' dtypes (b has w_x's: native.precision)
-        grads = tuple(g.astype(p.dtype) for g, p in zip(grads, (w_x, w_h, w_x, x_TNE, h0_NH, c0_NH), strict=True))
+    # each in its primal's dtype: the kernel returns float32 for bfloat16, and with operands of mixed dtypes (bfloat16
+    # params, float32 inputs) the scan loops' products are in the widest of them
+    dtypes = (w_x.dtype, w_h.dtype, decisions.bias_dtype, x_TNE.dtype, h0_NH.dtype, c0_NH.dtype)
+    grads = tuple(g.astype(dtype) for g, dtype in zip((dw_x, dw_h, db, dx_TNE, dh0_NH, dc0_NH), dtypes, strict=True))
     no_grad = lambda a: None if a is None else np.zeros(a.shape, jax.dtypes.float0 if a.dtype == bool else a.dtype)
     if not decisions.mask_grad:
         return *grads, no_grad(valid_TN), no_grad(mask_NH)

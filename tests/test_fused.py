@@ -212,3 +212,67 @@ def test_shapes_that_do_not_fit_are_refused_as_the_plain_scan_refuses_them(case)
     with pytest.raises(ValueError) as info:
         scan_layer(LSTM, params, x, carry=carry)
     assert "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("mask_dtype", [jnp.float16, jnp.int32, bool])
+def test_a_recurrent_mask_of_another_dtype_multiplies_h_as_in_the_plain_scan(mask_dtype):
+    """``h * h_mask`` promotes a float16, integer or boolean mask to the step's dtype in the plain scan; the kernel
+    takes float32 only (such a mask once reached it and failed at run time, "Wrong buffer dtype")."""
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((len(LENGTHS),))
+    keep = np.random.default_rng(2).random((len(LENGTHS), H)) < 0.7
+    h_mask = jnp.asarray(keep, mask_dtype)
+    options = dict(carry=carry, lengths=jnp.array(LENGTHS), h_mask=h_mask, reverse=True)
+    got, want = scan_layer(LSTM, params, x, **options), scan_layer(SCANNED_LSTM, params, x, **options)
+    assert_trees_close(got, want)
+    assert got[1].dtype == want[1].dtype == jnp.float32
+    fused, scanned = run_both(lambda cell: sequence_loss(cell, h_mask=h_mask))
+    assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
+
+
+@pytest.mark.parametrize("batch_shape, lengths", [((5,), 4), ((2, 3), [1, 7, 0]), ((2, 3), [[5], [0]])],
+                         ids=["one length", "per column", "per row"])
+def test_lengths_broadcast_over_the_batch_as_in_the_plain_scan(batch_shape, lengths):
+    """The plain scan broadcasts ``lengths`` against the batch from the right (its step mask meets the carry
+    ``(..., H)``), so one length, or one per column, serves a whole batch; the fused path once broadcast the
+    ``(T, ...)`` step mask from the left, and refused these."""
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs(batch_shape)
+    lengths = jnp.asarray(lengths)
+    fused, scanned = run_both(lambda cell: sequence_loss(cell, lengths=lengths, reverse=True))
+    assert_trees_close(fused(params, x, carry), scanned(params, x, carry))
+    want = scan_layer(SCANNED_LSTM, params, x, lengths=jnp.broadcast_to(lengths, batch_shape))
+    assert_trees_close(scan_layer(LSTM, params, x, lengths=lengths), want)
+
+
+@pytest.mark.parametrize("unroll", [-1, 2.5, None])
+def test_an_unroll_the_plain_scan_refuses_is_refused(unroll):
+    """The kernel has no unroll: without a check, a value ``lax.scan`` refuses passed unnoticed on CPU only."""
+    params = random_layers(LSTM)[0]
+    x, carry = random_inputs((3,))
+    with pytest.raises((TypeError, ValueError)):
+        scan_layer(SCANNED_LSTM, params, x, carry=carry, unroll=unroll)
+    with pytest.raises((TypeError, ValueError), match="unroll"):
+        scan_layer(LSTM, params, x, carry=carry, unroll=unroll)
+
+
+@pytest.mark.parametrize("params_dtype, x_dtype", [(jnp.bfloat16, jnp.float32), (jnp.float32, jnp.float16),
+                                                   (jnp.float16, jnp.float32)])
+def test_gradients_of_operands_of_mixed_dtypes_come_back_in_their_dtypes(params_dtype, x_dtype):
+    """Mixed dtypes (bfloat16 params with float32 inputs, say) run in the fused path's scan loops: each gradient is
+    in its operand's dtype, as autodiff of the plain scan gives it (they once all came back float32)."""
+    params = jax.tree.map(lambda a: a.astype(params_dtype), random_layers(LSTM)[0])
+    x, carry = random_inputs((len(LENGTHS),))
+    x = x.astype(x_dtype)
+
+    def loss(cell):
+        def of(params, x, carry):
+            final, y = scan_layer(cell, params, x, carry=carry, lengths=jnp.array(LENGTHS))
+            return jnp.sum(y.astype(jnp.float32) ** 2) + jnp.sum(final.c.astype(jnp.float32))
+        return jax.grad(of, argnums=(0, 1, 2))
+
+    got, want = loss(LSTM)(params, x, carry), loss(SCANNED_LSTM)(params, x, carry)
+    assert [a.dtype for a in jax.tree.leaves(got)] == [a.dtype for a in jax.tree.leaves(want)]
+    for a, e in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        a, e = np.asarray(a, np.float64), np.asarray(e, np.float64)
+        assert np.linalg.norm(a - e) <= 0.02 * np.linalg.norm(e)
