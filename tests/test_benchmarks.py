@@ -32,10 +32,11 @@ def test_shape_parsing_and_flops():
         (["--shape", "4,16,16,0"], "four integers > 0"),
         (["--shape", "4,16,0,32"], "four integers > 0"),
         (["--shape=-4,16,16,32"], "four integers > 0"),
-        (["--json", "/nonexistent/x.json"], "not a writable folder"),
+        (["--json", "{tmp}/missing/x.json"], "not a writable folder"),
     ],
 )
-def test_bad_arguments_are_usage_errors_before_any_timing(args, message, capsys, monkeypatch):
+def test_bad_arguments_are_usage_errors_before_any_timing(args, message, capsys, monkeypatch, tmp_path):
+    args = [arg.format(tmp=tmp_path) for arg in args]
     monkeypatch.setattr(train_step, "matmul_ceiling", lambda on_gpu: pytest.fail("timed despite a bad argument"))
     with pytest.raises(SystemExit) as exit_info:
         train_step.main(args)
