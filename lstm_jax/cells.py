@@ -67,6 +67,13 @@ def _documented(cell: Cell, doc: str) -> Cell:
     return type(Cell.__name__, (Cell,), {"__doc__": doc, "__slots__": (), "__module__": __name__})(*cell)
 
 
+def gate_shapes_fit(params: Params, num_gates: int) -> bool:
+    """Whether ``w_x``, ``w_h`` and ``b`` have the shapes ``(E, G)``, ``(H, G)`` and ``(G,)`` with ``G = num_gates * H``
+    (``H = w_h.shape[0]``), as ``init`` makes them for a cell whose ``carry.h`` has the cell's own width."""
+    w_x, w_h, b = (jnp.shape(params[name]) for name in ("w_x", "w_h", "b"))
+    return len(w_x) == 2 and len(w_h) == 2 and w_h[1] == num_gates * w_h[0] and w_x[1] == w_h[1] and b == (w_h[1],)
+
+
 def output_size(params: Params) -> int:
     """Size of the output ``y`` (and of ``carry.h``) of any cell."""
     return params["w_h"].shape[0]

@@ -87,11 +87,13 @@ def lstm_sequence(params, x_TE, *, carry, valid_T=None, h_mask=None, reverse=Fal
 def _check_shapes(params, input_size: int, carry) -> int:
     """The hidden size, after checking that the weights, the input's last axis and the carry agree (the CPU kernel
     trusts them: a mismatch there would read past the ends of its operands)."""
+    from lstm_jax.cells import gate_shapes_fit
+
     w_x, w_h, b = (jnp.shape(params[name]) for name in ("w_x", "w_h", "b"))
-    hidden_size = w_h[0] if len(w_h) == 2 else -1
-    if len(w_x) != 2 or w_x[1:] != w_h[1:] or w_h[1:] != (4 * hidden_size,) or b != (4 * hidden_size,):
+    if not gate_shapes_fit(params, 4):
         raise ValueError(f"LSTM params of shapes w_x {w_x}, w_h {w_h}, b {b} do not fit together; expected "
                          "(E, 4H), (H, 4H) and (4H,), as lstm_jax.LSTM.init makes them")
+    hidden_size = w_h[0]
     if w_x[0] != input_size:
         raise ValueError(f"the input's last axis has size {input_size} but the LSTM's w_x takes {w_x[0]} features; "
                          f"pass inputs shaped (..., {w_x[0]}) or init the params with input_size={input_size}")

@@ -28,6 +28,8 @@ from collections.abc import Mapping
 
 import jax.numpy as jnp
 
+from lstm_jax.cells import gate_shapes_fit
+
 LSTM_GATES = ("i", "f", "g", "o")
 GRU_GATES = ("r", "z", "n")
 
@@ -60,14 +62,8 @@ def _check_ours(params, cell: str, keys: tuple, num_gates: int, fn: str) -> None
             others = [{4: "LSTM", 3: "CIFG_LSTM", 1: "VANILLA_RNN"}.get(num)] if num in (1, 3, 4) else []
         what = f"lstm_jax.{others[0]} params" if others else f"params with {', '.join(sorted(params))}"
         raise ValueError(f"{takes} ({', '.join(keys)}); got {what}")
-    hidden_size = params["w_h"].shape[0]
-    shapes = {k: tuple(params[k].shape) for k in ("w_x", "w_h", "b")}
-    if (
-        len(shapes["w_x"]) != 2
-        or shapes["w_x"][1] != num_gates * hidden_size
-        or shapes["w_h"] != (hidden_size, num_gates * hidden_size)
-        or shapes["b"] != (num_gates * hidden_size,)
-    ):
+    if not gate_shapes_fit(params, num_gates):
+        shapes = {k: tuple(params[k].shape) for k in ("w_x", "w_h", "b")}
         raise ValueError(
             f"{takes}: w_x (E, {num_gates}H), w_h (H, {num_gates}H), b ({num_gates}H,) for its {num_gates} gates; got "
             f"{', '.join(f'{k} {v}' for k, v in shapes.items())} (lstm_jax.CIFG_LSTM has 3 gates and "
