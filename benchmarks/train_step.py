@@ -41,7 +41,7 @@ import optax
 import lstm_jax as lj
 from experiments.allocator import has_malloc_tunables, rerun_keeping_freed_memory
 from lstm_jax.model import cast_floating
-from lstm_jax.parallel import usable_cores
+from lstm_jax.parallel import usable_cores, usable_cpus
 
 VOCAB = 20_000
 NUM_CLASSES = 2
@@ -365,13 +365,9 @@ def busy_cpu_seconds(stat_text: str, cpus: set[int], ticks_per_second: int) -> f
     return busy / ticks_per_second
 
 
-def own_cpus() -> set[int]:
-    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
-
-
 def cpu_sample() -> CpuSample:
     try:
-        busy = busy_cpu_seconds(Path("/proc/stat").read_text(), own_cpus(), os.sysconf("SC_CLK_TCK"))
+        busy = busy_cpu_seconds(Path("/proc/stat").read_text(), usable_cpus(), os.sysconf("SC_CLK_TCK"))
     except (OSError, ValueError, AttributeError):  # not Linux: no /proc/stat, or no sysconf
         busy = None
     return CpuSample(time.perf_counter(), time.process_time(), busy)

@@ -25,9 +25,14 @@ from jax.sharding import PartitionSpec as P
 MESH_AXES = ("data", "model")
 
 
+def usable_cpus() -> set[int]:
+    """The CPU numbers this process may run on: its CPU affinity where the OS has one (not macOS), else every core."""
+    return os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+
+
 def usable_cores() -> int:
-    """The cores this process may run on: its CPU affinity where the OS has one (not macOS), else every core."""
-    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+    """How many cores this process may run on (:func:`usable_cpus`)."""
+    return len(usable_cpus())
 
 
 @dataclasses.dataclass(frozen=True)
