@@ -308,13 +308,14 @@ def test_tokenizer_reads_special_token_names_in_text_as_words(tmp_path, model):
     texts = ["a [PAD] b [UNK] c", "pad unk [ ] a b c"] * 3
     tok = data.train_tokenizer(texts, vocab_size=60, model=model)
     quoted, lowered = "the [PAD] and [UNK] here", "the [pad] and [unk] here"
-    assert tok.encode(quoted).ids == tok.encode(lowered).ids
+    lowered_ids = tok.encode(lowered).ids
+    assert tok.encode(quoted).ids == lowered_ids
     assert data.PAD_ID not in tok.encode(quoted).ids
     tok.add_special_tokens(["[PAD]", "[UNK]"])  # the tokenizer as runs of before 2026-12-03 saved it
     assert tok.encode(quoted).ids[1] == data.PAD_ID
     tok.save(str(tmp_path / "old.json"))
-    assert data.load_tokenizer(tmp_path / "old.json").encode(quoted).ids == data.train_tokenizer(
-        texts, vocab_size=60, model=model).encode(lowered).ids
+    # the same tokenizer read back, not a second training: WordPiece breaks ties between merges differently each time
+    assert data.load_tokenizer(tmp_path / "old.json").encode(quoted).ids == lowered_ids
 
 
 def test_tokenizer_reads_controls_as_spaces_and_drops_invisible_characters_inside_words():
