@@ -396,9 +396,23 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
         raise DataError(f"vocab_size must be >= 3 ([PAD], [UNK] and one word), got {vocab_size}")
     if model not in TOKENIZER_MODELS:
         raise DataError(f"unknown tokenizer model {model!r}; choose one of {', '.join(TOKENIZER_MODELS)}")
+    texts = _as_texts(texts)
     model_class, trainer_class = _TOKENIZER_KINDS[model]
-    tok = Tokenizer(model_class(unk_token=UNK))
-    trainer = trainer_class(vocab_size=vocab_size, min_frequency=min_freq, special_tokens=[PAD, UNK], show_progress=False)
+    tok = _with_word_splitting(Tokenizer(model_class(unk_token=UNK)))
+    pinned = _continuation_pieces(texts) if model == "wordpiece" else []
+    trainer = trainer_class(vocab_size=vocab_size, min_frequency=min_freq, special_tokens=[PAD, UNK, *pinned],
+                            show_progress=False)
+    tok.train_from_iterator(texts, trainer=trainer)
+    tok = _without_added_tokens(tok)
+    assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(UNK) == UNK_ID
+    if tok.get_vocab_size() <= 2:
+        raise DataError("the training texts contain no words (all empty, or only spaces and control characters); "
+                        "check --text-column")
+    return tok
+
+
+def _with_word_splitting(tok: Tokenizer) -> Tokenizer:
+    """Sets the normaliser and pre-tokeniser every trained tokeniser shares; returns `tok`."""
     tok.normalizer = normalizers.Sequence([
         normalizers.Replace(Regex(r"(?i)<br\s*/?>"), " "),
         normalizers.Replace(Regex(SPACE_CHARACTERS), " "),
@@ -409,21 +423,31 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
         normalizers.Lowercase(),
     ])
     tok.pre_tokenizer = pre_tokenizers.Whitespace()  # \w+ and runs of punctuation
-    tok.train_from_iterator(_as_texts(texts), trainer=trainer)
-    tok = _without_added_tokens(tok)
-    assert tok.token_to_id(PAD) == PAD_ID and tok.token_to_id(UNK) == UNK_ID
-    if tok.get_vocab_size() <= 2:
-        raise DataError("the training texts contain no words (all empty, or only spaces and control characters); "
-                        "check --text-column")
     return tok
 
 
+def _continuation_pieces(texts: list[str]) -> list[str]:
+    """``##c`` for every character c that follows another inside a training word, sorted.
+
+    `tokenizers`' WordPiece trainer numbers these pieces as it meets them in a hash map, whose order
+    changes from process to process, and breaks ties between equally frequent merges by those numbers:
+    two runs of one command would train different vocabularies. Given in a fixed order up front (as
+    special tokens, which take the first ids), they keep the numbers the same in every process.
+    """
+    words = Tokenizer(models.WordLevel(unk_token=UNK))
+    words = _with_word_splitting(words)
+    words.train_from_iterator(texts, trainer=trainers.WordLevelTrainer(vocab_size=2**31 - 1, show_progress=False))
+    later_chars = {char for word in words.get_vocab() for char in word[1:]}
+    return [f"##{char}" for char in sorted(later_chars)]
+
+
 def _without_added_tokens(tok: Tokenizer) -> Tokenizer:
-    """The same tokeniser with `[PAD]` and `[UNK]` only in its vocabulary, not as added tokens.
+    """The same tokeniser with its special tokens (`[PAD]`, `[UNK]`, pinned pieces) only in its vocabulary.
 
     `tokenizers` matches added tokens in the raw text before normalising, so a review that quotes
     ``[PAD]`` would get the padding id inside its words. As plain vocabulary entries they are
-    unreachable from text (it is lower-cased and ``[`` splits off), yet keep their ids.
+    unreachable from text (it is lower-cased and ``[`` splits off; ``##`` pieces only continue a
+    word), yet keep their ids.
     """
     spec = json.loads(tok.to_str())
     if not spec.get("added_tokens"):

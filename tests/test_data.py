@@ -314,7 +314,6 @@ def test_tokenizer_reads_special_token_names_in_text_as_words(tmp_path, model):
     tok.add_special_tokens(["[PAD]", "[UNK]"])  # the tokenizer as runs of before 2026-12-03 saved it
     assert tok.encode(quoted).ids[1] == data.PAD_ID
     tok.save(str(tmp_path / "old.json"))
-    # the same tokenizer read back, not a second training: WordPiece breaks ties between merges differently each time
     assert data.load_tokenizer(tmp_path / "old.json").encode(quoted).ids == lowered_ids
 
 
@@ -363,6 +362,22 @@ def test_wordpiece_keeps_frequent_words_whole_and_reads_unseen_words_through_pie
     assert data.load_tokenizer(tmp_path / "tokenizer.json").encode("warmly").ids == tok.encode("warmly").ids
     with pytest.raises(data.DataError, match="unknown tokenizer model 'bpe'; choose one of word, wordpiece"):
         data.train_tokenizer(texts, model="bpe")
+
+
+def test_wordpiece_training_gives_the_same_tokenizer_in_every_process():
+    """`tokenizers` numbers the ``##`` pieces in hash-map order, which changes per process, and breaks ties between
+    merges by those numbers; lstm_jax pins them first in sorted order, so fresh processes train the same file."""
+    program = ("import hashlib, sys, pyarrow.parquet as pq\nfrom lstm_jax import data\n"
+               "texts = pq.read_table(sys.argv[1]).column('sentence').to_pylist()[:5000]\n"
+               "tok = data.train_tokenizer(texts, vocab_size=3000, model='wordpiece')\n"
+               "print(hashlib.sha256(tok.to_str().encode()).hexdigest())")
+    digests = {subprocess.run([sys.executable, "-c", program, str(DATA / "sst2" / "train.parquet")], check=True,
+                              capture_output=True, text=True, timeout=120).stdout.strip() for _ in range(3)}
+    assert len(digests) == 1
+    tok = data.train_tokenizer(["ab ba ca", "abc cab"], vocab_size=30, model="wordpiece")
+    pinned = sorted((i, piece) for piece, i in tok.get_vocab().items() if piece.startswith("##"))[:3]
+    assert pinned == [(2, "##a"), (3, "##b"), (4, "##c")]  # right after [PAD] and [UNK], in character order
+    assert tok.encode("cab ab").tokens == ["cab", "ab"] and data.UNK_ID not in tok.encode("bac").ids
 
 
 # -------------------------------------------------------------------------- encoding
