@@ -63,6 +63,7 @@ def scan_layer(
     Returns:
       ``(final_carry, y_TH)`` where padded steps of ``y_TH`` are zero.
     """
+    _check_feature_axis(x_TE, "x_TE", "(T, E) or (T, ..., E)")
     num_steps = x_TE.shape[0]
     batch_shape = x_TE.shape[1:-1]
     if carry is None:
@@ -92,6 +93,12 @@ def scan_layer(
         return new_carry, y
 
     return lax.scan(step, carry, (xp_TG, valid_T, zone_keys_T), reverse=reverse, unroll=unroll)
+
+
+def _check_feature_axis(x, name: str, layout: str) -> None:
+    if jnp.ndim(x) < 2:
+        raise ValueError(f"{name} must be {layout}, with features last; got shape {jnp.shape(x)}: "
+                         "pass x[:, None] for one feature per step, or x[None] for a single step")
 
 
 def init_rnn(key, cell: Cell, input_size: int, hidden_size: int, *, num_layers=1, bidirectional=False, **options):
@@ -160,6 +167,7 @@ def rnn(
     """
     if reverse and any(is_bidirectional(layer) for layer in layers):
         raise ValueError("reverse=True is for unidirectional layers; a bidirectional layer already runs both ways")
+    _check_feature_axis(x, "x", "(T, ..., E) with time_major=True" if time_major else "(..., T, E)")
     x_TE = x if time_major else jnp.moveaxis(x, -2, 0)
     keys = jax.random.split(key, (len(layers), 2, 4)) if key is not None else [[[None] * 4] * 2] * len(layers)
     final_carries = []

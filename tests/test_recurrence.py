@@ -383,6 +383,21 @@ def test_residual_width_mismatch_raises():
         jax.eval_shape(lambda: rnn(LSTM, layers, x, residual=True))
 
 
+@pytest.mark.parametrize("cell_name", ["lstm", "gru"])  # the LSTM's CPU kernel and the plain scan
+def test_a_sequence_without_a_feature_axis_is_refused_with_the_fix(cell_name):
+    cell = CELLS[cell_name]
+    params = cell.init(jax.random.PRNGKey(0), 1, H)
+    with pytest.raises(ValueError, match=r"got shape \(7,\): pass x\[:, None\] for one feature per step"):
+        scan_layer(cell, params, jnp.ones(7))
+    y_TH = scan_layer(cell, params, jnp.ones((7, 1)))[1]  # the fix it names runs
+    assert y_TH.shape == (7, H)
+    layers = init_rnn(jax.random.PRNGKey(0), cell, 1, H)
+    for time_major, layout in ((False, r"\(\.\.\., T, E\)"), (True, r"\(T, \.\.\., E\) with time_major=True")):
+        with pytest.raises(ValueError, match=rf"x must be {layout}, with features last; got shape \(7,\)"):
+            rnn(cell, layers, jnp.ones(7), time_major=time_major)
+    assert rnn(cell, layers, jnp.ones((7, 1)), time_major=True)[0].shape == (7, H)
+
+
 def test_reverse_with_bidirectional_layer_raises():
     layers = random_layers(LSTM, num_layers=2, bidirectional=True)
     with pytest.raises(ValueError, match="bidirectional"):
