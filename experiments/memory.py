@@ -56,7 +56,7 @@ from lstm_jax.loop import (
     save_curves,
     train_loop,
 )
-from lstm_jax.optim import OptimConfig, make_optimizer, warmup_note
+from lstm_jax.optim import OptimConfig, make_optimizer, run_notes
 from lstm_jax.tasks import TASKS, get_task, init_task_model, make_task_loss
 from lstm_jax.train import init_train_state, make_train_step, params_sha256
 
@@ -218,7 +218,7 @@ def _train_one_unlocked(configs: dict) -> dict:
                            range(epoch * chunk, (epoch + 1) * chunk))  # fmt: skip
 
     optimizer = make_optimizer(optim_cfg, task_cfg.steps)
-    if note := warmup_note(optim_cfg, task_cfg.steps):
+    for note in run_notes(optim_cfg, task_cfg.steps):
         print(note)
     params = init_task_model(init_key, cell, task, task_cfg.hidden_size)
     state = init_train_state(params, optimizer, task_cfg.seed, ema=optim_cfg.ema_decay > 0)

@@ -70,7 +70,7 @@ from lstm_jax.loop import (
     train_loop,
 )
 from lstm_jax.model import ModelConfig, classifier_logits, init_classifier, member_config
-from lstm_jax.optim import OptimConfig, make_optimizer, warmup_note
+from lstm_jax.optim import OptimConfig, make_optimizer, run_notes
 from lstm_jax.train import (
     classifier_loss,
     evaluate,
@@ -255,7 +255,7 @@ def train_configs(configs: dict, mesh) -> dict:
 
     steps_per_epoch = len(epoch_batches(0))
     optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch, ensemble=model_cfg.ensemble)
-    if note := warmup_note(optim_cfg, loop_cfg.epochs * steps_per_epoch):
+    for note in run_notes(optim_cfg, loop_cfg.epochs * steps_per_epoch):
         print(note)
     params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, splits.num_classes)
     # written only now, so a setting that fails above leaves no config.json to refuse the corrected rerun
@@ -353,6 +353,8 @@ def pretrain_language_model(params: dict, configs: dict, mesh, epoch_batches, *,
     folder = Path(run_cfg.workdir) / "pretrain"
     epochs = model_cfg.lm_pretrain_epochs
     optimizer = make_optimizer(optim_cfg, epochs * len(epoch_batches(0)))
+    for note in run_notes(optim_cfg, epochs * len(epoch_batches(0))):
+        print(f"{note} (language-model pre-training)")
     vocab_size, num_classes = params["embed"].shape[0], params["head"]["out"]["b"].shape[0]
     lm_params = init_classifier(jax.random.key(run_cfg.seed), model_cfg, vocab_size, num_classes, language_model=True)
     state = init_train_state(lm_params, optimizer, run_cfg.seed, ema=optim_cfg.ema_decay > 0, stream=PRETRAINING_STREAM)

@@ -4,9 +4,10 @@ Randomness comes from ``fold_in(rng, step)``, so a run's keys depend only on its
 seed and step: a resumed run draws the same dropout masks as an uninterrupted one. ``rng`` is
 ``fold_in(key(seed), stream)`` with a stream (:data:`STEP_STREAM` by default) that no initialiser's
 ``split(key(seed), n)`` reaches, so no step reuses the key that drew a weight.
-A step whose loss or gradient is not finite is never applied, to the parameters, the
-optimiser state or their average; it is counted in ``state.nonfinite_steps`` and the
-loop decides whether to stop.
+A step whose loss, gradient or gradient norm is not finite (a gradient above ~1.8e19 has a
+square that overflows float32, and would leave Adam's second moment infinite and those
+weights frozen) is never applied, to the parameters, the optimiser state or their average;
+it is counted in ``state.nonfinite_steps`` and the loop decides whether to stop.
 """
 
 import hashlib
@@ -31,7 +32,7 @@ class TrainState:
     opt_state: Any
     rng: jax.Array  # raw uint32 key data, so Orbax saves it as a plain array
     nonfinite_steps: jax.Array
-    ema_params: Any = None  # Polyak average of params, when enabled
+    ema_params: Any = None  # exponential moving average of params, when enabled
 
     @property
     def eval_params(self):
@@ -59,8 +60,10 @@ def init_train_state(params, optimizer: optax.GradientTransformation, seed: int,
 
 
 def ema_update(ema, params, decay: float, updates, applied=True):
-    """Exponential moving average with the warm-up ``min(decay, (1 + t) / (10 + t))`` (Polyak & Juditsky 1992),
-    ``t`` the number of ``updates`` applied so far. A step not ``applied`` keeps the average: its rate is 1."""
+    """Exponential moving average with the warm-up ``min(decay, (1 + t) / (10 + t))`` (the ``num_updates`` rule of
+    TensorFlow's ``ExponentialMovingAverage``), ``t`` the number of ``updates`` applied so far. A step not ``applied``
+    keeps the average: its rate is 1. The warm-up caps the rate below 0.999 until ``t`` = 8,990, so in a shorter run
+    a larger ``decay`` changes nothing (:func:`lstm_jax.optim.run_notes` says so)."""
     # selecting the rate, not the result, leaves the averaging the same XLA fusion, so applied steps keep their bits
     rate = jnp.where(applied, jnp.minimum(decay, (1.0 + updates) / (10.0 + updates)), 1.0)
     return jax.tree.map(lambda e, p: rate * e + (1.0 - rate) * p, ema, params)
@@ -95,7 +98,7 @@ def virtual_adversarial_loss(logits_at, logits_BC, weights_B, key, shape_BTE, ep
     """``KL(p(x) || p(x + r))`` averaged over the real rows, with ``r`` of norm ``epsilon`` per text
     along the direction that changes the prediction most, found by one power iteration from a
     random direction: virtual adversarial training (Miyato et al. 2017, "Adversarial training
-    methods for semi-supervised text classification", sec. 4; Miyato et al. 2016 for VAT).
+    methods for semi-supervised text classification", sec. 3; Miyato et al. 2016 for VAT).
 
     ``logits_at(delta_BTE)`` gives the logits with ``delta_BTE`` added to the embedded inputs,
     under the dropout masks of ``logits_BC``. ``p(x)`` is treated as a constant, and so is the
@@ -260,7 +263,9 @@ def make_train_step(
         (loss, aux), grads = loss_and_grad(state.params, batch, key)
         if sam_rho > 0.0:
             grads = sharpness_aware_gradient(loss_and_grad, state.params, batch, key, grads, sam_rho, ensemble)
-        finite = jnp.isfinite(loss) & all_finite(grads)
+        grad_norm = optax.tree.norm(grads)
+        # an infinite norm: squares that overflow, which would make Adam's second moment inf and freeze those weights
+        finite = jnp.isfinite(loss) & all_finite(grads) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
@@ -273,7 +278,7 @@ def make_train_step(
         if ema_decay > 0.0:
             ema = ema_update(state.ema_params, state.params, ema_decay, state.step - state.nonfinite_steps, finite)
             state = state.replace(ema_params=ema)
-        return state, {"loss": loss, "aux": aux, "finite": finite, "grad_norm": optax.tree.norm(grads)}
+        return state, {"loss": loss, "aux": aux, "finite": finite, "grad_norm": grad_norm}
 
     if state_sharding is None and batch_sharding is None:
         return jax.jit(train_step, donate_argnums=0)

@@ -5,6 +5,7 @@ decoupled decay of Loshchilov & Hutter 2019, after global-norm clipping), writte
 in float64 NumPy from the papers rather than from Optax.
 """
 
+import dataclasses
 import math
 
 import jax
@@ -14,7 +15,8 @@ import optax
 import pytest
 
 from lstm_jax.model import ModelConfig, init_classifier
-from lstm_jax.optim import SCHEDULES, OptimConfig, decay_mask, make_optimizer, make_schedule, warmup_note
+from lstm_jax.optim import SCHEDULES, OptimConfig, decay_mask, make_optimizer, make_schedule, run_notes
+from lstm_jax.train import ema_update
 
 PEAK, FACTOR, WARMUP, TOTAL = 0.01, 0.1, 10, 110
 
@@ -64,13 +66,34 @@ def test_warmup_longer_than_the_run_is_cut_to_fit():
 
 
 def test_warmup_note_only_when_no_update_gets_a_decayed_rate():
-    config = OptimConfig(warmup_steps=200)
-    assert warmup_note(config, 202) is None  # update 201, the last, takes a decayed rate
-    ends_last = warmup_note(config, 201)  # update 200, the last, takes the peak
+    config = OptimConfig(warmup_steps=200, ema_decay=0.0)
+    assert run_notes(config, 202) == []  # update 201, the last, takes a decayed rate
+    [ends_last] = run_notes(config, 201)  # update 200, the last, takes the peak
     assert "201 steps" in ends_last and "ends at the last update" in ends_last and "never decays" in ends_last
-    note = warmup_note(config, 5)
+    [note] = run_notes(config, 5)
     assert "--warmup-steps 200" in note and "5 steps" in note and "cut to 4" in note and "never decays" in note
-    assert warmup_note(OptimConfig(warmup_steps=200, schedule="constant"), 5) is None  # nothing to decay
+    [constant] = run_notes(dataclasses.replace(config, schedule="constant"), 5)  # the whole run is warm-up
+    assert "cut to 4" in constant and "reaches its peak only at the last update" in constant
+    lr = make_schedule(dataclasses.replace(config, schedule="constant"), 5)
+    assert float(lr(3)) < config.learning_rate <= float(lr(4))  # what the note says
+
+
+def test_ema_note_when_the_average_warm_up_caps_the_decay_for_the_whole_run():
+    """The cap at the last update, (1 + T) / (10 + T), is the largest rate the average ever takes: a decay above it
+    gives the same weights as any other above it, which the note says (an SST-2 run has 2,112 updates)."""
+    [note] = run_notes(OptimConfig(warmup_steps=0, ema_decay=0.999), 2112)
+    assert "--ema-decay 0.999 is never reached in 2112 steps" in note and f"{2113 / 2122:.5f}" in note
+    assert run_notes(OptimConfig(warmup_steps=0, ema_decay=0.99), 2112) == []
+    assert run_notes(OptimConfig(warmup_steps=0, ema_decay=0.999), 8991) == []  # (1 + 8991) / (10 + 8991) > 0.999
+    assert run_notes(OptimConfig(warmup_steps=0, ema_decay=0.0), 10) == []
+    params = {"w": jnp.ones(3)}
+    averages = []
+    for decay in (0.999, 0.9999):  # both above the cap: the same bits
+        ema = params
+        for t in range(1, 2113):
+            ema = ema_update(ema, {"w": jnp.full(3, float(t))}, decay, t)
+        averages.append(np.asarray(ema["w"]))
+    np.testing.assert_array_equal(*averages)
 
 
 def test_an_exponential_decay_to_zero_is_refused_not_held_constant():

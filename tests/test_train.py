@@ -22,6 +22,7 @@ from lstm_jax.model import ModelConfig, classifier_logits, init_classifier, memb
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.train import (
     STEP_STREAM,
+    all_finite,
     classifier_loss,
     evaluate,
     init_train_state,
@@ -155,19 +156,22 @@ def test_no_step_key_is_an_initialisers_key():
     assert not init_bits & step_bits
 
 
-@pytest.mark.parametrize("bad", ["nan_loss", "nonfinite_gradient_only"])
+def bad_batch_for(bad, state):
+    if bad == "nan_loss":
+        return tiny_batch(seed=1, scale=np.nan)
+    if bad == "overflowing_gradient":  # finite loss and gradient, ~1e20: their squares overflow float32
+        return tiny_batch(seed=1, scale=1e20)
+    return tiny_batch(seed=1, kink=float(state.params["w"][0, 0]))
+
+
+@pytest.mark.parametrize("bad", ["nan_loss", "nonfinite_gradient_only", "overflowing_gradient"])
 def test_nonfinite_step_is_skipped_and_counted(bad):
     state = tiny_state()
     state, _ = TINY_STEP(state, tiny_batch(seed=0))
     before = copy(state)
-    bad_batch = (
-        tiny_batch(seed=1, scale=np.nan)
-        if bad == "nan_loss"
-        else tiny_batch(seed=1, kink=float(state.params["w"][0, 0]))
-    )
-    state, metrics = TINY_STEP(state, bad_batch)
+    state, metrics = TINY_STEP(state, bad_batch_for(bad, state))
     assert not bool(metrics["finite"])
-    assert np.isfinite(float(metrics["loss"])) == (bad == "nonfinite_gradient_only")
+    assert np.isfinite(float(metrics["loss"])) == (bad != "nan_loss")
     assert trees_equal(state.params, before.params)
     assert trees_equal(state.opt_state, before.opt_state)
     assert int(state.step) == 2 and int(state.nonfinite_steps) == 1
@@ -181,18 +185,26 @@ def test_nonfinite_step_is_skipped_and_counted(bad):
     assert trees_equal(state.opt_state, clean.opt_state)
 
 
-@pytest.mark.parametrize("bad", ["nan_loss", "nonfinite_gradient_only"])
+def test_an_overflowing_gradient_without_clipping_does_not_freeze_the_weights():
+    """Unskipped, a gradient of ~1e20 makes Adam's second moment inf, and every later update of those weights is
+    m / sqrt(inf) = 0: the run goes on with frozen weights and nothing counted."""
+    unclipped = make_optimizer(OptimConfig(learning_rate=0.05, warmup_steps=0, schedule="constant", clip_norm=0.0), 100)
+    step = make_train_step(tiny_loss, unclipped)
+    state, metrics = step(init_train_state(copy(TINY_PARAMS), unclipped, 0), tiny_batch(seed=1, scale=1e20))
+    assert not bool(metrics["finite"]) and int(state.nonfinite_steps) == 1
+    assert all_finite(state.opt_state)
+    before = copy(state.params)
+    state, metrics = step(state, tiny_batch(seed=2))
+    assert bool(metrics["finite"]) and np.abs(np.asarray(state.params["w"]) - np.asarray(before["w"])).min() > 1e-3
+
+
+@pytest.mark.parametrize("bad", ["nan_loss", "nonfinite_gradient_only", "overflowing_gradient"])
 def test_nonfinite_step_leaves_the_average_and_its_warm_up_untouched(bad):
     step = make_train_step(tiny_loss, TINY_OPTIMIZER, ema_decay=0.9)
     state, _ = step(tiny_state(ema=True), tiny_batch(seed=0))
     before = copy(state.ema_params)
     assert not trees_equal(before, state.params)  # so pulling the average towards the params would show
-    bad_batch = (
-        tiny_batch(seed=1, scale=np.nan)
-        if bad == "nan_loss"
-        else tiny_batch(seed=1, kink=float(state.params["w"][0, 0]))
-    )
-    state, metrics = step(state, bad_batch)
+    state, metrics = step(state, bad_batch_for(bad, state))
     assert not bool(metrics["finite"]) and int(state.nonfinite_steps) == 1
     assert trees_equal(state.ema_params, before)
     # the next good step averages at the rate of a run without the skipped batch: its warm-up counts applied updates
