@@ -170,17 +170,25 @@ def _last_over_time(y_BTH, lengths_B, bidirectional: bool):
     return jnp.concatenate([at_end_BH[:, :half], y_BTH[:, 0, half:]], axis=-1)
 
 
-def pool(y_BTH: jax.Array, lengths_B: jax.Array, pooling: str, attention=None, *, bidirectional: bool = False) -> jax.Array:
+def _check_lengths(lengths_B, batch_size: int) -> None:
+    if jnp.shape(lengths_B) != (batch_size,):
+        raise ValueError(f"lengths_B must have shape ({batch_size},), one length per row; got {jnp.shape(lengths_B)}")
+
+
+def pool(y_BTH: jax.Array, lengths_B: jax.Array, pooling: str, attention=None, *, bidirectional: bool) -> jax.Array:
     """Summarise a padded sequence of outputs into one vector per example.
 
-    ``last`` reads the top layer's outputs where each direction ends (for a bidirectional
-    ``y_BTH``, the forward half at the true end and the backward half at the first step), so a
-    residual connection into the top layer counts, which the final carries would leave out. ``mean``
+    ``last`` reads the top layer's outputs where each direction ends: with ``bidirectional`` (``y_BTH``
+    the forward and backward halves concatenated), the forward half at the true end and the backward
+    half at the first step, so a residual connection into the top layer counts, which the final
+    carries would leave out. Lengths above ``T`` read as ``T``, as the recurrence's step mask reads them. ``mean``
     sums over all steps, so it relies on padded steps of ``y_BTH`` being zero, as
     :func:`~lstm_jax.recurrence.rnn` emits them. ``mean_max`` concatenates the two, ``(B, 2H)``: the
     concat pooling of Howard & Ruder 2018 (ULMFiT) without its last state. Rows of length 0 (batch
     padding) pool to zeros.
     """
+    _check_lengths(lengths_B, y_BTH.shape[0])
+    lengths_B = jnp.minimum(lengths_B, y_BTH.shape[1])
     valid_BT = valid_mask(lengths_B, y_BTH.shape[1]).T
     lowest = jnp.finfo(y_BTH.dtype).min
     if pooling == "last":
@@ -199,7 +207,7 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, pooling: str, attention=None, *
 
 
 def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=None, train=False, embed_delta_BTE=None, mixup=None, with_outputs=False):
-    """Class logits ``(B, C)`` for padded token ids ``tokens_BT`` with true ``lengths_B`` (>= 1).
+    """Class logits ``(B, C)`` for padded token ids ``tokens_BT`` with true ``lengths_B`` (>= 1; above ``T`` reads as ``T``).
 
     ``embed_delta_BTE``, when given, is added to the embedded tokens before input dropout: the
     gradient with respect to it (at zero) is the gradient of the loss with respect to the inputs.
@@ -214,6 +222,7 @@ def classifier_logits(params, config: ModelConfig, tokens_BT, lengths_B, *, key=
             raise ValueError("mixup and with_outputs apply to one model: call classifier_logits for each member (over_members)")
         logits_KBC = member_logits(params, config, tokens_BT, lengths_B, key=key, train=train, embed_delta_BTE=embed_delta_BTE)
         return jax.nn.logsumexp(jax.nn.log_softmax(logits_KBC, axis=-1), axis=0) - jnp.log(config.ensemble)
+    _check_lengths(lengths_B, jnp.shape(tokens_BT)[0])
     keys = jax.random.split(key, 6) if key is not None else [None] * 6
     tokens_BT = regularisers.word_dropout(keys[0], tokens_BT, config.word_dropout, unk_id=UNK_ID, train=train)
     table_VE = regularisers.embedding_dropout(keys[1], params["embed"], config.embed_dropout, train=train)

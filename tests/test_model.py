@@ -174,12 +174,26 @@ def test_last_pooling_of_a_unidirectional_stack_uses_the_top_layer_at_the_true_e
     tokens = padded_tokens(LENGTHS, T)
     y, carries = lstm_outputs(params, tokens, LENGTHS)
     np.testing.assert_allclose(
-        pool(y, jnp.asarray(LENGTHS), "last"), ref_pool(y, LENGTHS, "last", bidirectional=False), atol=1e-6
+        pool(y, jnp.asarray(LENGTHS), "last", bidirectional=False), ref_pool(y, LENGTHS, "last", bidirectional=False), atol=1e-6
     )
     # end to end, with the linear head (head_hidden=0)
     assert set(params["head"]) == {"out"} and params["head"]["out"]["w"].shape == (H, C)
     expected = ref_head(ref_pool(y, LENGTHS, "last", bidirectional=False), params["head"])
     np.testing.assert_allclose(logits_fn(params, config, tokens, LENGTHS), expected, rtol=2e-5, atol=2e-5)
+
+
+@pytest.mark.parametrize("pooling", ["last", "mean", "max", "mean_max", "attention"])
+def test_lengths_beyond_the_padded_steps_pool_as_the_whole_row(bidirectional_outputs, pooling):
+    """Lengths kept from before the tokens were cut read as T, as the recurrence's step mask reads them (mean
+    divided a T-step sum by the longer length; last read outside the array, NaN)."""
+    _, params, _, y, _ = bidirectional_outputs
+    T_y = y.shape[1]
+    full = pool(y, jnp.full(len(LENGTHS), T_y), pooling, params["attention"], bidirectional=True)
+    beyond = pool(y, jnp.full(len(LENGTHS), T_y + 7), pooling, params["attention"], bidirectional=True)
+    np.testing.assert_array_equal(beyond, full)
+    with pytest.raises(ValueError, match=r"lengths_B must have shape \(%d,\), one length per row; got \(%d, 1\)"
+                       % (len(LENGTHS), len(LENGTHS))):
+        pool(y, jnp.asarray(LENGTHS)[:, None], pooling, params["attention"], bidirectional=True)
 
 
 def test_last_pooling_agrees_with_the_final_carries_without_residual(bidirectional_outputs):
@@ -224,7 +238,7 @@ def test_max_pooling_of_all_negative_outputs_is_not_a_padding_zero():
     """Max over valid steps must not see the zeros the padded steps hold (tanh outputs can all be < 0)."""
     y = -1.0 - np.random.default_rng(0).random((len(LENGTHS), T, 3)).astype(np.float32)
     y[np.arange(T)[None, :] >= LENGTHS[:, None]] = 0.0
-    pooled = np.asarray(pool(jnp.asarray(y), jnp.asarray(LENGTHS), "max"))
+    pooled = np.asarray(pool(jnp.asarray(y), jnp.asarray(LENGTHS), "max", bidirectional=False))
     assert np.all(pooled[LENGTHS > 0] < -1.0)
     np.testing.assert_array_equal(pooled, ref_pool(y, LENGTHS, "max").astype(np.float32))
 
