@@ -230,7 +230,10 @@ LAYER_NORM_LSTM = _documented(
 
 
 def _init_projected(key, input_size, hidden_size, *, proj_size=None, forget_bias=1.0, dtype=jnp.float32):
-    proj_size = proj_size or hidden_size // 2
+    proj_size = hidden_size // 2 if proj_size is None else proj_size
+    if proj_size < 1:
+        raise ValueError(f"the LSTMP's projection needs proj_size >= 1, got {proj_size}"
+                         + (f" (hidden_size {hidden_size} // 2); pass proj_size, or hidden_size >= 2" if hidden_size < 2 else ""))
     k_gates, k_proj = jax.random.split(key)
     params = _gate_kernels(k_gates, input_size, proj_size, hidden_size, 4, dtype)
     params["b"] = _gate_bias(hidden_size, 4, 1, forget_bias, dtype)
@@ -248,7 +251,8 @@ PROJECTED_LSTM = _documented(
     Cell(_init_projected, _project, _projected_recur, _zero_carry(True, 4)),
     """LSTM with a recurrent projection layer, LSTMP (Sak, Senior & Beaufays 2014).
     The cell has ``hidden_size`` units; its output ``r = (o * tanh(c)) W_proj`` has
-    ``proj_size`` units (default ``hidden_size // 2``) and is what recurs.""",
+    ``proj_size`` units (default ``hidden_size // 2``) and is what recurs. Without the paper's
+    peephole connections and its optional non-recurrent projection.""",
 )
 
 

@@ -34,7 +34,7 @@ from lstm_jax.cells import (
     get_cell,
 )
 from lstm_jax.model import ModelConfig, classifier_logits
-from lstm_jax.recurrence import is_bidirectional, rnn
+from lstm_jax.recurrence import initial_carry, is_bidirectional, rnn
 
 
 class GateTrace(NamedTuple):
@@ -79,21 +79,27 @@ def _layer_norm_gates(params, carry, xp, new_carry):
     return jax.nn.sigmoid(z_i), jax.nn.sigmoid(z_f), jax.nn.sigmoid(z_o)
 
 
+def _step_only(cell: Cell) -> Cell:
+    """The cell without its whole-sequence kernel, which gate traces never use (``LSTM._replace(sequence=None)``
+    is still the LSTM)."""
+    return Cell(*cell._replace(sequence=None))
+
+
 GATE_FUNCTIONS = {
-    LSTM: _lstm_gates,
-    PROJECTED_LSTM: _lstm_gates,
-    PEEPHOLE_LSTM: _peephole_gates,
-    CIFG_LSTM: _cifg_gates,
-    LAYER_NORM_LSTM: _layer_norm_gates,
+    _step_only(LSTM): _lstm_gates,
+    _step_only(PROJECTED_LSTM): _lstm_gates,
+    _step_only(PEEPHOLE_LSTM): _peephole_gates,
+    _step_only(CIFG_LSTM): _cifg_gates,
+    _step_only(LAYER_NORM_LSTM): _layer_norm_gates,
 }
 
 
 def _gate_function(cell: Cell):
-    if cell not in GATE_FUNCTIONS:
-        traced = [name for name, c in CELLS.items() if c in GATE_FUNCTIONS]
-        name = next((name for name, c in CELLS.items() if c == cell), "this cell")
+    if _step_only(cell) not in GATE_FUNCTIONS:
+        traced = [name for name, c in CELLS.items() if _step_only(c) in GATE_FUNCTIONS]
+        name = next((name for name, c in CELLS.items() if _step_only(c) == _step_only(cell)), "this cell")
         raise ValueError(f"gate traces are defined for the LSTM family ({', '.join(traced)}), not {name}")
-    return GATE_FUNCTIONS[cell]
+    return GATE_FUNCTIONS[_step_only(cell)]
 
 
 def trace_gates(cell: Cell, params, x_TE: jax.Array, carry: Carry | None = None) -> GateTrace:
@@ -112,8 +118,7 @@ def trace_gates(cell: Cell, params, x_TE: jax.Array, carry: Carry | None = None)
       ValueError: for a cell without LSTM gates (``gru``, ``rnn``).
     """
     gates = _gate_function(cell)
-    if carry is None:
-        carry = cell.init_carry(params, x_TE.shape[1:-1])
+    carry = initial_carry(cell, params, x_TE, carry)
 
     def step(carry, xp):
         new_carry, _ = cell.recur(params, carry, xp)

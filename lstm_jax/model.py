@@ -55,6 +55,8 @@ class ModelConfig:
     def __post_init__(self):
         cli.check_ranges(self)
         get_cell(self.cell)
+        if self.cell == "lstmp" and self.hidden_size < 2:  # its projection has hidden_size // 2 units
+            raise ValueError(f"--cell lstmp projects to --hidden-size // 2 units: pass --hidden-size >= 2, got {self.hidden_size}")
         if self.pooling not in POOLINGS:
             raise ValueError(f"unknown pooling {self.pooling!r}; choose one of {', '.join(POOLINGS)}")
         if self.compute_dtype not in COMPUTE_DTYPES:

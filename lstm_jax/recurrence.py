@@ -65,13 +65,7 @@ def scan_layer(
     """
     _check_feature_axis(x_TE, "x_TE", "(T, E) or (T, ..., E)")
     num_steps = x_TE.shape[0]
-    batch_shape = x_TE.shape[1:-1]
-    if carry is None:
-        carry = cell.init_carry(params, batch_shape)
-    else:
-        carry = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (*batch_shape, leaf.shape[-1])), carry)
-    step_dtype = jnp.result_type(x_TE, *jax.tree.leaves(params), *jax.tree.leaves(carry), *jax.tree.leaves(h_mask))
-    carry = jax.tree.map(lambda leaf: leaf.astype(step_dtype), carry)  # a scan's carry keeps the step's dtype
+    carry = initial_carry(cell, params, x_TE, carry, h_mask)
     valid_T = None if lengths is None else valid_mask(lengths, num_steps)
     carry = varying.vary(carry, varying.varying_axes(params, x_TE, valid_T, carry, h_mask, key))  # see lstm_jax.varying
     if cell.sequence is not None and zoneout == 0.0:
@@ -93,6 +87,18 @@ def scan_layer(
         return new_carry, y
 
     return lax.scan(step, carry, (xp_TG, valid_T, zone_keys_T), reverse=reverse, unroll=unroll)
+
+
+def initial_carry(cell: Cell, params, x_TE: jax.Array, carry: Carry | None = None, h_mask=None) -> Carry:
+    """The carry a scan of ``cell`` over ``x_TE`` starts from: ``carry`` (zeros when None) broadcast over the batch
+    shape ``x_TE.shape[1:-1]``, in the dtype of the step's arithmetic, which a scan's carry must keep."""
+    batch_shape = x_TE.shape[1:-1]
+    if carry is None:
+        carry = cell.init_carry(params, batch_shape)
+    else:
+        carry = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (*batch_shape, leaf.shape[-1])), carry)
+    step_dtype = jnp.result_type(x_TE, *jax.tree.leaves(params), *jax.tree.leaves(carry), *jax.tree.leaves(h_mask))
+    return jax.tree.map(lambda leaf: leaf.astype(step_dtype), carry)
 
 
 def _check_feature_axis(x, name: str, layout: str) -> None:

@@ -422,6 +422,16 @@ def test_lstmp_proj_size(proj_size):
     np.testing.assert_array_equal(y, carry.h)
 
 
+def test_lstmp_without_room_for_a_projection_is_refused_not_resized():
+    """proj_size 0 was silently replaced by hidden_size // 2, and hidden_size 1 crashed inside the initialiser."""
+    cell = get_cell("lstmp")
+    with pytest.raises(ValueError, match="proj_size >= 1, got 0$"):
+        cell.init(jax.random.key(0), E, H, proj_size=0)
+    with pytest.raises(ValueError, match=r"got 0 \(hidden_size 1 // 2\); pass proj_size, or hidden_size >= 2"):
+        cell.init(jax.random.key(0), E, 1)
+    assert cell.init(jax.random.key(0), E, 1, proj_size=1)["w_proj"].shape == (1, 1)
+
+
 def test_lstmp_with_custom_proj_size_matches_reference():
     name = "lstmp"
     params = random_params(name, seed=21, proj_size=4)

@@ -55,6 +55,20 @@ def test_traced_gates_match_the_equations_and_states_match_the_scan(name):
         h, c = np.asarray(trace.h[t], np.float64), np.asarray(trace.c[t], np.float64)
 
 
+def test_the_cell_without_its_kernel_and_mixed_dtypes_are_traced_as_the_scan_runs_them():
+    """``LSTM._replace(sequence=None)`` (the Cell docstring's advice for forward-mode autodiff) is still the LSTM, and
+    bfloat16 params on float32 inputs trace in float32, as ``scan_layer`` runs them (both were refused)."""
+    params = random_layers(lj.LSTM)[0]
+    x_TBE = np.random.default_rng(4).normal(size=(5, 2, E)).astype(np.float32)
+    trace = gates.trace_gates(lj.LSTM._replace(sequence=None), params, x_TBE)
+    np.testing.assert_allclose(trace.h, lj.scan_layer(lj.LSTM, params, x_TBE)[1], rtol=1e-5, atol=1e-6)
+    bf16_params = jax.tree.map(lambda a: a.astype(jnp.bfloat16), params)
+    trace = gates.trace_gates(lj.LSTM, bf16_params, x_TBE)
+    _, y_TBH = lj.scan_layer(lj.LSTM._replace(sequence=None), bf16_params, x_TBE)
+    assert trace.h.dtype == y_TBH.dtype == jnp.float32
+    np.testing.assert_allclose(trace.h, y_TBH, rtol=1e-6, atol=1e-6)
+
+
 def test_cells_without_lstm_gates_are_refused_by_name():
     params = random_layers(lj.GRU)[0]
     with pytest.raises(

@@ -352,6 +352,8 @@ def test_config_rejects_unknown_cell_and_pooling_listing_the_choices():
         ModelConfig(cell="lsmt")
     with pytest.raises(ValueError, match="unknown pooling 'min'.*last, mean, max, mean_max, attention"):
         ModelConfig(pooling="min")
+    with pytest.raises(ValueError, match="--cell lstmp projects to --hidden-size // 2 units: pass --hidden-size >= 2"):
+        ModelConfig(cell="lstmp", hidden_size=1)
 
 
 def test_config_is_hashable_and_compares_by_value():
