@@ -310,7 +310,8 @@ def train_configs(configs: dict, mesh) -> dict:
     }  # fmt: skip
     atomic_write_text(workdir / "results.json", json.dumps(results, indent=2))
     tested = f"test accuracy {test['accuracy']:.4f}" if test else "no labelled test split"
-    print(f"validation accuracy {val['accuracy']:.4f}, {tested}; results in {workdir / 'results.json'}")
+    weights = f"best checkpoint (step {best.step})" if best else f"last state (step {int(state.step)}; no evaluation kept as the best)"
+    print(f"{weights}: validation accuracy {val['accuracy']:.4f}, {tested}; results in {workdir / 'results.json'}")
     return results
 
 
@@ -415,6 +416,10 @@ def load_run(workdir: Path):
     restored, warning = checkpoints.restore_best(abstract_state)
     if warning:
         print(f"{warning}; using the latest checkpoint instead")
+    elif restored is not None:
+        accuracy = (restored.meta.get("val") or {}).get("accuracy")
+        print(f"note: answering from the best checkpoint, step {restored.step}"
+              + (f" (validation accuracy {accuracy:.4f})" if accuracy is not None else ""))
     if restored is None:
         restored = checkpoints.restore(abstract_state)
         if restored is not None and not warning:

@@ -162,6 +162,11 @@ def train_loop(
     if best_meta is None and (best_step := checkpoints.best.latest_step()) is not None:
         print(f"warning: the best checkpoint (step {best_step}) cannot be read; the next scheduled evaluation replaces it")
     val, seconds, tokens, window = carried_figures((checkpoints.latest_meta(step) or {}) if step else None)
+    if 0 < step == stop_step < total_steps:
+        print(f"note: the run already stopped at step {step}, where --max-steps stops it: nothing to train (drop "
+              "--max-steps, or raise it, to go on)")
+    elif 0 < total_steps <= step:
+        print(f"note: the run already finished its {total_steps} steps: nothing to train (--restart trains it again)")
     seconds_known = seconds is not None
     seconds = seconds or 0.0
     compiled_shapes = set()  # the first step of each batch shape compiles; keep it out of tokens/s

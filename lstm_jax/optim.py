@@ -59,9 +59,9 @@ def run_notes(config: OptimConfig, total_steps: int) -> list[str]:
                      f"the warm-up {cut}, so the learning rate {after} (pass a smaller --warmup-steps)")  # fmt: skip
     ema_cap = (1 + total_steps) / (10 + total_steps)
     if ema_cap < config.ema_decay:
-        notes.append(f"note: --ema-decay {config.ema_decay} is never reached in {total_steps} steps: the average's "
-                     f"warm-up min(decay, (1 + t) / (10 + t)) holds its rate at or below {ema_cap:.5f}, so a larger "
-                     "--ema-decay gives the same weights")  # fmt: skip
+        notes.append(f"note: the weight average's warm-up rate, min(decay, (1 + t) / (10 + t)), stays below --ema-decay "
+                     f"{config.ema_decay} for all {total_steps} steps (it ends at {ema_cap:.5f}): any --ema-decay above "
+                     "that gives these same weights")  # fmt: skip
     return notes
 
 

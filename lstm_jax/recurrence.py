@@ -16,6 +16,7 @@ from typing import Any
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from lstm_jax import regularisers, varying
@@ -64,6 +65,7 @@ def scan_layer(
       ``(final_carry, y_TH)`` where padded steps of ``y_TH`` are zero.
     """
     _check_feature_axis(x_TE, "x_TE", "(T, E) or (T, ..., E)")
+    lengths = None if lengths is None else _checked_lengths(lengths, x_TE.shape[1:-1], "x_TE's (T, ..., E)")
     num_steps = x_TE.shape[0]
     carry = initial_carry(cell, params, x_TE, carry, h_mask)
     valid_T = None if lengths is None else valid_mask(lengths, num_steps)
@@ -99,6 +101,17 @@ def initial_carry(cell: Cell, params, x_TE: jax.Array, carry: Carry | None = Non
         carry = jax.tree.map(lambda leaf: jnp.broadcast_to(leaf, (*batch_shape, leaf.shape[-1])), carry)
     step_dtype = jnp.result_type(x_TE, *jax.tree.leaves(params), *jax.tree.leaves(carry), *jax.tree.leaves(h_mask))
     return jax.tree.map(lambda leaf: leaf.astype(step_dtype), carry)
+
+
+def _checked_lengths(lengths, batch_shape: tuple, layout: str, hint: str = "") -> jax.Array:
+    """``lengths`` as an array, after checking that it broadcasts to ``batch_shape`` (from the right, as the step mask
+    meets the carry); one length per sequence, or one for all. Longer than the steps reads as every step."""
+    lengths = jnp.asarray(lengths)
+    fits = lengths.ndim <= len(batch_shape) and all(a in (1, b) for a, b in zip(lengths.shape[::-1], batch_shape[::-1]))
+    if not fits or not jnp.issubdtype(lengths.dtype, jnp.integer):
+        raise ValueError(f"lengths must be integers of shape {batch_shape}, one per sequence in {layout}; got "
+                         f"{lengths.dtype} {lengths.shape}{hint}")
+    return lengths
 
 
 def _check_feature_axis(x, name: str, layout: str) -> None:
@@ -174,6 +187,13 @@ def rnn(
     if reverse and any(is_bidirectional(layer) for layer in layers):
         raise ValueError("reverse=True is for unidirectional layers; a bidirectional layer already runs both ways")
     _check_feature_axis(x, "x", "(T, ..., E) with time_major=True" if time_major else "(..., T, E)")
+    if lengths is not None:
+        layout, batch_shape, other_batch_shape = (
+            ("(T, ..., E)", x.shape[1:-1], x.shape[:-2]) if time_major else ("(..., T, E)", x.shape[:-2], x.shape[1:-1])
+        )
+        hint = f" (is x the other way round? then pass time_major={not time_major})"
+        lengths = _checked_lengths(lengths, batch_shape, f"x's {layout}",
+                                   hint if np.shape(lengths) == other_batch_shape != batch_shape else "")
     x_TE = x if time_major else jnp.moveaxis(x, -2, 0)
     keys = jax.random.split(key, (len(layers), 2, 4)) if key is not None else [[[None] * 4] * 2] * len(layers)
     final_carries = []

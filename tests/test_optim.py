@@ -82,7 +82,7 @@ def test_ema_note_when_the_average_warm_up_caps_the_decay_for_the_whole_run():
     """The cap at the last update, (1 + T) / (10 + T), is the largest rate the average ever takes: a decay above it
     gives the same weights as any other above it, which the note says (an SST-2 run has 2,112 updates)."""
     [note] = run_notes(OptimConfig(warmup_steps=0, ema_decay=0.999), 2112)
-    assert "--ema-decay 0.999 is never reached in 2112 steps" in note and f"{2113 / 2122:.5f}" in note
+    assert "stays below --ema-decay 0.999 for all 2112 steps" in note and f"(it ends at {2113 / 2122:.5f})" in note
     assert run_notes(OptimConfig(warmup_steps=0, ema_decay=0.99), 2112) == []
     assert run_notes(OptimConfig(warmup_steps=0, ema_decay=0.999), 8991) == []  # (1 + 8991) / (10 + 8991) > 0.999
     assert run_notes(OptimConfig(warmup_steps=0, ema_decay=0.0), 10) == []

@@ -398,6 +398,26 @@ def test_a_sequence_without_a_feature_axis_is_refused_with_the_fix(cell_name):
     assert rnn(cell, layers, jnp.ones((7, 1)), time_major=True)[0].shape == (7, H)
 
 
+def test_lengths_that_do_not_fit_the_batch_are_refused_naming_the_layout():
+    """A list is taken as an array; the wrong count, floats, or a time-major x without time_major=True get one line
+    (they were a TypeError on the list, or XLA's broadcasting error); longer than T reads as T."""
+    layers = init_rnn(jax.random.PRNGKey(0), LSTM, E, H)
+    x_BTE = jnp.asarray(np.random.default_rng(0).normal(size=(3, 10, E)), jnp.float32)
+    y_BTH, _ = rnn(LSTM, layers, x_BTE, [10, 6, 3])
+    np.testing.assert_array_equal(y_BTH, rnn(LSTM, layers, x_BTE, jnp.asarray([10, 6, 3]))[0])
+    np.testing.assert_array_equal(rnn(LSTM, layers, x_BTE, jnp.asarray([12, 6, 3]))[0], y_BTH)
+    with pytest.raises(ValueError, match=r"lengths must be integers of shape \(3,\), one per sequence in x's "
+                                         r"\(\.\.\., T, E\); got int32 \(2,\)$"):
+        rnn(LSTM, layers, x_BTE, jnp.asarray([10, 6]))
+    with pytest.raises(ValueError, match=r"got float32 \(3,\)"):
+        rnn(LSTM, layers, x_BTE, jnp.asarray([10.0, 6.0, 3.0]))
+    with pytest.raises(ValueError, match=r"shape \(10,\).*got int32 \(3,\) \(is x the other way round\? then pass "
+                                         r"time_major=True\)"):
+        rnn(LSTM, layers, jnp.swapaxes(x_BTE, 0, 1), jnp.asarray([10, 6, 3]))
+    with pytest.raises(ValueError, match=r"shape \(3,\), one per sequence in x_TE's \(T, \.\.\., E\); got int32 \(3, 1\)"):
+        scan_layer(LSTM, layers[0], jnp.swapaxes(x_BTE, 0, 1), lengths=jnp.asarray([[10], [6], [3]]))
+
+
 def test_reverse_with_bidirectional_layer_raises():
     layers = random_layers(LSTM, num_layers=2, bidirectional=True)
     with pytest.raises(ValueError, match="bidirectional"):

@@ -106,6 +106,7 @@ def test_predict_prints_a_label_and_probability(trained_run, capsys):
     assert best_step == json.loads((workdir / "results.json").read_text())["best_step"]
     assert_answers_come_from(state["ema_params"], workdir, texts, answers)  # the best checkpoint's averaged weights
     printed = capsys.readouterr().out.splitlines()
+    assert f"note: answering from the best checkpoint, step {best_step} (validation accuracy" in printed[-3]
     assert [line.split("\t")[0] for line in printed[-2:]] == [label for label, _ in answers]
     assert [line.split("\t")[2] for line in printed[-2:]] == texts
 
@@ -179,12 +180,18 @@ def test_explain_plots_gates_and_ends_on_the_predicted_probability(trained_run, 
 
 
 @pytest.mark.slow
-def test_resume_after_max_steps_matches_an_uninterrupted_run(sst2_slice, trained_run, tmp_path):
-    """Stopped by --max-steps inside epoch 1 (between saves), then rerun: the bits of ``trained_run``, never stopped."""
+def test_resume_after_max_steps_matches_an_uninterrupted_run(sst2_slice, trained_run, tmp_path, capsys):
+    """Stopped by --max-steps inside epoch 1 (between saves), then rerun: the bits of ``trained_run``, never stopped.
+    The same command again trains nothing and says how to go on; the closing line names the checkpoint it reports."""
     _, whole = trained_run
     args = [*trained_run_args(sst2_slice), "--save-every", 25]  # --save-every is resumable; it changes no bits
     first = run(*args, "--workdir", tmp_path / "split", "--max-steps", 37)
     assert first["steps"] == 37 and first["params_sha256"] != whole["params_sha256"]
+    assert first["best_step"] is None and "last state (step 37; no evaluation kept as the best)" in capsys.readouterr().out
+    again = run(*args, "--workdir", tmp_path / "split", "--max-steps", 37)
+    assert again["params_sha256"] == first["params_sha256"]
+    assert ("the run already stopped at step 37, where --max-steps stops it: nothing to train (drop --max-steps, or "
+            "raise it, to go on)") in capsys.readouterr().out
     resumed = run(*args, "--workdir", tmp_path / "split")
     assert resumed["resumed_from_step"] == 37
     assert resumed["steps"] == whole["steps"]
