@@ -100,6 +100,11 @@ class MemoryOptimConfig(OptimConfig):
     clip_norm: float = cli.field_with_default(OptimConfig, "clip_norm", 1.0)
     ema_decay: float = cli.field_with_default(OptimConfig, "ema_decay", 0.0)
 
+    def __post_init__(self):
+        super().__post_init__()
+        if self.decay_embeddings:
+            raise ValueError("the memory tasks' model has no embedding table: drop --decay-embeddings")
+
 
 @dataclasses.dataclass(frozen=True)
 class RunConfig:
@@ -161,6 +166,8 @@ def parse_args(argv: list[str]) -> tuple[dict, SweepConfig]:
         parser.error("; ".join(out_of_range))
     try:
         configs = {cls.__name__: cli.from_args(cls, args) for cls in RUN_CLASSES}
+        if configs["MeshConfig"].shard_embedding:
+            raise ValueError("the memory tasks' model has no embedding table: drop --shard-embedding")
         parallel.check_batch_size(args.batch_size, parallel.start(configs["MeshConfig"]))
         return configs, cli.from_args(SweepConfig, args)
     except ValueError as error:  # a config's own check, or a mesh that does not fit

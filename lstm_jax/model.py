@@ -25,7 +25,7 @@ COMPUTE_DTYPES = ("float32", "bfloat16")
 class ModelConfig:
     """Architecture and regularisation of the classifier (every field is a CLI flag in experiments)."""
 
-    cell: str = dataclasses.field(default="lstm", metadata={"help": "recurrent cell: lstm, peephole, cifg, layer_norm, lstmp, gru, rnn"})
+    cell: str = dataclasses.field(default="lstm", metadata={"help": "recurrent cell: lstm, peephole, cifg, layer_norm, lstmp (its output, what recurs and is pooled, has --hidden-size // 2 units), gru, rnn"})
     embed_dim: int = dataclasses.field(default=300, metadata={"range": cli.AT_LEAST_1, "help": "embedding width"})
     hidden_size: int = dataclasses.field(default=256, metadata={"range": cli.AT_LEAST_1, "help": "units per direction per layer"})
     num_layers: int = dataclasses.field(default=1, metadata={"range": cli.AT_LEAST_1, "help": "stacked recurrent layers"})
@@ -49,7 +49,7 @@ class ModelConfig:
     lm_weight: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "also train the recurrent stack as a language model with this weight: the forward direction predicts each next word, the backward one each previous word, Rei 2017; the logged training loss includes it (0: off)"})
     lm_words: int = dataclasses.field(default=2000, metadata={"range": cli.Range(2), "help": "the language-model loss tells apart the ids below this (with --tokenizer word, the most frequent words); the rest are one class"})
     lm_pretrain_epochs: int = dataclasses.field(default=0, metadata={"range": cli.AT_LEAST_0, "help": "first train the embedding and recurrent stack alone as that language model (--lm-words) for this many epochs over the training texts, then the classifier from them: the LM-LSTM of Dai & Le 2015; that run is kept in WORKDIR/pretrain (0: off)"})
-    compute_dtype: str = dataclasses.field(default="float32", metadata={"help": "dtype of the model's arithmetic: float32, or bfloat16 with float32 parameters, optimiser state and loss (mixed precision, Micikevicius et al. 2018); on a CPU with AMX (Intel since Sapphire Rapids) the LSTM kernel then multiplies in bfloat16 with float32 sums, a training step 1.6-2.8x as fast as float32 at the benchmark's shapes; on other CPUs the LSTM then runs as lax.scan loops, about 2.6x slower than float32"})
+    compute_dtype: str = dataclasses.field(default="float32", metadata={"help": "dtype of the model's arithmetic: float32, or bfloat16 with float32 parameters, optimiser state and loss (mixed precision, Micikevicius et al. 2018); on a CPU with AMX (Intel since Sapphire Rapids) the LSTM kernel then multiplies in bfloat16 with float32 sums, a training step takes 1.7-2.9x less time than float32's at the benchmark's shapes (README); on other CPUs the LSTM then runs as lax.scan loops, 2.6-3.2x slower than float32"})
     ensemble: int = dataclasses.field(default=1, metadata={"range": cli.AT_LEAST_1, "help": "train this many independently initialised models side by side and average their probabilities"})
 
     def __post_init__(self):

@@ -27,7 +27,7 @@ class OptimConfig:
     schedule: str = dataclasses.field(default="cosine", metadata={"help": "decay after warm-up: cosine, linear, exponential, constant"})
     warmup_steps: int = dataclasses.field(default=200, metadata={"range": cli.AT_LEAST_0, "help": "linear warm-up steps from 0"})
     final_lr_factor: float = dataclasses.field(default=0.05, metadata={"range": cli.FRACTION, "help": "final learning rate as a fraction of the peak"})
-    weight_decay: float = dataclasses.field(default=1e-4, metadata={"range": cli.AT_LEAST_0, "help": "decoupled weight decay on kernels: each update multiplies them by 1 - lr_t x this (as optax.adamw and PyTorch AdamW; at the default --learning-rate, 1e-4 shrinks a kernel by 0.02 % over an SST-2 run without its gradients)"})
+    weight_decay: float = dataclasses.field(default=1e-4, metadata={"range": cli.AT_LEAST_0, "help": "decoupled weight decay on kernels: each update multiplies them by 1 - lr_t x this, lr_t the scheduled learning rate (optax.adamw's and PyTorch AdamW's convention; Loshchilov & Hutter's lambda is this x --learning-rate)"})
     decay_embeddings: bool = dataclasses.field(default=False, metadata={"help": "also decay the embedding table"})
     clip_norm: float = dataclasses.field(default=5.0, metadata={"range": cli.AT_LEAST_0, "help": "clip gradients to this global norm (0: off)"})
     b1: float = dataclasses.field(default=0.9, metadata={"range": cli.RATE, "help": "Adam beta1"})

@@ -89,6 +89,14 @@ def test_unknown_names_are_refused_in_one_line(capsys):
         memory.main(["--sweep", "--sweep-cells", "lstm,lst"])
 
 
+@pytest.mark.parametrize("flag", ["--decay-embeddings", "--shard-embedding"])
+def test_embedding_flags_are_refused_as_the_model_has_no_embedding(flag, tmp_path, capsys):
+    with pytest.raises(SystemExit):
+        memory.main(["--workdir", str(tmp_path / "run"), flag])
+    assert f"the memory tasks' model has no embedding table: drop {flag}" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
+
+
 def test_settings_out_of_range_are_refused_together_before_the_workdir_exists(tmp_path, capsys):
     with pytest.raises(SystemExit) as info:
         memory.main(["--workdir", str(tmp_path / "run"), "--T", "0", "--learning-rate", "0", "--ema-decay", "1"])
