@@ -48,10 +48,10 @@ from lstm_jax.checkpoint import (
     write_config,
 )
 from lstm_jax.loop import (
-    INTERRUPTED_NOTE,
     LoopConfig,
     MetricsLog,
     NonFiniteError,
+    interrupted,
     resume_on_mesh,
     save_curves,
     train_loop,
@@ -416,9 +416,10 @@ def main(argv: list[str] | None = None) -> None:
             train_one(configs)
     except (CheckpointError, NonFiniteError) as error:
         raise SystemExit(f"error: {error}") from None
-    except KeyboardInterrupt:
-        print(INTERRUPTED_NOTE, file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as stop:
+        note, status = interrupted(stop, argv)
+        print(note, file=sys.stderr)
+        raise SystemExit(status) from None
 
 
 if __name__ == "__main__":

@@ -61,10 +61,10 @@ from lstm_jax.checkpoint import (
     write_config,
 )
 from lstm_jax.loop import (
-    INTERRUPTED_NOTE,
     LoopConfig,
     MetricsLog,
     NonFiniteError,
+    interrupted,
     resume_on_mesh,
     save_curves,
     train_loop,
@@ -515,9 +515,10 @@ def main(argv: list[str] | None = None) -> None:
             train(argv)
     except (data.DataError, CheckpointError, NonFiniteError) as error:
         raise SystemExit(f"error: {error}") from None
-    except KeyboardInterrupt:
-        print(INTERRUPTED_NOTE, file=sys.stderr)
-        raise SystemExit(130) from None
+    except KeyboardInterrupt as stop:
+        note, status = interrupted(stop, argv)
+        print(note, file=sys.stderr)
+        raise SystemExit(status) from None
     except OSError as error:  # e.g. a full disk or a read-only folder, met outside the checks above
         raise SystemExit(f"error: {error.strerror or error}: {error.filename}; free disk space or fix permissions there, or pass another --workdir") from None
 

@@ -10,7 +10,8 @@ passes them:
   best  an asynchronous save of the best checkpoint has started and is still being written
   save  an asynchronous save of the latest checkpoint has started and is still being written
 
-Unset (the normal case), a call costs one environment lookup.
+``"<point>:<step>:<SIGNAL>"`` sends that signal instead (``TERM``, ``INT``), as a
+scheduler or Ctrl-C would. Unset (the normal case), a call costs one environment lookup.
 """
 
 import os
@@ -21,6 +22,8 @@ POINTS = ("step", "eval", "best", "save")
 
 
 def kill_point(point: str, step: int) -> None:
-    """SIGKILL this process if ``LSTM_JAX_KILL_AT`` is ``f"{point}:{step}"``."""
-    if os.environ.get(KILL_AT_ENV) == f"{point}:{step}":
-        os.kill(os.getpid(), signal.SIGKILL)
+    """SIGKILL this process if ``LSTM_JAX_KILL_AT`` is ``f"{point}:{step}"`` (or send the signal it names after)."""
+    wanted = os.environ.get(KILL_AT_ENV)
+    if wanted and (wanted == f"{point}:{step}" or wanted.startswith(f"{point}:{step}:")):
+        name = wanted.split(":")[2] if wanted.count(":") == 2 else "KILL"
+        os.kill(os.getpid(), signal.Signals[f"SIG{name}"])

@@ -11,9 +11,13 @@ timing, and the lines a ``--max-steps`` stop wrote off the schedule, which are m
 ``"stop": true``) and a rerun of a finished run reports what the run did.
 """
 
+import contextlib
 import dataclasses
 import json
 import math
+import signal
+import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -102,6 +106,49 @@ EMPTY_WINDOW = {"loss": 0.0, "correct": 0.0, "rows": 0.0}
 INTERRUPTED_NOTE = "interrupted; rerun the same command to resume from the last checkpoint (--save-every sets how often)"
 
 
+class StopSignal(KeyboardInterrupt):
+    """SIGINT or SIGTERM stopped training at a step's end, after a checkpoint of that step was saved."""
+
+    def __init__(self, signum: int, step: int):
+        super().__init__(f"{signal.Signals(signum).name} at step {step}")
+        self.signum, self.step = signum, step
+
+
+def interrupted(stop: KeyboardInterrupt, argv: list[str]) -> tuple[str, int]:
+    """The note and exit status (the shell's 128 + signal) for a stop; ``--restart`` in ``argv`` would start over."""
+    note = INTERRUPTED_NOTE
+    if isinstance(stop, StopSignal):
+        note = note.replace("the last checkpoint", f"the checkpoint of step {stop.step}")
+    if "--restart" in argv:
+        note += "; without --restart, which would move this run aside and start over"
+    return note, 128 + getattr(stop, "signum", signal.SIGINT)
+
+
+@contextlib.contextmanager
+def deferred_stop_signals():
+    """Within, SIGINT and SIGTERM (Ctrl-C, a scheduler's preemption) only ask the loop to stop at the end of the
+    step, so no save in flight is cut; a second one stops at once. Yields a one-item list holding the signal asked
+    for, or None. Outside the main thread (where handlers cannot be set) it changes nothing."""
+    asked = [None]
+    if threading.current_thread() is not threading.main_thread():
+        yield asked
+        return
+
+    def ask(signum, frame):
+        if asked[0] is not None:
+            raise KeyboardInterrupt
+        asked[0] = signum
+        print(f"{signal.Signals(signum).name}: stopping at the end of this step, after saving it (again: stop now)",
+              file=sys.stderr, flush=True)
+
+    previous = {signum: signal.signal(signum, ask) for signum in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield asked
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
 def carried_figures(meta: dict | None) -> tuple[dict | None, float | None, int, dict]:
     """``(last validation metrics, train seconds, train tokens, metrics window)`` as of a checkpoint's ``meta``.
 
@@ -172,6 +219,8 @@ def train_loop(
     compiled_shapes = set()  # the first step of each batch shape compiles; keep it out of tokens/s
     bar = tqdm(total=stop_step, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
     stopped_by_error = True
+    signals = contextlib.ExitStack()
+    asked = signals.enter_context(deferred_stop_signals())
     try:
         while step < stop_step:
             epoch, first = divmod(step, steps_per_epoch)
@@ -236,10 +285,13 @@ def train_loop(
                     if scheduled_eval and val[best_metric] > best:
                         best = val[best_metric]
                         checkpoints.save_best(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
-                if end_of_epoch or step == stop_step or step % config.save_every == 0:
+                asked_to_stop = asked[0]
+                if end_of_epoch or step == stop_step or step % config.save_every == 0 or asked_to_stop is not None:
                     loop = {"train_seconds": seconds if seconds_known else None, "train_tokens": tokens,
                             "window": dict(window)}  # fmt: skip
                     checkpoints.save(step, state, {**meta, "step": step, "epoch": epoch, "val": val, "loop": loop})
+                if asked_to_stop is not None:
+                    raise StopSignal(asked_to_stop, step)
                 if step == stop_step:
                     break
         stopped_by_error = False
@@ -251,6 +303,8 @@ def train_loop(
             if not stopped_by_error:
                 raise
             print(f"note: while stopping, {wait_error}")  # the first error goes on; this one is said too
+        finally:
+            signals.close()
     summary = {"train_seconds": seconds if seconds_known else None,
                "tokens_per_second": tokens / seconds if seconds else None, "last_val": val,
                "steps": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip

@@ -146,6 +146,27 @@ def test_sigkill_at_every_point_then_damage_resumes_to_the_same_bits(train_proce
     assert 30 in finished_steps(workdir / "checkpoints")
 
 
+def test_sigterm_and_ctrl_c_stop_after_saving_that_step_and_resume_to_the_same_bits(train_process, reference, tmp_path):
+    """A scheduler's SIGTERM (here inside the best checkpoint's save) and a Ctrl-C (mid-step) each let the step finish,
+    save it (steps 15 and 23 are not scheduled saves), and exit with the shell's 128 + signal and one note; the rerun
+    resumes there, to the bits of the run never stopped. Before, SIGTERM left the saves in flight half-written."""
+    ref_dir, ref = reference
+    workdir = tmp_path / "signalled"
+    for at, status, step in (("best:15:TERM", 143, 15), ("step:23:INT", 130, 23)):
+        process = train_process(workdir, at, *(["--restart"] if step == 15 else []))  # a fresh workdir: nothing moved
+        assert process.returncode == status, process.stdout + process.stderr
+        assert max(finished_steps(workdir / "checkpoints")) == step
+        assert f"resume from the checkpoint of step {step}" in process.stderr
+        assert ("without --restart" in process.stderr) == (step == 15) and "Traceback" not in process.stderr
+        assert not list(workdir.rglob("*.orbax-checkpoint-tmp"))
+    assert finished_steps(workdir / "best") == [15]
+    process = train_process(workdir, None)
+    results = results_of(process, workdir)
+    assert "resumed from step 23" in process.stdout
+    assert results["params_sha256"] == ref["params_sha256"] and results["best_step"] == ref["best_step"]
+    assert metrics_without_timing(workdir) == metrics_without_timing(ref_dir)
+
+
 def test_language_model_pretraining_killed_then_the_classifier_killed_resumes_to_the_same_bits(train_process, reference, tmp_path):
     _, plain = reference
     flags = ("--lm-pretrain-epochs", "1", "--lm-words", "100")
