@@ -299,7 +299,8 @@ def train_configs(configs: dict, mesh) -> dict:
     checkpoints.close()
     results = {
         "dataset": data_cfg.dataset, "val_accuracy": val["accuracy"], "test_accuracy": test["accuracy"] if test else None,
-        "best_step": best.step if best else None, "final_val_accuracy": summary["last_val"]["accuracy"] if summary["last_val"] else None,
+        "best_step": best.step if best else None, "weights": "best checkpoint" if best else "final",
+        "best_warning": summary["best_warning"], "final_val_accuracy": summary["last_val"]["accuracy"] if summary["last_val"] else None,
         "steps": summary["steps"], "epochs": summary["steps"] / summary["steps_per_epoch"], "resumed_from_step": start_step,
         "train_seconds": summary["train_seconds"], "tokens_per_second": summary["tokens_per_second"],
         "nonfinite_steps": int(state.nonfinite_steps), "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
@@ -334,6 +335,7 @@ def train_phase(state, state_sharding, loss_fn, optimizer, eval_step, val_split,
     best, warning = checkpoints.restore_best(state)
     if warning:
         print(f"{warning}; the results are those of the final weights")
+    summary = {**summary, "best_warning": warning}
     save_curves(log.read(), folder / "curves.png", title=title)
     return state, summary, best
 
@@ -421,7 +423,7 @@ def load_run(workdir: Path):
         print(f"note: answering from the best checkpoint, step {restored.step}"
               + (f" (validation accuracy {accuracy:.4f})" if accuracy is not None else ""))
     if restored is None:
-        restored = checkpoints.restore(abstract_state)
+        restored = checkpoints.restore(abstract_state, fix="restore the run's checkpoints from a copy, or train it again")
         if restored is not None and not warning:
             print(f"note: {workdir} has no best checkpoint yet (a --max-steps stop is never kept as the best; the first "
                   f"scheduled evaluation saves one); answering from the latest checkpoint, step {restored.step}")
@@ -432,13 +434,16 @@ def load_run(workdir: Path):
 
 
 def text_notes(tokenizer, texts: list[str], max_len: int) -> list[str]:
-    """One ``note:`` per text with no tokens (it is read as one [UNK]) or more than ``max_len`` (the rest is cut)."""
+    """A ``note:`` for each text with no tokens (it is read as one [UNK]), only unknown words, or more than
+    ``max_len`` tokens (the rest is cut)."""
     notes = []
     for i, (text, encoding) in enumerate(zip(texts, tokenizer.encode_batch(list(texts), add_special_tokens=False))):
         named, length = f"note: text {i + 1} ({text[:40]!r}{'...' if len(text) > 40 else ''})", len(encoding.ids)
         if length == 0:
             notes.append(f"{named} has no tokens; it is read as one [UNK]")
-        elif length > max_len:
+        elif all(token == data.UNK_ID for token in encoding.ids):
+            notes.append(f"{named} has only words outside the vocabulary, all read as [UNK]: its answer is a guess")
+        if length > max_len:
             notes.append(f"{named} cut to --max-len {max_len} tokens: {length - max_len} of its {length} tokens dropped")
     return notes
 
@@ -450,8 +455,8 @@ def predict(argv: list[str]) -> list[tuple[str, float]]:
     args = parser.parse_args(argv)
     model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
     encoded = data.encode(tokenizer, args.texts, max_len=data_cfg.max_len)
-    if encoded.num_truncated or encoded.num_empty:
-        print("\n".join(text_notes(tokenizer, args.texts, data_cfg.max_len)))
+    if notes := text_notes(tokenizer, args.texts, data_cfg.max_len):
+        print("\n".join(notes))
     tokens_BT = np.zeros((len(encoded), int(encoded.lengths_N.max())), np.int32)
     for i in range(len(encoded)):
         tokens_BT[i, : encoded.lengths_N[i]] = encoded.row(i)
@@ -486,8 +491,8 @@ def explain(argv: list[str]):
     if ensemble > 1:
         params, model_cfg = jax.tree.map(lambda leaf: leaf[args.member], params), member_config(model_cfg)
     encoded = data.encode(tokenizer, [args.text], max_len=data_cfg.max_len)
-    if encoded.num_truncated or encoded.num_empty:
-        print("\n".join(text_notes(tokenizer, [args.text], data_cfg.max_len)))
+    if notes := text_notes(tokenizer, [args.text], data_cfg.max_len):
+        print("\n".join(notes))
     tokens = encoded.row(0)
     try:
         explanation = gates.explain_classifier(params, model_cfg, tokens, layer=args.layer, direction=args.direction)

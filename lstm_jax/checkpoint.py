@@ -103,19 +103,17 @@ class RunCheckpoints:
         """The meta of latest checkpoint ``step``; None if there is none or it cannot be read."""
         return _read_meta(self.latest, step) if step in self.latest.all_steps() else None
 
-    def restore(self, abstract_state, *, which: str = "latest") -> Restored | None:
+    def restore(self, abstract_state, *, which: str = "latest",
+                fix: str = "pass --restart to start from scratch (this deletes nothing)") -> Restored | None:
         """The newest readable checkpoint of ``which`` ("latest" or "best"), or None if there is none.
 
         Raises:
-          CheckpointError: checkpoints exist but none can be read.
+          CheckpointError: checkpoints exist but none can be read; its message ends with ``fix``.
         """
         manager = self.latest if which == "latest" else self.best
         restored, skipped = _newest_readable(manager, abstract_state)
         if restored is None and skipped:  # none read: perhaps the template is wrong, not the checkpoints
-            raise CheckpointError(
-                f"no readable checkpoint in {manager.directory} ({_reasons(skipped)}); "
-                "pass --restart to start from scratch (this deletes nothing)"
-            )
+            raise CheckpointError(f"no readable checkpoint in {manager.directory} ({_reasons(skipped)}); {fix}")
         return restored
 
     def restore_best(self, abstract_state) -> tuple[Restored | None, str | None]:

@@ -220,13 +220,15 @@ def test_accepted_oddities_are_counted_and_reported(messy_run):
 @pytest.mark.slow
 def test_predict_reads_empty_and_control_character_texts(messy_run, capsys):
     workdir, _, _ = messy_run
-    answers = sentiment.predict(["--workdir", str(workdir), "", "\x00\x07", LONG_TEXT])
-    assert len(answers) == 3 and all(0.5 <= probability <= 1.0 for _, probability in answers)
+    answers = sentiment.predict(["--workdir", str(workdir), "", "\x00\x07", LONG_TEXT, "qwzx blorf zzyzx"])
+    assert len(answers) == 4 and all(0.5 <= probability <= 1.0 for _, probability in answers)
     cut_note = "cut to --max-len 32 tokens: 119968 of its 120000 tokens dropped"
-    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note:")]
+    notes = [line for line in capsys.readouterr().out.splitlines() if line.startswith("note: text")]
     assert notes == ["note: text 1 ('') has no tokens; it is read as one [UNK]",
                      "note: text 2 ('\\x00\\x07') has no tokens; it is read as one [UNK]",
-                     f"note: text 3 ('long long long long long long long long '...) {cut_note}"]  # fmt: skip
+                     f"note: text 3 ('long long long long long long long long '...) {cut_note}",
+                     "note: text 4 ('qwzx blorf zzyzx') has only words outside the vocabulary, all read as [UNK]: its "
+                     "answer is a guess"]  # fmt: skip
 
 
 @pytest.mark.slow
@@ -237,7 +239,7 @@ def test_explain_says_a_long_text_was_cut(messy_run, tmp_path, capsys):
     assert "note: text 1 (" in printed and "cut to --max-len 32 tokens: 119968 of its 120000 tokens dropped" in printed
     assert "after 32 tokens" in printed
     sentiment.explain(["--workdir", str(workdir), "--out", str(tmp_path / "short.png"), "good film"])
-    assert "note:" not in capsys.readouterr().out
+    assert "note: text" not in capsys.readouterr().out
 
 
 # --------------------------------------------------------------------------- run directories
