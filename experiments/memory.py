@@ -10,9 +10,12 @@ adding problem at T = 100 and 200) and the copy task at T = 100 for every cell::
     python -m experiments.memory --sweep --workdir runs/memory
     python -m experiments.memory --sweep --task copy --sweep-lengths 100 --sweep-cells all --steps 1000 --workdir runs/memory-copy1000
 
-A run writes ``config.json``, ``metrics.jsonl`` (train lines and a test line per
-evaluation), ``curves.png``, ``results.json`` (final test loss, steps and seconds to
-solve, wall time) and Orbax checkpoints to its workdir; rerunning it resumes. A sweep
+A run writes ``config.json``, ``metrics.jsonl`` (train lines, and a line per evaluation
+on the fixed test set, which the shared loop marks ``"split": "validation"``), ``curves.png``,
+``results.json`` (final test loss, steps and seconds to solve, wall time) and Orbax
+checkpoints to its workdir (``best/`` is the evaluation with the highest test accuracy: a
+learning-curve task has no held-out split to choose on, and the results report the final
+weights); rerunning it resumes. A sweep
 runs its cells one after another in ``<workdir>/<task>-T<T>-<cell>`` and renders
 ``experiments/results/memory.md`` with a figure and a table.
 
