@@ -253,7 +253,7 @@ def _train_one_unlocked(configs: dict) -> dict:
         }
 
     loop_cfg = LoopConfig(
-        epochs=math.ceil(task_cfg.steps / chunk), max_steps=min(run_cfg.max_steps or task_cfg.steps, task_cfg.steps),
+        epochs=math.ceil(task_cfg.steps / chunk), max_steps=run_cfg.max_steps,
         log_every=run_cfg.log_every, eval_every=run_cfg.eval_every, save_every=run_cfg.save_every, keep=run_cfg.keep, progress=run_cfg.progress,
     )  # fmt: skip
     meta = {"task": task_cfg.task, "cell": task_cfg.cell, "T": task_cfg.T}
@@ -263,7 +263,7 @@ def _train_one_unlocked(configs: dict) -> dict:
     )
     state, summary = train_loop(
         state, parallel.host_batch_step(step_on_mesh, mesh), epoch_batches, evaluate, checkpoints, log, loop_cfg,
-        meta=meta, tokens_in=lambda batch: batch.x_BTE.shape[0] * batch.x_BTE.shape[1],
+        meta=meta, tokens_in=lambda batch: batch.x_BTE.shape[0] * batch.x_BTE.shape[1], total_steps=task_cfg.steps,
     )  # fmt: skip
     checkpoints.close()
     final = evaluate(state.eval_params)

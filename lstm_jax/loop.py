@@ -175,6 +175,7 @@ def train_loop(
     meta: dict,
     tokens_in: Callable[[object], int] = lambda batch: 0,
     best_metric: str = "accuracy",
+    total_steps: int | None = None,
 ):
     """Train from ``state.step`` to the end, checkpointing and evaluating on the way.
 
@@ -190,6 +191,7 @@ def train_loop(
       meta: JSON-able run description saved with every checkpoint.
       tokens_in: number of real tokens in a batch, for tokens/s.
       best_metric: the validation metric (higher is better) that picks the best checkpoint.
+      total_steps: the run's length, when it is not ``config.epochs`` whole epochs (it ends inside the last).
 
     Returns:
       ``(state, summary)`` with ``train_seconds``, ``tokens_per_second`` and the last validation metrics
@@ -201,7 +203,7 @@ def train_loop(
       NonFiniteError: more than ``config.skip_nonfinite`` steps were not finite.
     """
     steps_per_epoch = len(epoch_batches(0))
-    total_steps = config.epochs * steps_per_epoch
+    total_steps = config.epochs * steps_per_epoch if total_steps is None else total_steps
     stop_step = min(total_steps, config.max_steps) if config.max_steps > 0 else total_steps
     step = int(state.step)
     best_meta = checkpoints.best_meta()

@@ -58,6 +58,12 @@ def test_a_stopped_run_resumes_to_the_same_bits(uninterrupted, tmp_path, capsys)
     assert 60 in [r["step"] for r in MetricsLog(tmp_path / "metrics.jsonl", 200).read() if r["split"] == "validation"]
     for key in ("best_test_loss", "steps_to_solve"):
         assert resumed[key] == expected[key], key
+    # --save-every 1000 makes the loop's one "epoch" longer than the run: its end is still the run's end, not a stop
+    last = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 200 and last["split"] == "validation" and "stop" not in last
+    capsys.readouterr()
+    assert run(tmp_path, "--save-every", 1000)["params_sha256"] == expected["params_sha256"]
+    assert "note: the run already finished its 200 steps: nothing to train" in capsys.readouterr().out
     with pytest.raises(SystemExit, match="another config.*hidden_size: 32 -> 16"):
         run(tmp_path, "--hidden-size", 16)
 
