@@ -105,13 +105,22 @@ class RunCheckpoints:
 
     def restore(self, abstract_state, *, which: str = "latest",
                 fix: str = "pass --restart to start from scratch (this deletes nothing)") -> Restored | None:
-        """The newest readable checkpoint of ``which`` ("latest" or "best"), or None if there is none.
+        """The newest readable checkpoint of ``which`` ("latest" or "best"), or None if there is none. When no latest
+        one reads but the best one does, the latest ones are damaged (the template is right): they are moved aside
+        and the best one, a whole train state too, is returned.
 
         Raises:
           CheckpointError: checkpoints exist but none can be read; its message ends with ``fix``.
         """
         manager = self.latest if which == "latest" else self.best
         restored, skipped = _newest_readable(manager, abstract_state)
+        if restored is None and skipped and which == "latest":
+            best, _ = _newest_readable(self.best, abstract_state, move_aside=False)
+            if best is not None:
+                print(f"warning: no latest checkpoint reads ({_reasons(skipped)}); resuming from the best one, step {best.step}")
+                reports = [f"step {bad}: {reason}; {_set_aside(manager.directory, bad)}" for bad, reason in skipped]
+                manager.reload()
+                return dataclasses.replace(best, skipped=reports)
         if restored is None and skipped:  # none read: perhaps the template is wrong, not the checkpoints
             raise CheckpointError(f"no readable checkpoint in {manager.directory} ({_reasons(skipped)}); {fix}")
         return restored

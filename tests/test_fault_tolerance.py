@@ -388,6 +388,24 @@ def test_a_crash_between_log_lines_resumes_to_the_same_metrics_lines(crash_befor
     assert [r["step"] for r in train_lines] == [4, 8, 12]
 
 
+def test_with_every_latest_checkpoint_damaged_the_run_resumes_from_the_best_one(tmp_path, capsys):
+    """The best checkpoint is a whole train state: when no latest one reads (the template does read the best, so they
+    are damaged, not mismatched), they are moved aside and the run resumes from the best, to the same bits."""
+    reference_state, _ = toy_run(tmp_path / "reference")
+    with pytest.raises(Crash):
+        toy_run(tmp_path / "damaged", crash_before_step=12)  # latest at 3, 6, 9; best at an evaluation (5, 6 or 10)
+    saved, best_before = finished_steps(tmp_path / "damaged" / "checkpoints"), best_step(tmp_path / "damaged")
+    assert saved == [3, 6, 9] and best_before in (5, 6, 10)
+    for step in saved:
+        shutil.rmtree(tmp_path / "damaged" / "checkpoints" / str(step) / "state")  # lost in a crash, say
+    capsys.readouterr()
+    state, summary = toy_run(tmp_path / "damaged")
+    assert f"resuming from the best one, step {best_before}" in capsys.readouterr().out
+    assert summary["steps"] == 12 and params_sha256(state) == params_sha256(reference_state)
+    assert sorted(p.name for p in (tmp_path / "damaged" / "checkpoints").glob("*.damaged-1")) == ["3.damaged-1", "6.damaged-1",
+                                                                                                  "9.damaged-1"]
+
+
 def best_step(workdir: Path) -> int:
     checkpoints = RunCheckpoints(workdir)
     try:
