@@ -322,7 +322,8 @@ def test_config_mismatch_names_every_differing_field(messy_run, flags, fields):
 @pytest.mark.slow
 def test_no_intact_checkpoint_is_an_error_until_restart(messy_run, tmp_path, capsys):
     workdir = copy_of(messy_run[0], tmp_path)
-    for step_dir in (workdir / "checkpoints").iterdir():
+    # the best checkpoint too: with it intact the run resumes from it (test_fault_tolerance)
+    for step_dir in [*(workdir / "checkpoints").iterdir(), *(workdir / "best").iterdir()]:
         for f in step_dir.rglob("*"):
             if f.is_file() and f.parent.name == "d":
                 f.write_bytes(b"\x00garbage")
