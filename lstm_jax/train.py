@@ -264,8 +264,9 @@ def make_train_step(
         if sam_rho > 0.0:
             grads = sharpness_aware_gradient(loss_and_grad, state.params, batch, key, grads, sam_rho, ensemble)
         grad_norm = optax.tree.norm(grads)
-        # an infinite norm: squares that overflow, which would make Adam's second moment inf and freeze those weights
-        finite = jnp.isfinite(loss) & all_finite(grads) & jnp.isfinite(grad_norm)
+        # a NaN or inf gradient makes the norm so; so do squares that overflow, which would make Adam's second moment
+        # inf and freeze those weights
+        finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm)
         updates, opt_state = optimizer.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         keep_if_finite = lambda new, old: jax.tree.map(lambda n, o: jnp.where(finite, n, o), new, old)
