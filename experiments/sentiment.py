@@ -180,7 +180,8 @@ def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
 
 
 def load_data(cfg: DataConfig, workdir: Path, seed: int):
-    """Splits, tokenizer (the run's own, or trained on train but not yet saved), encodings and buckets."""
+    """Splits, tokenizer (the run's own, or trained on train but not yet saved), encodings, and each split's buckets
+    chosen from its own lengths (so that no validation or test text changes how training batches)."""
     splits = data.load_text_splits(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, val_fraction=cfg.val_fraction, seed=seed, config=cfg.dataset_config)
     for note in splits.notes:
         print(f"note: {note}")
@@ -202,9 +203,38 @@ def load_data(cfg: DataConfig, workdir: Path, seed: int):
         if unknown := data.unknown_tokens(enc):
             tokens = len(enc.ids_flat) - enc.num_empty
             print(f"note: {name}: {unknown} of {tokens} tokens ({100 * unknown / tokens:.1f} %) are words outside the vocabulary, read as [UNK]")
-    all_lengths = np.concatenate([enc.lengths_N for enc, _ in encoded.values()])
-    buckets = data.bucket_lengths(all_lengths, max_len=cfg.max_len, num_buckets=cfg.num_buckets)
+    buckets = {name: data.bucket_lengths(enc.lengths_N, max_len=cfg.max_len, num_buckets=cfg.num_buckets)
+               for name, (enc, _) in encoded.items()}  # fmt: skip
     return splits, tokenizer, encoded, buckets
+
+
+def previous_run_file(path: Path) -> dict:
+    """The ``run.json`` a resumed run wrote when it last started; ``{}`` when it is missing or damaged (the run writes
+    it again)."""
+    try:
+        saved = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return {}
+    return saved if isinstance(saved, dict) else {}
+
+
+def buckets_json(buckets: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
+    return {name: list(lengths) for name, lengths in buckets.items()}
+
+
+def check_same_data(previous: dict, dataset: str, data_sha256: dict[str, str]) -> None:
+    """Stops a resumed run whose splits differ from those its ``run.json`` (``previous``) recorded when it began
+    (edited files, a newer revision of a Hub dataset): its next steps would read other rows than the uninterrupted
+    run's. A ``run.json`` that is missing, damaged or older than these digests has nothing to compare."""
+    saved = previous.get("data_sha256")
+    if not isinstance(saved, dict):
+        return
+    changed = [f"{name} {(saved.get(name) or 'none')[:8]} -> {(data_sha256.get(name) or 'none')[:8]}"
+               for name in sorted(set(saved) | set(data_sha256)) if saved.get(name) != data_sha256.get(name)]
+    if changed:
+        raise data.DataError(f"the rows of --dataset {dataset} differ from those this run began on (SHA-256 of "
+                             f"{'; '.join(changed)}), so it cannot resume as the same run; restore that data, or "
+                             "pass --restart to train on this data from the start")
 
 
 @contextlib.contextmanager
@@ -239,19 +269,27 @@ def train_configs(configs: dict, mesh) -> dict:
               "rounds away; float32 keeps it")
     resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
     splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
+    data_sha256 = data.splits_sha256(splits)
+    if resuming:
+        previous = previous_run_file(workdir / "run.json")
+        check_same_data(previous, data_cfg.dataset, data_sha256)
+        if isinstance(previous.get("buckets"), list):
+            buckets["train"] = tuple(previous["buckets"])
+            print("note: this run began before each split was bucketed by its own lengths; its training keeps the "
+                  f"buckets {buckets['train']} it began with (from every split's lengths), so it resumes to the same bits")
     (train_enc, train_labels), (val_enc, _) = encoded["train"], encoded["validation"]
     vocab_size = tokenizer.get_vocab_size()
     print(f"data: {len(train_enc)} train / {len(val_enc)} validation / {len(encoded['test'][0]) if 'test' in encoded else 0} test, "
-          f"{splits.num_classes} classes, vocabulary {vocab_size}, buckets {buckets}")  # fmt: skip
+          f"{splits.num_classes} classes, vocabulary {vocab_size}, training buckets {buckets['train']}")  # fmt: skip
     if data_cfg.batch_size > len(train_enc):
         print(f"note: --batch-size {data_cfg.batch_size} exceeds the {len(train_enc)} training texts; each step is one padded batch")
 
     def epoch_batches(epoch):
-        return data.epoch_batches(train_enc, train_labels, batch_size=data_cfg.batch_size, buckets=buckets, seed=run_cfg.seed, epoch=epoch)
+        return data.epoch_batches(train_enc, train_labels, batch_size=data_cfg.batch_size, buckets=buckets["train"], seed=run_cfg.seed, epoch=epoch)
 
     def eval_batches(split):
         enc, labels = encoded[split]
-        return data.epoch_batches(enc, labels, batch_size=data_cfg.eval_batch_size, buckets=buckets, seed=0, epoch=0, shuffle=False)
+        return data.epoch_batches(enc, labels, batch_size=data_cfg.eval_batch_size, buckets=buckets[split], seed=0, epoch=0, shuffle=False)
 
     steps_per_epoch = len(epoch_batches(0))
     optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch, ensemble=model_cfg.ensemble)
@@ -263,6 +301,9 @@ def train_configs(configs: dict, mesh) -> dict:
         write_config(workdir, configs)
     if not (workdir / "tokenizer.json").exists():
         data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
+    meta = {"dataset": data_cfg.dataset, "num_classes": splits.num_classes, "label_names": list(splits.label_names),
+            "vocab_size": vocab_size, "buckets": buckets_json(buckets), "data_sha256": data_sha256}  # fmt: skip
+    atomic_write_text(workdir / "run.json", json.dumps(meta, indent=2))
     if mesh_cfg.shard_embedding and (note := parallel.unsplit_embedding_note(vocab_size, mesh)):
         print(note)
     val_split = eval_batches("validation")
@@ -284,9 +325,6 @@ def train_configs(configs: dict, mesh) -> dict:
         state, checkpoints, mesh, resuming=resuming, shard_embedding=mesh_cfg.shard_embedding
     )
     start_step = int(state.step)
-    meta = {"dataset": data_cfg.dataset, "num_classes": splits.num_classes, "label_names": list(splits.label_names),
-            "vocab_size": vocab_size, "buckets": list(buckets)}  # fmt: skip
-    atomic_write_text(workdir / "run.json", json.dumps(meta, indent=2))
     rows = parallel.batch_sharding(mesh)
     eval_step = parallel.host_batch_step(make_eval_step(model_cfg, params_sharding=state_sharding.eval_params, batch_sharding=rows), mesh)
     state, summary, best = train_phase(
@@ -304,7 +342,7 @@ def train_configs(configs: dict, mesh) -> dict:
         "steps": summary["steps"], "epochs": summary["steps"] / summary["steps_per_epoch"], "resumed_from_step": start_step,
         "train_seconds": summary["train_seconds"], "tokens_per_second": summary["tokens_per_second"],
         "nonfinite_steps": int(state.nonfinite_steps), "num_params": int(sum(x.size for x in jax.tree.leaves(state.params))),
-        "params_sha256": params_sha256(state.params), "buckets": list(buckets),
+        "params_sha256": params_sha256(state.params), "data_sha256": data_sha256, "buckets": buckets_json(buckets),
         "truncated": {name: enc.num_truncated for name, (enc, _) in encoded.items()}, "config": config_dict(configs),
         "empty_texts": {name: enc.num_empty for name, (enc, _) in encoded.items()}, "skipped_checkpoints": skipped_checkpoints,
         "jax_backend": jax.default_backend(), "mesh": dict(mesh.shape), "lm_pretraining": pretraining,

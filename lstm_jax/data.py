@@ -18,6 +18,7 @@ counts in `Encoded`.
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import os
 import re
@@ -358,6 +359,24 @@ def texts_of(split: datasets.Dataset) -> list[str]:
 def labels_of(split: datasets.Dataset) -> np.ndarray:
     """Returns the `label` column as an int32 array."""
     return split.with_format("arrow")["label"].to_numpy().astype(np.int32)
+
+
+def split_sha256(split: datasets.Dataset) -> str:
+    """A SHA-256 of a split's texts and labels in their order: the same rows give the same digest in any process,
+    and a changed, added, removed or reordered row gives another."""
+    digest = hashlib.sha256()
+    for text in texts_of(split):
+        encoded = text.encode("utf-8")
+        digest.update(len(encoded).to_bytes(8, "little"))  # so that no two splittings of the bytes hash alike
+        digest.update(encoded)
+    digest.update(labels_of(split).astype("<i8").tobytes())
+    return digest.hexdigest()
+
+
+def splits_sha256(splits: TextSplits) -> dict[str, str]:
+    """``{split name: split_sha256}`` for the splits a run reads (train, validation and test where there is one)."""
+    named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
+    return {name: split_sha256(split) for name, split in named.items() if split is not None}
 
 
 # ------------------------------------------------------------------------- tokeniser

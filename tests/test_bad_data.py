@@ -26,6 +26,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import datasets
 
 from experiments import sentiment
+from lstm_jax import data
 
 REPO = Path(__file__).resolve().parents[1]
 # a failed restore leaves TensorStore futures and Orbax coroutines behind, reported when collected (see
@@ -340,3 +341,63 @@ def test_unwritable_workdir_names_the_path(tmp_path):
     blocker.write_text("not a folder")
     message = one_line_error(run_args(good_folder(tmp_path / "data"), blocker / "run"))
     assert f"cannot create workdir {blocker / 'run'}" in message and "pass a writable --workdir" in message
+
+
+@pytest.mark.slow
+def test_resuming_on_changed_data_is_refused_naming_the_split(tmp_path):
+    folder = good_folder(tmp_path / "data")
+    workdir = tmp_path / "run"
+    first = sentiment.train(run_args(folder, workdir, "--max-steps", "1"))
+    assert set(first["data_sha256"]) == {"train", "validation"}
+    assert json.loads((workdir / "run.json").read_text())["data_sha256"] == first["data_sha256"]
+    edited = [*GOOD_TEXTS[:-1], "bad film number 39, edited"]
+    good_folder(folder, train={"text": edited, "label": GOOD_LABELS})
+    message = one_line_error(run_args(folder, workdir, "--max-steps", "2"))
+    train_now = data.split_sha256(data.load_text_splits(str(folder)).train)
+    assert (f"differ from those this run began on (SHA-256 of train {first['data_sha256']['train'][:8]} -> "
+            f"{train_now[:8]}), so it cannot resume as the same run; restore that data, or pass --restart") in message
+    good_folder(folder, validation={"text": GOOD_TEXTS[1:9], "label": GOOD_LABELS[1:9]})  # train restored, validation not
+    message = one_line_error(run_args(folder, workdir, "--max-steps", "2"))
+    changed = message.split("(SHA-256 of ")[1].split(")")[0]
+    assert changed.startswith("validation ") and "train" not in changed, message
+    good_folder(folder)  # the data the run began on
+    resumed = sentiment.train(run_args(folder, workdir, "--max-steps", "2"))
+    assert resumed["resumed_from_step"] == 1 and resumed["data_sha256"] == first["data_sha256"]
+
+
+def test_split_digest_follows_every_row_in_order():
+    def digest(texts, labels):
+        return data.split_sha256(datasets.Dataset.from_dict({"text": texts, "label": labels}))
+
+    base = digest(["ab", "c"], [0, 1])
+    assert base == digest(["ab", "c"], [0, 1])
+    changed = [digest(["a", "bc"], [0, 1]), digest(["c", "ab"], [1, 0]), digest(["ab", "c"], [1, 1]),
+               digest(["ab", "c", ""], [0, 1, 0]), digest(["ab"], [0])]  # fmt: skip
+    assert len({base, *changed}) == 6
+
+
+@pytest.mark.slow
+def test_test_texts_do_not_change_training(tmp_path):
+    """Each split is bucketed by its own lengths: a test split of other lengths trains the same bits. (Bucketed
+    together, the test's 4-word texts moved the training buckets from (3, 5) to (4, 5), and so the batches.)"""
+    texts = [" ".join(t.split()[: 3 + i % 3]) + (" more" if i % 3 == 2 else "") for i, t in enumerate(GOOD_TEXTS)]
+    train = {"train": {"text": texts, "label": GOOD_LABELS}, "validation": {"text": texts[:8], "label": GOOD_LABELS[:8]}}
+    short_test = {"text": ["good film ok fine"] * 100, "label": [1, 0] * 50}
+    flags = ("--max-steps", "2", "--num-buckets", "2")
+    plain = sentiment.train(run_args(good_folder(tmp_path / "a", **train), tmp_path / "run_a", *flags))
+    with_test = sentiment.train(run_args(good_folder(tmp_path / "b", **train, test=short_test), tmp_path / "run_b", *flags))
+    assert with_test["params_sha256"] == plain["params_sha256"]
+    assert with_test["buckets"]["train"] == plain["buckets"]["train"] == [3, 5] and with_test["buckets"]["test"] == [4]
+
+
+@pytest.mark.slow
+def test_a_run_begun_with_shared_buckets_resumes_with_them(tmp_path, capsys):
+    folder, workdir = good_folder(tmp_path / "data"), tmp_path / "run"
+    sentiment.train(run_args(folder, workdir, "--max-steps", "1", "--num-buckets", "3"))
+    run_file = workdir / "run.json"
+    old_style = {**json.loads(run_file.read_text()), "buckets": [4, 5, 7]}  # one list for every split, as before
+    del old_style["data_sha256"]
+    run_file.write_text(json.dumps(old_style))
+    resumed = sentiment.train(run_args(folder, workdir, "--max-steps", "2", "--num-buckets", "3"))
+    assert resumed["resumed_from_step"] == 1 and resumed["buckets"]["train"] == [4, 5, 7]
+    assert "its training keeps the buckets (4, 5, 7) it began with" in capsys.readouterr().out

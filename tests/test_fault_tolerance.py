@@ -270,7 +270,7 @@ def poisoned_steps(folder: Path, workdir: Path) -> list[int]:
     assert poison_id not in (None, data.UNK_ID)
     splits = data.load_text_splits(str(folder))
     encoded = data.encode(tokenizer, data.texts_of(splits.train), max_len=48)
-    buckets = json.loads((workdir / "run.json").read_text())["buckets"]
+    buckets = json.loads((workdir / "run.json").read_text())["buckets"]["train"]
     steps, step = [], 0
     for epoch in (0, 1):
         for batch in data.epoch_batches(

@@ -128,13 +128,16 @@ def test_predict_without_ema_answers_from_the_best_checkpoints_raw_weights(sst2_
 
 @pytest.mark.slow
 def test_predict_reads_the_best_checkpoint_when_a_newer_latest_one_differs(trained_run, tmp_path, capsys):
-    """The trained run's best checkpoint may be its last one too; here a newer latest checkpoint predicts the opposite
-    class (its head negated), and predict must still answer from the best, until the best is gone."""
+    """A newer latest checkpoint that predicts the opposite class (the latest one's head negated): predict must still
+    answer from the best, until the best is gone, and then from the negated one."""
     workdir, _ = trained_run
-    copy = tmp_path / "run"
+    copy, without_best = tmp_path / "run", tmp_path / "without_best"
     shutil.copytree(workdir, copy)
+    shutil.copytree(workdir, without_best)
+    shutil.rmtree(without_best / "best")
     texts = ["a gorgeous , witty , seductive movie .", "dull and tedious", "it is a film"]
     best_answers = sentiment.predict(["--workdir", str(workdir), *texts])
+    latest_answers = sentiment.predict(["--workdir", str(without_best), *texts])
     saved = json.loads((copy / "config.json").read_text())
     template = sentiment.state_template(sentiment.ModelConfig(**saved["ModelConfig"]),
                                         sentiment.OptimConfig(**saved["OptimConfig"]), json.loads((copy / "run.json").read_text()))
@@ -154,8 +157,8 @@ def test_predict_reads_the_best_checkpoint_when_a_newer_latest_one_differs(train
     from_latest = sentiment.predict(["--workdir", str(copy), *texts])
     assert "has no best checkpoint yet" in capsys.readouterr().out  # said, since the best checkpoint is what --help promises
     flipped = {"positive": "negative", "negative": "positive"}
-    assert [label for label, _ in from_latest] == [flipped[label] for label, _ in best_answers]
-    assert [p for _, p in from_latest] == pytest.approx([p for _, p in best_answers], abs=1e-5)
+    assert [label for label, _ in from_latest] == [flipped[label] for label, _ in latest_answers]
+    assert [p for _, p in from_latest] == pytest.approx([p for _, p in latest_answers], abs=1e-5)
 
 
 @pytest.mark.slow
