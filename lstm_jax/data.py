@@ -123,6 +123,30 @@ def _hub_cache_has(hub_id: str) -> bool:
             or os.path.isdir(os.path.join(datasets.config.HF_DATASETS_CACHE, hub_id.replace("/", "___"))))
 
 
+DATA_FILE_ENDINGS = (".parquet", ".csv", ".tsv", ".json", ".jsonl", ".arrow")
+DATASET_METADATA_FILES = ("dataset_info.json", "dataset_infos.json", "dataset_dict.json", "state.json")
+
+
+def _unread_files(dataset: str) -> list[str]:
+    """The data files of a local folder that `datasets` maps to no split (it reads only files named as splits, once
+    one is), as paths relative to the folder; [] for a Hub id or a preset."""
+    folder = os.path.expanduser(dataset)
+    if not os.path.isdir(folder) or dataset in PRESETS:
+        return []
+    try:
+        split_files = datasets.load_dataset_builder(folder).config.data_files or {}
+    except Exception:  # noqa: BLE001 - the load itself succeeded; a note is not worth failing over
+        return []
+    read = {os.path.realpath(path) for paths in split_files.values() for path in paths}
+    unread = []
+    for root, dirs, files in os.walk(folder):
+        dirs[:] = sorted(d for d in dirs if not d.startswith("."))
+        unread += [os.path.relpath(os.path.join(root, name), folder) for name in sorted(files)
+                   if name.lower().endswith(DATA_FILE_ENDINGS) and name not in DATASET_METADATA_FILES
+                   and os.path.realpath(os.path.join(root, name)) not in read]
+    return unread
+
+
 def _folder_error(folder: str, err: Exception) -> DataError:
     """The one-line `DataError` for a local folder that `datasets` could not read."""
     chain = [err]
@@ -185,10 +209,19 @@ def _is_string(column_type) -> bool:
     return pa.types.is_string(column_type) or pa.types.is_large_string(column_type)
 
 
+def _integer_strings(labels: pa.ChunkedArray) -> bool:
+    """True for a string column whose every label is a whole number written out ("0", "1", "-1"), as JSON files
+    often hold integer labels."""
+    return _is_string(labels.type) and bool(pc.all(pc.match_substring_regex(labels.drop_null(), r"^-?[0-9]+$")).as_py())
+
+
 def _label_names_in(split: datasets.Dataset, column: str) -> tuple[str, ...] | None:
-    """The sorted distinct labels of a column of class names (strings), or None for any other column."""
+    """The sorted distinct labels of a column of class names (strings), or None for any other column, and for
+    integers written as strings, which are read as the integers they are."""
     labels = split.with_format("arrow")[column]
-    return tuple(sorted(pc.unique(labels.drop_null()).to_pylist())) if _is_string(labels.type) else None
+    if not _is_string(labels.type) or _integer_strings(labels):
+        return None
+    return tuple(sorted(pc.unique(labels.drop_null()).to_pylist()))
 
 
 def _label_array(split: datasets.Dataset, column: str, split_name: str,
@@ -198,6 +231,8 @@ def _label_array(split: datasets.Dataset, column: str, split_name: str,
     if labels.null_count:  # before the type: pandas reads an integer column with blanks as floats
         raise DataError(f"split '{split_name}' has {labels.null_count} missing labels; "
                         "fill or remove them")
+    if _integer_strings(labels):  # "-1" is then unlabelled, and "10" comes after "9"
+        labels = pc.cast(labels, pa.int64())
     if class_names is not None and _is_string(labels.type):
         ids = pc.index_in(labels, value_set=pa.array(class_names, labels.type))
         if ids.null_count:
@@ -251,7 +286,8 @@ def _clean_split(split: datasets.Dataset, name: str, text_col: str, label_col: s
     labels = _label_array(split, label_col, name, class_names)
     _check_label_range(labels, num_classes, name)
     if num_null:
-        notes.append(f"{name}: {num_null} missing texts read as empty strings")
+        notes.append(f"{name}: {num_null} missing texts read as empty strings (a CSV reader also takes a text that "
+                     "is only NA, N/A, null, None or nan as missing)")
     num_control = _count_with_control_characters(texts)
     if num_control:
         notes.append(f"{name}: {num_control} texts contain control or invisible characters; the tokenizer reads "
@@ -331,6 +367,10 @@ def load_text_splits(dataset: str, *, text_column: str | None = None,
               for name in splits_used}
     if unused := [name for name in raw if name not in splits_used]:
         notes.append(f"splits not used: {', '.join(unused)} (read are train, {' or '.join(VALIDATION_NAMES)}, and test)")
+    if unread := _unread_files(dataset):
+        notes.append(f"files in {dataset} that are in no split, so not read: {', '.join(unread[:10])}"
+                     f"{' ...' if len(unread) > 10 else ''} (`datasets` names splits by file name: train*, test*, "
+                     "validation*/dev*/valid*; rename a file to use it)")
     train = tables["train"]
     validation = tables.get(val_name) if val_name else None
     validation_name = val_name
@@ -384,9 +424,9 @@ def splits_sha256(splits: TextSplits) -> dict[str, str]:
 
 def _as_texts(texts: Iterable[str]) -> list[str]:
     texts = list(texts)
-    bad = next((t for t in texts if not isinstance(t, str)), None)
-    if bad is not None:
-        raise DataError(f"texts must be strings, found {type(bad).__name__}: {bad!r:.60}")
+    for text in texts:
+        if not isinstance(text, str):  # None too (load_text_splits reads missing texts as "", with a note)
+            raise DataError(f"texts must be strings, found {type(text).__name__}: {text!r:.60}")
     return texts
 
 
@@ -400,7 +440,8 @@ def train_tokenizer(texts: Iterable[str], *, vocab_size: int = 20000, min_freq: 
 
     Args:
       texts: training texts.
-      vocab_size: vocabulary size, `[PAD]` and `[UNK]` included.
+      vocab_size: vocabulary size, `[PAD]` and `[UNK]` included; for WordPiece a floor, since it keeps every
+        character of the training texts and its ``##`` form whatever the size.
       min_freq: words (or, for WordPiece, merges) seen fewer times are not in the vocabulary.
       model: ``"word"``, one id per word and `[UNK]` for the rest; or ``"wordpiece"``, which keeps
         the frequent words whole and splits the others into pieces (``warm ##ly``), so a word never
@@ -621,7 +662,7 @@ def epoch_batch_rows(lengths_N: np.ndarray, *, batch_size: int, buckets: Sequenc
     bucket_N = np.searchsorted(buckets_K, lengths_N, side="left")
     if np.any(bucket_N == len(buckets_K)):
         raise DataError(f"a sequence of length {int(np.max(lengths_N))} exceeds the largest bucket "
-                        f"{int(buckets_K[-1])}; compute buckets from the lengths of every split")
+                        f"{int(buckets_K[-1])}; compute the buckets from these texts' lengths (bucket_lengths)")
     rng = np.random.default_rng([seed, epoch])
     order_N = rng.permutation(len(lengths_N)) if shuffle else np.arange(len(lengths_N))
     plan = []
@@ -641,6 +682,9 @@ def gather_batch(encoded: Encoded, labels_N: np.ndarray, rows_B: np.ndarray, len
     safe_B = np.where(real_B, rows_B, 0)
     starts_B = encoded.offsets[safe_B]
     lengths_B = np.where(real_B, encoded.offsets[safe_B + 1] - starts_B, 0).astype(np.int32)
+    if lengths_B.size and int(lengths_B.max()) > length:
+        raise DataError(f"a row of {int(lengths_B.max())} tokens does not fit the padded length {length}; pass a "
+                        "length at least that long (epoch_batch_rows picks the bucket that holds each row)")
     positions_BT = starts_B[:, None] + np.arange(length)
     inside_BT = np.arange(length) < lengths_B[:, None]
     tokens_BT = np.where(inside_BT, encoded.ids_flat[np.where(inside_BT, positions_BT, 0)], PAD_ID)

@@ -22,8 +22,9 @@
   sums, the gates, cell state and saved activations stay float32, and the results are
   rounded to bfloat16 on the way out. Elsewhere they are ``lax.scan`` loops.
 
-Gates are in the order ``i, f, g, o``, as everywhere in :mod:`lstm_jax.cells`. The
-recurrent-dropout mask is a constant: no gradient flows into it.
+Gates are in the order ``i, f, g, o``, as everywhere in :mod:`lstm_jax.cells`. A
+recurrent-dropout mask drawn from a key gets no gradient, as nothing differentiates it; a
+mask that is differentiated gets the plain scan's gradient.
 """
 
 import dataclasses

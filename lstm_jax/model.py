@@ -40,7 +40,7 @@ class ModelConfig:
     recurrent_dropout: float = dataclasses.field(default=0.0, metadata={"range": cli.RATE, "help": "Gal & Ghahramani dropout on h"})
     zoneout: float = dataclasses.field(default=0.0, metadata={"range": cli.RATE, "help": "zoneout rate on the carry"})
     weight_drop: float = dataclasses.field(default=0.0, metadata={"range": cli.RATE, "help": "DropConnect on recurrent kernels"})
-    output_dropout: float = dataclasses.field(default=0.3, metadata={"range": cli.RATE, "help": "dropout before the head"})
+    output_dropout: float = dataclasses.field(default=0.3, metadata={"range": cli.RATE, "help": "dropout on the pooled vector before the head, and again after the head's hidden layer (--head-hidden > 0)"})
     adversarial_epsilon: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "also train on embedded inputs pushed this far (L2 norm per text) up the loss gradient, Miyato et al. 2017 (0: off)"})
     vat_epsilon: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "also train on the divergence of the prediction from itself on embedded inputs pushed this far (L2 norm per text) where it changes most: virtual adversarial training, Miyato et al. 2017; the logged training loss includes it (0: off)"})
     label_smoothing: float = dataclasses.field(default=0.0, metadata={"range": cli.RATE, "help": "mix this much of a uniform distribution into the training targets"})
@@ -119,9 +119,10 @@ def language_model_loss(lm, y_BTH, tokens_BT, lengths_B, lm_words: int):
     The forward outputs predict each next word and, for a bidirectional ``y_BTH``, the backward
     outputs predict each previous word, with the heads ``lm["fwd"]`` and ``lm["bwd"]``: the
     auxiliary objective of Rei 2017, "Semi-supervised multitask learning for sequence labeling".
-    Each id below ``lm_words`` is its own class; the ids at or above it (the rarer words; ids are ordered
-    by frequency) share one class, that of [PAD], which is never a target itself (so no word below
-    ``lm_words`` shares the rare words' class).
+    Each id below ``lm_words`` is its own class; the ids at or above it share one class, that of [PAD],
+    which is never a target itself (so no id below ``lm_words`` shares their class). With the word-level
+    tokenizer, whose ids are ordered by frequency, those are the rarer words; WordPiece gives its first
+    ids to its alphabet and pinned ``##c`` continuation pieces, so there they are not ordered by frequency.
     """
     loss_sum, _, count = language_model_sums(lm, y_BTH, tokens_BT, lengths_B, lm_words)
     return loss_sum / jnp.maximum(count, 1.0)
@@ -189,6 +190,8 @@ def pool(y_BTH: jax.Array, lengths_B: jax.Array, pooling: str, attention=None, *
     concat pooling of Howard & Ruder 2018 (ULMFiT) without its last state. Rows of length 0 (batch
     padding) pool to zeros.
     """
+    if pooling not in POOLINGS:
+        raise ValueError(f"unknown pooling {pooling!r}; choose one of {', '.join(POOLINGS)}")
     _check_lengths(lengths_B, y_BTH.shape[0])
     lengths_B = jnp.minimum(lengths_B, y_BTH.shape[1])
     valid_BT = valid_mask(lengths_B, y_BTH.shape[1]).T

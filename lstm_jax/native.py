@@ -5,9 +5,9 @@ through ``lax.scan`` everywhere else. The kernel keeps each core's slice of the 
 in its cache for the whole sequence and fuses the gates into the step; ``benchmarks/NOTES.md``
 (section 8) has the measurements that motivate it.
 
-The shared library is compiled with the system's C++ compiler (``$CXX``, else ``c++``)
-for the CPU it runs on, once per source, compiler and CPU, into ``$LSTM_JAX_CACHE``
-(default ``~/.cache/lstm_jax``). Without a compiler, or with ``LSTM_JAX_NATIVE=0``, the
+The shared library is compiled with the system's C++ compiler (``$CXX``, else the first of
+``c++``, ``g++`` and ``clang++`` on the PATH) for the CPU it runs on, once per source, compiler
+and CPU, into ``$LSTM_JAX_CACHE`` (default ``~/.cache/lstm_jax``). Without a compiler, or with ``LSTM_JAX_NATIVE=0``, the
 ``lax.scan`` loops run instead, after one warning in the first case. ``LSTM_JAX_NUM_THREADS``
 caps the kernel's threads (a whole number >= 1; default, and for any other value after a
 warning: the cores this process may use; :func:`thread_count`); the results do not depend on it. The kernel reads it at every call, so set it before the process starts, or at

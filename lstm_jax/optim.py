@@ -32,7 +32,7 @@ class OptimConfig:
     clip_norm: float = dataclasses.field(default=5.0, metadata={"range": cli.AT_LEAST_0, "help": "clip gradients to this global norm (0: off)"})
     b1: float = dataclasses.field(default=0.9, metadata={"range": cli.RATE, "help": "Adam beta1"})
     b2: float = dataclasses.field(default=0.999, metadata={"range": cli.RATE, "help": "Adam beta2"})
-    ema_decay: float = dataclasses.field(default=0.999, metadata={"range": cli.RATE, "help": "evaluate an exponential moving average of the weights with this decay (0: off); its warm-up min(decay, (1 + t) / (10 + t)) caps the rate below 0.999 for the first 8,990 updates, so in shorter runs larger values change nothing (a note says so)"})
+    ema_decay: float = dataclasses.field(default=0.999, metadata={"range": cli.RATE, "help": "evaluate an exponential moving average of the weights with this decay (0: off); its warm-up min(decay, (1 + t) / (10 + t)), t the updates so far counting this one, caps the rate below 0.999 for the first 8,989 updates, so in shorter runs larger values change nothing (a note says so)"})
     sam_rho: float = dataclasses.field(default=0.0, metadata={"range": cli.AT_LEAST_0, "help": "sharpness-aware minimisation: take each gradient at the weights moved this far (L2) along the gradient, each ensemble member along its own (0: off; about twice the time per step)"})
 
     def __post_init__(self):

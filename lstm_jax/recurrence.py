@@ -127,6 +127,8 @@ def init_rnn(key, cell: Cell, input_size: int, hidden_size: int, *, num_layers=1
       A list with one entry per layer: the cell's params, or ``{"fwd": ..., "bwd": ...}``
       when ``bidirectional``. ``options`` go to ``cell.init`` (e.g. ``proj_size``).
     """
+    if num_layers < 1:
+        raise ValueError(f"a stack needs a layer: pass num_layers >= 1, got {num_layers}")
     layers = []
     for layer_key in jax.random.split(key, num_layers):
         k_fwd, k_bwd = jax.random.split(layer_key)
@@ -184,6 +186,8 @@ def rnn(
       ``(y, final_carries)``: ``y`` in the layout of ``x`` with padded steps zero, and
       one final carry (or ``(fwd, bwd)`` pair) per layer.
     """
+    if not layers:
+        raise ValueError("layers is empty: pass at least one layer, e.g. from init_rnn")
     if reverse and any(is_bidirectional(layer) for layer in layers):
         raise ValueError("reverse=True is for unidirectional layers; a bidirectional layer already runs both ways")
     _check_feature_axis(x, "x", "(T, ..., E) with time_major=True" if time_major else "(..., T, E)")

@@ -162,6 +162,8 @@ def mixup_partners(key, num_rows: int, alpha: float, *, real_B: jax.Array | None
     """
     if not 0.0 < alpha < math.inf:
         raise ValueError(f"mixup alpha must be > 0 and finite, got {alpha}")
+    if real_B is not None and jnp.shape(real_B) != (num_rows,):
+        raise ValueError(f"real_B must have shape ({num_rows},), one flag per row: pass one for each of the {num_rows} rows; got {jnp.shape(real_B)}")
     partner_key, share_key = jax.random.split(key)
     l_B = jax.random.beta(share_key, alpha, alpha, (num_rows,))
     if real_B is None:

@@ -198,7 +198,8 @@ def messy_run(tmp_path_factory):
 def test_accepted_oddities_are_counted_and_reported(messy_run):
     workdir, results, printed = messy_run
     expected_notes = [
-        "note: train: 1 missing texts read as empty strings",  # None
+        "note: train: 1 missing texts read as empty strings (a CSV reader also takes a text that is only NA, N/A, "
+        "null, None or nan as missing)",  # None
         "note: train: 3 texts contain control or invisible characters; the tokenizer reads controls as spaces and drops "
         "invisible ones inside words",
         "note: validation: removed 2 unlabelled rows (label -1)",

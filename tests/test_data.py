@@ -239,6 +239,33 @@ def test_class_name_labels_become_ids_in_name_order_in_every_split(tmp_path):
             assert splits.label_names[label] == by_text[text]
 
 
+def test_integer_labels_written_as_strings_are_integers(tmp_path):
+    """JSON files often hold "0" / "1": read as integers, "10" comes after "9" and "-1" is unlabelled."""
+    texts = [f"text {i}" for i in range(12)]
+    folder = write_split(tmp_path / "ints", "train", {"text": texts, "label": [str(i) for i in range(12)]})
+    write_split(folder, "validation", {"text": ["a", "b", "c"], "label": ["10", "-1", "2"]})
+    write_split(folder, "test", {"text": ["p", "q"], "label": ["-1", "-1"]})
+    splits = data.load_text_splits(str(folder))
+    assert splits.num_classes == 12 and splits.label_names == tuple(str(i) for i in range(12))
+    assert data.labels_of(splits.train).tolist() == list(range(12))
+    assert data.labels_of(splits.validation).tolist() == [10, 2] and splits.test is None
+    assert "validation: removed 1 unlabelled rows (label -1)" in splits.notes
+    assert "test: all 2 labels are -1 (unlabelled); split not used" in splits.notes
+    names = write_split(tmp_path / "names", "train", {"text": texts, "label": ["-1", "x1"] * 6})  # a name among them
+    assert data.load_text_splits(str(names), val_fraction=0.5).label_names == ("-1", "x1")
+
+
+def test_data_files_in_no_split_are_named_in_a_note(tmp_path):
+    folder = tiny_folder(tmp_path, train=TRAIN, test=TRAIN)
+    write_split(tmp_path / "extra", "holdout", {"text": ["a"], "label": [0]})
+    write_split(tmp_path, "holdout", {"text": ["a"], "label": [0]})
+    (tmp_path / "README.md").write_text("not data")
+    notes = data.load_text_splits(folder).notes
+    assert ("files in " + folder + " that are in no split, so not read: holdout.parquet, extra/holdout.parquet "
+            "(`datasets` names splits by file name: train*, test*, validation*/dev*/valid*; rename a file to use it)") in notes
+    assert not any("in no split" in note for note in data.load_text_splits(tiny_folder(tmp_path / "ok", train=TRAIN)).notes)
+
+
 def test_splits_other_than_train_validation_and_test_are_named_in_a_note(tmp_path, monkeypatch):
     table = {"text": TRAIN[0], "label": TRAIN[1]}
     raw = datasets.DatasetDict({name: datasets.Dataset.from_dict(table) for name in ("train", "test", "unsupervised")})
@@ -346,6 +373,11 @@ def test_tokenizer_vocab_cap_and_bad_input():
         data.train_tokenizer(texts, vocab_size=2)
     with pytest.raises(data.DataError, match="must be strings"):
         data.train_tokenizer(["ok", 3])
+    for bad in (None, b"bytes"):
+        with pytest.raises(data.DataError, match=f"texts must be strings, found {type(bad).__name__}"):
+            data.train_tokenizer(["ok", bad])
+        with pytest.raises(data.DataError, match=f"texts must be strings, found {type(bad).__name__}"):
+            data.encode(tok, ["ok", bad], max_len=4)
 
 
 def test_wordpiece_keeps_frequent_words_whole_and_reads_unseen_words_through_pieces(tmp_path):
@@ -497,6 +529,8 @@ def test_epoch_batches_batch_size_larger_than_dataset_and_bad_input():
         data.epoch_batches(encoded, np.ones(4), batch_size=4, buckets=buckets, seed=0, epoch=0)
     with pytest.raises(data.DataError, match="batch_size"):
         data.epoch_batches(encoded, np.ones(5), batch_size=0, buckets=buckets, seed=0, epoch=0)
+    with pytest.raises(data.DataError, match="a row of 17 tokens does not fit the padded length 16"):
+        data.gather_batch(encoded, np.ones(5), np.array([0, 2, -1]), 16)
 
 
 def test_sst2_end_to_end_epoch(sst2):

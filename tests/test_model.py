@@ -196,6 +196,14 @@ def test_lengths_beyond_the_padded_steps_pool_as_the_whole_row(bidirectional_out
         pool(y, jnp.asarray(LENGTHS)[:, None], pooling, params["attention"], bidirectional=True)
 
 
+def test_an_unknown_pooling_is_refused_naming_the_choices(bidirectional_outputs):
+    """It fell into the attention branch: attention pooling with the params given, a TypeError without them."""
+    _, params, _, y, _ = bidirectional_outputs
+    for attention in (params["attention"], None):
+        with pytest.raises(ValueError, match=r"unknown pooling 'avg'; choose one of last, mean, max, mean_max, attention$"):
+            pool(y, jnp.asarray(LENGTHS), "avg", attention, bidirectional=True)
+
+
 def test_last_pooling_agrees_with_the_final_carries_without_residual(bidirectional_outputs):
     _, _, _, y, carries = bidirectional_outputs
     from_carries = np.concatenate([c.h for c in carries[-1]], axis=-1)

@@ -398,6 +398,15 @@ def test_a_sequence_without_a_feature_axis_is_refused_with_the_fix(cell_name):
     assert rnn(cell, layers, jnp.ones((7, 1)), time_major=True)[0].shape == (7, H)
 
 
+def test_a_stack_without_layers_is_refused():
+    """``init_rnn(num_layers=0)`` returned ``[]``, and ``rnn`` then returned its input unchanged as the output."""
+    for num_layers in (0, -1):
+        with pytest.raises(ValueError, match=rf"a stack needs a layer: pass num_layers >= 1, got {num_layers}$"):
+            init_rnn(jax.random.key(0), LSTM, E, H, num_layers=num_layers)
+    with pytest.raises(ValueError, match=r"layers is empty: pass at least one layer, e.g. from init_rnn$"):
+        rnn(LSTM, [], jnp.ones((2, 5, E)))
+
+
 def test_lengths_that_do_not_fit_the_batch_are_refused_naming_the_layout():
     """A list is taken as an array; the wrong count, floats, or a time-major x without time_major=True get one line
     (they were a TypeError on the list, or XLA's broadcasting error); longer than T reads as T."""

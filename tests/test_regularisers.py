@@ -497,6 +497,14 @@ def test_mixup_partners_of_real_rows_are_real_and_uniform_among_them():
     assert np.abs(counts - expected).max() < 5 * np.sqrt(expected)
 
 
+def test_mixup_partners_refuses_real_rows_of_another_shape():
+    """Rows beyond ``real_B`` silently took row 0 as their partner."""
+    for shape, shown in (((3,), r"\(3,\)"), ((4, 1), r"\(4, 1\)")):
+        with pytest.raises(ValueError, match=r"real_B must have shape \(4,\), one flag per row: pass one for each of the "
+                                             rf"4 rows; got {shown}$"):
+            regularisers.mixup_partners(jax.random.key(0), 4, 1.0, real_B=jnp.ones(shape, bool))
+
+
 def test_mixup_alpha_must_be_positive():
     with pytest.raises(ValueError, match="alpha must be > 0"):
         regularisers.mixup_partners(jax.random.key(0), 4, 0.0)
