@@ -87,7 +87,7 @@ from lstm_jax.train import (
 class DataConfig:
     """Dataset, tokeniser and batching."""
 
-    dataset: str = dataclasses.field(default="sst2", metadata={"help": "a preset (" + ", ".join(data.PRESETS) + "), a Hub id, or a local folder"})
+    dataset: str = dataclasses.field(default="sst2", metadata={"resumable": True, "help": "a preset (" + ", ".join(data.PRESETS) + "), a Hub id, or a local folder (a resumed run may spell it another way, but its rows must be the same: checked by their SHA-256)"})
     dataset_config: str | None = dataclasses.field(default=None, metadata={"help": "configuration (subset) of a Hub dataset that has several, e.g. --dataset nyu-mll/glue --dataset-config sst2"})
     text_column: str | None = dataclasses.field(default=None, metadata={"help": "text column (detected when unset)"})
     label_column: str | None = dataclasses.field(default=None, metadata={"help": "label column (detected when unset)"})
@@ -225,9 +225,15 @@ def buckets_json(buckets: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
 def check_same_data(previous: dict, dataset: str, data_sha256: dict[str, str]) -> None:
     """Stops a resumed run whose splits differ from those its ``run.json`` (``previous``) recorded when it began
     (edited files, a newer revision of a Hub dataset): its next steps would read other rows than the uninterrupted
-    run's. A ``run.json`` that is missing, damaged or older than these digests has nothing to compare."""
-    saved = previous.get("data_sha256")
+    run's. The rows must match, not the name: ``--dataset`` may be spelt another way (a path from another folder, a
+    copy of the folder). A ``run.json`` older than these digests holds the ``--dataset`` it began with, which must
+    then match; a missing or damaged one has nothing to compare."""
+    saved, began_on = previous.get("data_sha256"), previous.get("dataset")
     if not isinstance(saved, dict):
+        if isinstance(began_on, str) and began_on != dataset:
+            raise data.DataError(f"this run began on --dataset {began_on}, before runs recorded their data's SHA-256, "
+                                 f"so nothing shows that {dataset} holds the same rows; pass --dataset {began_on}, "
+                                 "or --restart to start over")  # fmt: skip
         return
     changed = [f"{name} {(saved.get(name) or 'none')[:8]} -> {(data_sha256.get(name) or 'none')[:8]}"
                for name in sorted(set(saved) | set(data_sha256)) if saved.get(name) != data_sha256.get(name)]
@@ -235,6 +241,8 @@ def check_same_data(previous: dict, dataset: str, data_sha256: dict[str, str]) -
         raise data.DataError(f"the rows of --dataset {dataset} differ from those this run began on (SHA-256 of "
                              f"{'; '.join(changed)}), so it cannot resume as the same run; restore that data, or "
                              "pass --restart to train on this data from the start")
+    if isinstance(began_on, str) and began_on != dataset:
+        print(f"note: --dataset {dataset} holds the same rows as {began_on}, which this run last started on")
 
 
 @contextlib.contextmanager

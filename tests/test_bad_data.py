@@ -345,7 +345,7 @@ def test_unwritable_workdir_names_the_path(tmp_path):
 
 
 @pytest.mark.slow
-def test_resuming_on_changed_data_is_refused_naming_the_split(tmp_path):
+def test_resuming_on_changed_data_is_refused_naming_the_split(tmp_path, capsys):
     folder = good_folder(tmp_path / "data")
     workdir = tmp_path / "run"
     first = sentiment.train(run_args(folder, workdir, "--max-steps", "1"))
@@ -361,9 +361,15 @@ def test_resuming_on_changed_data_is_refused_naming_the_split(tmp_path):
     message = one_line_error(run_args(folder, workdir, "--max-steps", "2"))
     changed = message.split("(SHA-256 of ")[1].split(")")[0]
     assert changed.startswith("validation ") and "train" not in changed, message
-    good_folder(folder)  # the data the run began on
-    resumed = sentiment.train(run_args(folder, workdir, "--max-steps", "2"))
+    moved = Path(shutil.copytree(good_folder(folder), tmp_path / "moved"))  # the data the run began on, elsewhere
+    resumed = sentiment.train(run_args(moved, workdir, "--max-steps", "2"))
     assert resumed["resumed_from_step"] == 1 and resumed["data_sha256"] == first["data_sha256"]
+    assert f"note: --dataset {moved} holds the same rows as {folder}, which this run last started on" in capsys.readouterr().out
+    run_file = workdir / "run.json"  # as a run begun before the digests wrote it: the name must then match
+    run_file.write_text(json.dumps({k: v for k, v in json.loads(run_file.read_text()).items() if k != "data_sha256"}))
+    message = one_line_error(run_args(folder, workdir, "--max-steps", "3"))
+    assert f"this run began on --dataset {moved}, before runs recorded their data's SHA-256" in message
+    assert sentiment.train(run_args(moved, workdir, "--max-steps", "3"))["resumed_from_step"] == 2
 
 
 def test_split_digest_follows_every_row_in_order():
