@@ -163,6 +163,17 @@ def carried_figures(meta: dict | None) -> tuple[dict | None, float | None, int, 
     return meta.get("val"), seconds, tokens, dict(loop.get("window", EMPTY_WINDOW))
 
 
+def window_figures(window: dict) -> dict:
+    """The training loss and accuracy of a metrics window; None for a window of skipped (non-finite) steps only."""
+    rows = window["rows"]
+    return {"loss": window["loss"] / rows if rows else None, "accuracy": window["correct"] / rows if rows else None}
+
+
+def loop_figures(seconds: float | None, tokens: int, window: dict) -> dict:
+    """What a checkpoint's meta carries for :func:`carried_figures`."""
+    return {"train_seconds": seconds, "train_tokens": tokens, "window": dict(window)}
+
+
 def train_loop(
     state,
     train_step: Callable,
@@ -210,16 +221,21 @@ def train_loop(
     best = best_meta["val"][best_metric] if best_meta else -math.inf
     if best_meta is None and (best_step := checkpoints.best.latest_step()) is not None:
         print(f"warning: the best checkpoint (step {best_step}) cannot be read; the next scheduled evaluation replaces it")
-    val, seconds, tokens, window = carried_figures((checkpoints.latest_meta(step) or {}) if step else None)
+    # a run whose latest checkpoints were all damaged resumes from the best one, which carries the same figures
+    restored_meta = checkpoints.latest_meta(step) or (best_meta if best_meta and best_meta.get("step") == step else None)
+    val, seconds, tokens, window = carried_figures((restored_meta or {}) if step else None)
     if 0 < step == stop_step < total_steps:
         print(f"note: the run already stopped at step {step}, where --max-steps stops it: nothing to train (drop "
               "--max-steps, or raise it, to go on)")
+    elif 0 < stop_step < step < total_steps:
+        print(f"note: the run is already at step {step}, past --max-steps {stop_step}: nothing to train (drop "
+              f"--max-steps, or raise it above {step}, to go on)")
     elif 0 < total_steps <= step:
         print(f"note: the run already finished its {total_steps} steps: nothing to train (--restart trains it again)")
     seconds_known = seconds is not None
     seconds = seconds or 0.0
     compiled_shapes = set()  # the first step of each batch shape compiles; keep it out of tokens/s
-    bar = tqdm(total=stop_step, initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
+    bar = tqdm(total=max(stop_step, step), initial=step, disable=not config.progress, unit="step", dynamic_ncols=True)
     stopped_by_error = True
     signals = contextlib.ExitStack()
     asked = signals.enter_context(deferred_stop_signals())
@@ -261,16 +277,13 @@ def train_loop(
                 # metrics window running, so that the rerun's lines are those of a run never stopped
                 stop = {"stop": True} if step == stop_step < total_steps else {}
                 if step % config.log_every == 0 or step == stop_step:
-                    rows = max(window["rows"], 1.0)
-                    record = {"step": step, "epoch": epoch, "split": "train", "loss": window["loss"] / rows,
-                              "accuracy": window["correct"] / rows, "tokens_per_second": tokens / max(seconds, 1e-9)}  # fmt: skip
+                    record = {"step": step, "epoch": epoch, "split": "train", **window_figures(window),
+                              "tokens_per_second": tokens / seconds if seconds else None}  # fmt: skip
                     off_schedule = stop if step % config.log_every else {}
                     log.write({**record, **off_schedule})
-                    bar.set_postfix(
-                        loss=f"{record['loss']:.3f}",
-                        acc=f"{record['accuracy']:.3f}",
-                        tok_s=f"{record['tokens_per_second']:.0f}",
-                    )
+                    bar.set_postfix({shown: "-" if record[name] is None else f"{record[name]:.{digits}f}"
+                                     for shown, name, digits in (("loss", "loss", 3), ("acc", "accuracy", 3),
+                                                                 ("tok_s", "tokens_per_second", 0))})
                     if not off_schedule:
                         window = dict(EMPTY_WINDOW)
                 end_of_epoch = step % steps_per_epoch == 0
@@ -286,11 +299,11 @@ def train_loop(
                     # picks among the evaluations of the uninterrupted run
                     if scheduled_eval and val[best_metric] > best:
                         best = val[best_metric]
-                        checkpoints.save_best(step, state, {**meta, "step": step, "epoch": epoch, "val": val})
+                        checkpoints.save_best(step, state, {**meta, "step": step, "epoch": epoch, "val": val,
+                                                            "loop": loop_figures(seconds if seconds_known else None, tokens, window)})
                 asked_to_stop = asked[0]
                 if end_of_epoch or step == stop_step or step % config.save_every == 0 or asked_to_stop is not None:
-                    loop = {"train_seconds": seconds if seconds_known else None, "train_tokens": tokens,
-                            "window": dict(window)}  # fmt: skip
+                    loop = loop_figures(seconds if seconds_known else None, tokens, window)
                     checkpoints.save(step, state, {**meta, "step": step, "epoch": epoch, "val": val, "loop": loop})
                 if asked_to_stop is not None:
                     raise StopSignal(asked_to_stop, step)
@@ -307,8 +320,10 @@ def train_loop(
             print(f"note: while stopping, {wait_error}")  # the first error goes on; this one is said too
         finally:
             signals.close()
+    if asked[0] is not None:  # a signal while the last saves were awaited: they are on disk, and the process stops
+        raise StopSignal(asked[0], step)
     summary = {"train_seconds": seconds if seconds_known else None,
-               "tokens_per_second": tokens / seconds if seconds else None, "last_val": val,
+               "tokens_per_second": tokens / seconds if seconds and seconds_known else None, "last_val": val,
                "steps": step, "steps_per_epoch": steps_per_epoch, "total_steps": total_steps}  # fmt: skip
     return state, summary
 
@@ -324,7 +339,8 @@ def save_curves(records: list[dict], path: Path, title: str = "") -> None:
     for split, style in (("train", "-"), ("validation", "o-")):
         rows = [r for r in records if r["split"] == split]
         for ax, key in zip(axes, ("loss", "accuracy")):
-            ax.plot([r["step"] for r in rows], [r[key] for r in rows], style, label=split)
+            points = [(r["step"], r[key]) for r in rows if r[key] is not None]  # None: a window of skipped steps only
+            ax.plot([step for step, _ in points], [value for _, value in points], style, label=split)
             ax.set_xlabel("step")
             ax.set_ylabel(key)
             ax.grid(alpha=0.3)

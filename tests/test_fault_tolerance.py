@@ -40,7 +40,7 @@ from experiments.allocator import OPT_OUT, untuned_environment
 from lstm_jax import data
 from lstm_jax.checkpoint import CheckpointError, RunCheckpoints
 from lstm_jax.faults import KILL_AT_ENV
-from lstm_jax.loop import LoopConfig, MetricsLog, train_loop
+from lstm_jax.loop import LoopConfig, MetricsLog, StopSignal, save_curves, train_loop
 from lstm_jax.optim import OptimConfig, make_optimizer
 from lstm_jax.train import init_train_state, make_train_step, params_sha256
 
@@ -402,6 +402,9 @@ def test_with_every_latest_checkpoint_damaged_the_run_resumes_from_the_best_one(
     state, summary = toy_run(tmp_path / "damaged")
     assert f"resuming from the best one, step {best_before}" in capsys.readouterr().out
     assert summary["steps"] == 12 and params_sha256(state) == params_sha256(reference_state)
+    # the best checkpoint carries the loop's figures too: the same lines, and the training time is still known
+    assert metrics_without_timing(tmp_path / "damaged") == metrics_without_timing(tmp_path / "reference")
+    assert summary["train_seconds"] is not None and summary["tokens_per_second"] is not None
     assert sorted(p.name for p in (tmp_path / "damaged" / "checkpoints").glob("*.damaged-1")) == ["3.damaged-1", "6.damaged-1",
                                                                                                   "9.damaged-1"]
 
@@ -509,3 +512,57 @@ def test_a_cut_short_last_metrics_line_is_dropped_with_a_note_and_a_damaged_earl
     with pytest.raises(SystemExit, match=expected) as error:
         MetricsLog(path, resume_step=12)
     assert "\n" not in str(error.value.code)
+
+
+def test_a_window_of_skipped_steps_only_logs_no_loss_and_an_untimed_line_no_rate(tmp_path):
+    """Step 4's batch is NaN and skipped: its own line (log_every 1) has no loss or accuracy, not a perfect 0.0; the
+    first line, after the compiling step alone, has no tokens/s, not 0; the curves leave both out."""
+    step = make_train_step(toy_loss, TOY_OPTIMIZER, ema_decay=0.9)
+
+    def epoch_with_a_nan(epoch):
+        batches = toy_epoch(epoch)
+        if epoch == 0:
+            batches[3] = batches[3]._replace(x_BD=np.full_like(batches[3].x_BD, np.nan))
+        return batches
+
+    checkpoints = RunCheckpoints(tmp_path, keep=10)
+    try:
+        log = MetricsLog(tmp_path / "metrics.jsonl", 0)
+        state, _ = train_loop(toy_state(), step, epoch_with_a_nan, toy_evaluate, checkpoints, log,
+                              dataclasses.replace(TOY_LOOP, log_every=1, skip_nonfinite=1), meta={},
+                              tokens_in=lambda batch: int(batch.weights_B.sum()))  # fmt: skip
+    finally:
+        checkpoints.close()
+    lines = {r["step"]: r for r in log.read() if r["split"] == "train"}
+    assert int(state.nonfinite_steps) == 1 and lines[4]["loss"] is None and lines[4]["accuracy"] is None
+    assert all(lines[s]["loss"] > 0 for s in (3, 5)) 
+    assert lines[1]["tokens_per_second"] is None and lines[2]["tokens_per_second"] > 0
+    save_curves(log.read(), tmp_path / "curves.png")
+    assert (tmp_path / "curves.png").stat().st_size > 0
+
+
+def test_a_signal_while_the_last_saves_are_awaited_stops_after_them(tmp_path, monkeypatch):
+    """SIGTERM during the final wait (the loop is done, its saves are in flight) used to be acknowledged and dropped:
+    language-model pre-training would go on into the classifier. It stops the process once the saves are done."""
+    real_wait, sent = RunCheckpoints.wait, []
+
+    def wait_signalled_once(self):
+        if not sent:
+            sent.append(True)
+            os.kill(os.getpid(), signal.SIGTERM)
+        real_wait(self)
+
+    monkeypatch.setattr(RunCheckpoints, "wait", wait_signalled_once)
+    with pytest.raises(StopSignal) as stop:
+        toy_run(tmp_path)
+    assert stop.value.signum == signal.SIGTERM and stop.value.step == 12
+    assert finished_steps(tmp_path / "checkpoints")[-1] == 12
+
+
+def test_a_rerun_with_max_steps_below_the_runs_step_says_there_is_nothing_to_train(tmp_path, capsys):
+    toy_run(tmp_path, loop=dataclasses.replace(TOY_LOOP, max_steps=7))
+    capsys.readouterr()
+    _, summary = toy_run(tmp_path, loop=dataclasses.replace(TOY_LOOP, max_steps=5))
+    assert summary["steps"] == 7
+    assert ("note: the run is already at step 7, past --max-steps 5: nothing to train (drop --max-steps, or raise it "
+            "above 7, to go on)") in capsys.readouterr().out
