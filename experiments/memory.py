@@ -83,7 +83,7 @@ class TaskConfig:
         default=2000, metadata={"range": cli.AT_LEAST_1, "help": "training steps (the learning-rate schedule spans them)"}
     )
     test_size: int = dataclasses.field(default=1000, metadata={"range": cli.AT_LEAST_1, "help": "sequences in the fixed test set"})
-    seed: int = dataclasses.field(default=0, metadata={"range": cli.AT_LEAST_0, "help": "seed for init, training data and test set"})
+    seed: int = dataclasses.field(default=0, metadata={"range": cli.SEED, "help": "seed for init, training data and test set"})
 
     def __post_init__(self):
         cli.check_ranges(self)
@@ -385,9 +385,12 @@ def write_results_page(results_dir: Path) -> Path:
 
 
 def run_sweep(configs: dict, sweep: SweepConfig, argv: list[str]) -> Path:
-    runs = sweep_runs(configs, sweep)
     results_dir = Path(sweep.results_dir)
-    results_dir.mkdir(parents=True, exist_ok=True)
+    try:  # before training, which a results folder that cannot be written would waste
+        results_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise SystemExit(f"error: cannot create --results-dir {results_dir}: {error.strerror}; pass a writable one") from None
+    runs = sweep_runs(configs, sweep)
     task = configs["TaskConfig"].task
     figure = f"memory_{task}.png"
     plot_sweep(runs, results_dir / figure)
@@ -423,6 +426,8 @@ def main(argv: list[str] | None = None) -> None:
         note, status = interrupted(stop, argv)
         print(note, file=sys.stderr)
         raise SystemExit(status) from None
+    except OSError as error:  # e.g. a full disk or a read-only folder, met outside the checks above
+        raise SystemExit(f"error: {error.strerror or error}: {error.filename}; free disk space or fix permissions there") from None
 
 
 if __name__ == "__main__":

@@ -111,7 +111,7 @@ class RunConfig:
     """Where the run lives and how it starts."""
 
     workdir: str = dataclasses.field(default="runs/sentiment", metadata={"resumable": True, "help": "run directory: checkpoints, logs, results; reruns resume from it"})
-    seed: int = dataclasses.field(default=0, metadata={"range": cli.AT_LEAST_0, "help": "seed for init, dropout and data order, and for the rows carved as validation where the data has no validation split"})
+    seed: int = dataclasses.field(default=0, metadata={"range": cli.SEED, "help": "seed for init, dropout and data order, and for the rows carved as validation where the data has no validation split"})
     restart: bool = dataclasses.field(default=False, metadata={"resumable": True, "help": "start fresh even if the workdir has a run (the old files move to <workdir>/previous-<time>)"})
 
     def __post_init__(self):
@@ -144,6 +144,15 @@ def preset_name(dataset: str) -> str | None:
     return folder.resolve().name if folder.is_dir() and folder.resolve().name in data.PRESETS else None
 
 
+def run_preset(dataset: str, workdir: Path, *, restart: bool) -> str | None:
+    """The preset a run applies: the one it began with, as its ``run.json`` records it (so that a resumed run may spell
+    ``--dataset`` another way), else that of ``dataset``'s name."""
+    began = {} if restart else previous_run_file(workdir / "run.json")
+    if "preset" in began and (began["preset"] is None or began["preset"] in DATASET_PRESETS):
+        return began["preset"]
+    return preset_name(dataset)
+
+
 def presets_epilog() -> str:
     lines = [f"  {name}: {' '.join(cli.flag_text(field, value) for field, value in preset.items())}"
              for name, preset in DATASET_PRESETS.items()]  # fmt: skip
@@ -160,7 +169,10 @@ def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
         cli.add_flags(parser, cls, presets=DATASET_PRESETS)
     args = parser.parse_args(argv)
     explicit = cli.explicit_flags(parser, argv)
-    preset = preset_name(args.dataset)
+    preset = run_preset(args.dataset, Path(args.workdir), restart=args.restart)
+    if preset != preset_name(args.dataset):
+        print(f"note: this run began with preset {preset or 'none'}, which it keeps (--dataset {args.dataset} alone "
+              f"would give {preset_name(args.dataset) or 'none'})")
     applied = {name: value for name, value in DATASET_PRESETS.get(preset, {}).items() if name not in explicit}
     for name, value in applied.items():
         setattr(args, name, value)
@@ -310,7 +322,8 @@ def train_configs(configs: dict, mesh) -> dict:
     if not (workdir / "tokenizer.json").exists():
         data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
     meta = {"dataset": data_cfg.dataset, "num_classes": splits.num_classes, "label_names": list(splits.label_names),
-            "vocab_size": vocab_size, "buckets": buckets_json(buckets), "data_sha256": data_sha256}  # fmt: skip
+            "vocab_size": vocab_size, "buckets": buckets_json(buckets), "data_sha256": data_sha256,
+            "preset": run_preset(data_cfg.dataset, workdir, restart=False)}  # fmt: skip
     atomic_write_text(workdir / "run.json", json.dumps(meta, indent=2))
     if mesh_cfg.shard_embedding and (note := parallel.unsplit_embedding_note(vocab_size, mesh)):
         print(note)
@@ -497,8 +510,8 @@ def text_notes(tokenizer, texts: list[str], max_len: int) -> list[str]:
 def predict(argv: list[str]) -> list[tuple[str, float]]:
     parser = cli.Parser(prog="python -m experiments.sentiment predict", description="Classify texts with a run's best checkpoint.")
     parser.add_argument("--workdir", required=True, help="a run directory written by training")
-    parser.add_argument("texts", nargs="+", help="texts to classify")
-    args = parser.parse_args(argv)
+    parser.add_argument("texts", nargs="+", help="texts to classify (texts starting with '-' go after --: predict --workdir W -- '-text')")
+    args = parser.parse_args_with_texts(argv)
     model_cfg, data_cfg, meta, tokenizer, params = load_run(Path(args.workdir))
     encoded = data.encode(tokenizer, args.texts, max_len=data_cfg.max_len)
     if notes := text_notes(tokenizer, args.texts, data_cfg.max_len):
@@ -524,8 +537,10 @@ def explain(argv: list[str]):
     parser.add_argument("--layer", type=int, default=0, help="recurrent layer to trace (default: 0)")
     parser.add_argument("--direction", choices=("fwd", "bwd"), default="fwd", help="direction of a bidirectional layer (default: fwd)")
     parser.add_argument("--member", type=int, default=0, help="which model of an ensemble (--ensemble) to trace (default: 0)")
-    parser.add_argument("text", help="the text to explain")
-    args = parser.parse_args(argv)
+    parser.add_argument("text", help="the text to explain (one starting with '-' goes after --: explain --workdir W -- '-text')")
+    args = parser.parse_args_with_texts(argv)
+    if args.out and not Path(args.out).parent.is_dir():
+        parser.error(f"--out {args.out}: the folder {Path(args.out).parent} does not exist; create it or name another")
     if args.out and (suffix := Path(args.out).suffix.lstrip(".").lower()) not in (formats := gates.figure_formats()):
         parser.error(f"--out {args.out}: matplotlib writes no {suffix or 'extension-less'} file; end the name with one "
                      f"of .{', .'.join(sorted(formats))}")  # fmt: skip

@@ -28,12 +28,18 @@ class Range(typing.NamedTuple):
         return above and below
 
     def __str__(self) -> str:
+        low, high = _bound_text(self.low), _bound_text(self.high)
         if self.high == math.inf:
-            return f"{'>' if self.low_open else '>='} {self.low:g}"
-        return f"in {'(' if self.low_open else '['}{self.low:g}, {self.high:g}{')' if self.high_open else ']'}"
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _bound_text(bound: float) -> str:
+    return str(int(bound)) if math.isfinite(bound) and bound == int(bound) else f"{bound:g}"
 
 
 AT_LEAST_0, AT_LEAST_1, POSITIVE = Range(0), Range(1), Range(0, low_open=True)
+SEED = Range(0, 2**63)  # what jax.random.key takes
 RATE = Range(0, 1)  # a probability of dropping, or a decay: 1 would drop everything or never move
 FRACTION = Range(0, 1, high_open=False)
 
@@ -41,9 +47,13 @@ FRACTION = Range(0, 1, high_open=False)
 def range_errors(values: Mapping, *config_classes) -> list[str]:
     """One message per field of ``config_classes`` whose value in ``values`` (field name -> value) is outside its
     ``metadata["range"]``, e.g. ``--input-dropout must be in [0, 1), got 1.5``."""
-    return [f"{flag_name(field.name)} must be {field.metadata['range']}, got {values[field.name]}"
+    return [f"{flag_name(field.name)} must be {_finite(values[field.name])}{field.metadata['range']}, got {values[field.name]}"
             for cls in config_classes for field in dataclasses.fields(cls)
             if "range" in field.metadata and values[field.name] not in field.metadata["range"]]  # fmt: skip
+
+
+def _finite(value) -> str:
+    return "a finite number " if isinstance(value, float) and not math.isfinite(value) else ""
 
 
 def check_ranges(config) -> None:
@@ -66,6 +76,30 @@ class Parser(argparse.ArgumentParser):
 
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
+
+    def add_argument(self, *args, **kwargs):
+        action = super().add_argument(*args, **kwargs)
+        self.__dict__.setdefault("option_names", []).extend(action.option_strings)
+        return action
+
+    def parse_args_with_texts(self, argv: list[str]) -> argparse.Namespace:
+        """``parse_args`` for a command whose positionals are free texts: one that argparse would take for an unknown
+        option (``-bad``) is an error saying to put it after ``--`` (argparse said that the texts were missing)."""
+        for item in argv[: argv.index("--")] if "--" in argv else argv:
+            name = item.split("=", 1)[0]
+            if (item.startswith("-") and len(item) > 1 and not any(c.isspace() for c in item) and not _is_number(item)
+                    and not any(option.startswith(name) for option in getattr(self, "option_names", []))):  # fmt: skip
+                self.error(f"{item!r} is no option of this command; a text starting with '-' goes after --, as in "
+                           f"{self.prog} ... -- {item!r}")
+        return self.parse_args(argv)
+
+
+def _is_number(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
 
 
 def _flag_type(field: dataclasses.Field):

@@ -41,7 +41,7 @@ class MeshConfig:
 
     mesh: str = dataclasses.field(
         default="",
-        metadata={"resumable": True, "help": "device mesh, e.g. data=4 or data=2,model=2 (default: every device on the data axis)"},
+        metadata={"resumable": True, "help": "device mesh, e.g. data=4 or data=2,model=2; empty: every device on the data axis"},
     )
     shard_embedding: bool = dataclasses.field(
         default=False, metadata={"resumable": True, "help": "split the embedding table's vocabulary rows over the model axis"}

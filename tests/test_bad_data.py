@@ -134,7 +134,7 @@ def test_zero_for_a_size_flag_is_a_usage_error_naming_the_flag(flag, tmp_path, c
 
 @pytest.mark.parametrize(
     "flag, value, expected",
-    [("--seed", "-1", "--seed must be >= 0, got -1"), ("--min-freq", "-1", "--min-freq must be >= 0, got -1"),
+    [("--seed", "-1", f"--seed must be in [0, {2**63}), got -1"), ("--min-freq", "-1", "--min-freq must be >= 0, got -1"),
      ("--val-fraction", "0", "--val-fraction must be in (0, 1), got 0.0"),
      ("--val-fraction", "1", "--val-fraction must be in (0, 1), got 1.0"),
      ("--val-fraction", "-0.5", "--val-fraction must be in (0, 1), got -0.5"),
@@ -148,7 +148,9 @@ def test_zero_for_a_size_flag_is_a_usage_error_naming_the_flag(flag, tmp_path, c
      ("--ema-decay", "-1", "--ema-decay must be in [0, 1), got -1.0"),
      ("--final-lr-factor", "1.5", "--final-lr-factor must be in [0, 1], got 1.5"),
      ("--clip-norm", "-1", "--clip-norm must be >= 0, got -1.0"),
-     ("--warmup-steps", "-1", "--warmup-steps must be >= 0, got -1")],
+     ("--warmup-steps", "-1", "--warmup-steps must be >= 0, got -1"),
+     ("--seed", str(2**63), f"--seed must be in [0, {2**63}), got {2**63}"),  # jax.random.key overflowed, after loading
+     ("--adversarial-epsilon", "inf", "--adversarial-epsilon must be a finite number >= 0, got inf")],
 )  # fmt: skip
 def test_out_of_range_flag_is_a_usage_error_before_the_workdir_is_touched(flag, value, expected, tmp_path, capsys):
     workdir = tmp_path / "run"
@@ -408,3 +410,36 @@ def test_a_run_begun_with_shared_buckets_resumes_with_them(tmp_path, capsys):
     resumed = sentiment.train(run_args(folder, workdir, "--max-steps", "2", "--num-buckets", "3"))
     assert resumed["resumed_from_step"] == 1 and resumed["buckets"]["train"] == [4, 5, 7]
     assert "its training keeps the buckets (4, 5, 7) it began with" in capsys.readouterr().out
+
+
+@pytest.mark.slow
+def test_a_resumed_run_keeps_its_preset_when_dataset_is_spelt_another_way(tmp_path, capsys):
+    """Begun on a folder named sst2 (its preset: adversarial training), resumed from a copy of another name: the
+    preset comes from the run, not the new name (which gave another config, refused)."""
+    folder = good_folder(tmp_path / "sst2")
+    copy = Path(shutil.copytree(folder, tmp_path / "copy"))
+    workdir = tmp_path / "run"
+    sentiment.train(run_args(folder, workdir, "--max-steps", "1"))
+    assert json.loads((workdir / "run.json").read_text())["preset"] == "sst2"
+    resumed = sentiment.train(run_args(copy, workdir, "--max-steps", "2"))
+    assert resumed["resumed_from_step"] == 1 and resumed["config"]["ModelConfig"]["adversarial_epsilon"] == 0.1
+    printed = capsys.readouterr().out
+    assert "note: this run began with preset sst2, which it keeps (--dataset " + str(copy) + " alone would give none)" in printed
+    assert "note: preset 'sst2' applied: --adversarial-epsilon 0.1" in printed
+    fresh = sentiment.parse_train_args(run_args(copy, tmp_path / "fresh"))[0]  # a new run on the copy: no preset
+    assert fresh["ModelConfig"].adversarial_epsilon == 0.0
+
+
+@pytest.mark.slow
+def test_predict_and_explain_name_the_fix_for_a_dashed_text_and_a_missing_out_folder(messy_run, tmp_path, capsys):
+    workdir = messy_run[0]
+    for command in (["predict", "--workdir", workdir, "-bad"], ["explain", "--workdir", workdir, "-bad"]):
+        with pytest.raises(SystemExit) as info:
+            sentiment.main([str(a) for a in command])
+        assert info.value.code == 2
+        assert "'-bad' is no option of this command; a text starting with '-' goes after --" in capsys.readouterr().err
+    assert sentiment.predict(["--workdir", str(workdir), "--", "-bad"])[0][0] in ("0", "1")
+    with pytest.raises(SystemExit) as info:
+        sentiment.main(["explain", "--workdir", str(workdir), "--out", str(tmp_path / "nowhere" / "e.png"), "good"])
+    assert info.value.code == 2
+    assert f"--out {tmp_path / 'nowhere' / 'e.png'}: the folder {tmp_path / 'nowhere'} does not exist" in capsys.readouterr().err

@@ -145,6 +145,15 @@ def test_lengths_a_task_cannot_take_are_refused_in_one_line_before_the_workdir_e
     assert not (tmp_path / "run").exists()
 
 
+def test_a_results_dir_that_cannot_be_made_is_refused_before_the_sweep_trains(tmp_path):
+    (tmp_path / "a_file").write_text("not a folder")
+    with pytest.raises(SystemExit) as info:
+        memory.main(["--sweep", "--sweep-cells", "rnn", "--sweep-lengths", "4", "--steps", "2", "--test-size", "4",
+                     "--no-progress", "--workdir", str(tmp_path / "runs"), "--results-dir", str(tmp_path / "a_file" / "res")])
+    assert str(info.value.code).startswith(f"error: cannot create --results-dir {tmp_path / 'a_file' / 'res'}: ")
+    assert not (tmp_path / "runs").exists()  # nothing trained
+
+
 def test_sweep_figure_leaves_out_runs_stopped_before_their_first_evaluation(tmp_path):
     """``--max-steps`` below ``--eval-every`` leaves a run without scheduled evaluations; the figure still draws."""
     run = {"task": "adding", "T": 4, "baseline_loss": 1 / 6, "solved_below": 0.01}
