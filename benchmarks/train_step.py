@@ -524,7 +524,7 @@ def sst2_epoch(path: str, scan_loops: bool = False, flags: tuple[str, ...] = ())
         )
         splits, tokenizer, encoded, buckets = sentiment.load_data(data_config, Path(workdir), seed=0)
     tokens, labels = encoded["train"]
-    batches = lj_data.epoch_batches(tokens, labels, batch_size=data_config.batch_size, buckets=buckets, seed=0, epoch=0)
+    batches = lj_data.epoch_batches(tokens, labels, batch_size=data_config.batch_size, buckets=buckets["train"], seed=0, epoch=0)
     optimizer = make_optimizer(optim_config, loop_config.epochs * len(batches), ensemble=model_config.ensemble)
     params = init_classifier(jax.random.key(0), model_config, tokenizer.get_vocab_size(), splits.num_classes)
 
