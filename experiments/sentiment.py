@@ -96,7 +96,7 @@ class DataConfig:
     vocab_size: int = dataclasses.field(default=20000, metadata={"range": cli.Range(3), "help": "vocabulary cap, [PAD] and [UNK] included"})
     min_freq: int = dataclasses.field(default=1, metadata={"range": cli.AT_LEAST_0, "help": "words (wordpiece: merges) rarer than this in train are left out of the vocabulary"})
     max_len: int = dataclasses.field(default=128, metadata={"range": cli.AT_LEAST_1, "help": "tokens kept per text (the rest is cut, and counted)"})
-    num_buckets: int = dataclasses.field(default=8, metadata={"range": cli.AT_LEAST_1, "help": "padded lengths per split (one XLA program each)"})
+    num_buckets: int = dataclasses.field(default=8, metadata={"range": cli.AT_LEAST_1, "help": "padded lengths for training, chosen from the training texts, and as many for evaluation, chosen from the validation and test texts (one XLA program each)"})
     batch_size: int = dataclasses.field(default=64, metadata={"range": cli.AT_LEAST_1, "help": "training batch size"})
     eval_batch_size: int = dataclasses.field(default=256, metadata={"range": cli.AT_LEAST_1, "resumable": True, "help": "evaluation batch size"})
 
@@ -192,8 +192,9 @@ def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
 
 
 def load_data(cfg: DataConfig, workdir: Path, seed: int):
-    """Splits, tokenizer (the run's own, or trained on train but not yet saved), encodings, and each split's buckets
-    chosen from its own lengths (so that no validation or test text changes how training batches)."""
+    """Splits, tokenizer (the run's own, or trained on train but not yet saved), encodings, and buckets: ``train``'s
+    from the training texts' lengths alone (so that no validation or test text changes how training batches), and
+    ``evaluation``'s from the other splits' (which share those programs)."""
     splits = data.load_text_splits(cfg.dataset, text_column=cfg.text_column, label_column=cfg.label_column, val_fraction=cfg.val_fraction, seed=seed, config=cfg.dataset_config)
     for note in splits.notes:
         print(f"note: {note}")
@@ -215,8 +216,9 @@ def load_data(cfg: DataConfig, workdir: Path, seed: int):
         if unknown := data.unknown_tokens(enc):
             tokens = len(enc.ids_flat) - enc.num_empty
             print(f"note: {name}: {unknown} of {tokens} tokens ({100 * unknown / tokens:.1f} %) are words outside the vocabulary, read as [UNK]")
-    buckets = {name: data.bucket_lengths(enc.lengths_N, max_len=cfg.max_len, num_buckets=cfg.num_buckets)
-               for name, (enc, _) in encoded.items()}  # fmt: skip
+    evaluated = np.concatenate([enc.lengths_N for name, (enc, _) in encoded.items() if name != "train"])
+    buckets = {name: data.bucket_lengths(lengths, max_len=cfg.max_len, num_buckets=cfg.num_buckets)
+               for name, lengths in (("train", encoded["train"][0].lengths_N), ("evaluation", evaluated))}  # fmt: skip
     return splits, tokenizer, encoded, buckets
 
 
@@ -295,7 +297,7 @@ def train_configs(configs: dict, mesh) -> dict:
         check_same_data(previous, data_cfg.dataset, data_sha256)
         if isinstance(previous.get("buckets"), list):
             buckets["train"] = tuple(previous["buckets"])
-            print("note: this run began before each split was bucketed by its own lengths; its training keeps the "
+            print("note: this run began before training was bucketed by its own lengths; its training keeps the "
                   f"buckets {buckets['train']} it began with (from every split's lengths), so it resumes to the same bits")
     (train_enc, train_labels), (val_enc, _) = encoded["train"], encoded["validation"]
     vocab_size = tokenizer.get_vocab_size()
@@ -309,7 +311,7 @@ def train_configs(configs: dict, mesh) -> dict:
 
     def eval_batches(split):
         enc, labels = encoded[split]
-        return data.epoch_batches(enc, labels, batch_size=data_cfg.eval_batch_size, buckets=buckets[split], seed=0, epoch=0, shuffle=False)
+        return data.epoch_batches(enc, labels, batch_size=data_cfg.eval_batch_size, buckets=buckets["evaluation"], seed=0, epoch=0, shuffle=False)
 
     steps_per_epoch = len(epoch_batches(0))
     optimizer = make_optimizer(optim_cfg, loop_cfg.epochs * steps_per_epoch, ensemble=model_cfg.ensemble)

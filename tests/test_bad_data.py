@@ -387,7 +387,7 @@ def test_split_digest_follows_every_row_in_order():
 
 @pytest.mark.slow
 def test_test_texts_do_not_change_training(tmp_path):
-    """Each split is bucketed by its own lengths: a test split of other lengths trains the same bits. (Bucketed
+    """Training is bucketed by its own lengths: a test split of other lengths trains the same bits. (Bucketed
     together, the test's 4-word texts moved the training buckets from (3, 5) to (4, 5), and so the batches.)"""
     texts = [" ".join(t.split()[: 3 + i % 3]) + (" more" if i % 3 == 2 else "") for i, t in enumerate(GOOD_TEXTS)]
     train = {"train": {"text": texts, "label": GOOD_LABELS}, "validation": {"text": texts[:8], "label": GOOD_LABELS[:8]}}
@@ -396,7 +396,7 @@ def test_test_texts_do_not_change_training(tmp_path):
     plain = sentiment.train(run_args(good_folder(tmp_path / "a", **train), tmp_path / "run_a", *flags))
     with_test = sentiment.train(run_args(good_folder(tmp_path / "b", **train, test=short_test), tmp_path / "run_b", *flags))
     assert with_test["params_sha256"] == plain["params_sha256"]
-    assert with_test["buckets"]["train"] == plain["buckets"]["train"] == [3, 5] and with_test["buckets"]["test"] == [4]
+    assert with_test["buckets"]["train"] == plain["buckets"]["train"] == [3, 5] and with_test["buckets"]["evaluation"] == [4, 5]
 
 
 @pytest.mark.slow
