@@ -427,7 +427,8 @@ def main(argv: list[str] | None = None) -> None:
         print(note, file=sys.stderr)
         raise SystemExit(status) from None
     except OSError as error:  # e.g. a full disk or a read-only folder, met outside the checks above
-        raise SystemExit(f"error: {error.strerror or error}: {error.filename}; free disk space or fix permissions there") from None
+        where = f": {error.filename}" if error.filename else ""
+        raise SystemExit(f"error: {error.strerror or error}{where}; free disk space or fix permissions there") from None
 
 
 if __name__ == "__main__":

@@ -232,6 +232,15 @@ def previous_run_file(path: Path) -> dict:
     return saved if isinstance(saved, dict) else {}
 
 
+def recorded_training_buckets(previous: dict) -> tuple[int, ...] | None:
+    """The training buckets a run's ``run.json`` recorded: ``buckets["train"]``, or the one list of a run begun before
+    training had buckets of its own; None when it holds neither."""
+    recorded = previous.get("buckets")
+    recorded = recorded.get("train") if isinstance(recorded, dict) else recorded
+    valid = isinstance(recorded, list) and recorded and all(isinstance(b, int) and b > 0 for b in recorded)
+    return tuple(recorded) if valid and list(recorded) == sorted(set(recorded)) else None
+
+
 def buckets_json(buckets: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
     return {name: list(lengths) for name, lengths in buckets.items()}
 
@@ -294,11 +303,13 @@ def train_configs(configs: dict, mesh) -> dict:
     data_sha256 = data.splits_sha256(splits)
     if resuming:
         previous = previous_run_file(workdir / "run.json")
-        check_same_data(previous, data_cfg.dataset, data_sha256)
-        if isinstance(previous.get("buckets"), list):
-            buckets["train"] = tuple(previous["buckets"])
-            print("note: this run began before training was bucketed by its own lengths; its training keeps the "
-                  f"buckets {buckets['train']} it began with (from every split's lengths), so it resumes to the same bits")
+        # without a run.json (lost, damaged), the --dataset the run began with, which config.json keeps, must match
+        began_on = previous.get("dataset", json.loads((workdir / "config.json").read_text())["DataConfig"]["dataset"])
+        check_same_data({**previous, "dataset": began_on}, data_cfg.dataset, data_sha256)
+        if (began_with := recorded_training_buckets(previous)) and began_with != buckets["train"]:
+            print(f"note: this run keeps the training buckets {began_with} it began with (chosen from every split's "
+                  f"lengths, before {buckets['train']} from the training texts alone), so it resumes to the same bits")
+            buckets["train"] = began_with
     (train_enc, train_labels), (val_enc, _) = encoded["train"], encoded["validation"]
     vocab_size = tokenizer.get_vocab_size()
     print(f"data: {len(train_enc)} train / {len(val_enc)} validation / {len(encoded['test'][0]) if 'test' in encoded else 0} test, "
@@ -588,7 +599,8 @@ def main(argv: list[str] | None = None) -> None:
         print(note, file=sys.stderr)
         raise SystemExit(status) from None
     except OSError as error:  # e.g. a full disk or a read-only folder, met outside the checks above
-        raise SystemExit(f"error: {error.strerror or error}: {error.filename}; free disk space or fix permissions there, or pass another --workdir") from None
+        where = f": {error.filename}" if error.filename else ""
+        raise SystemExit(f"error: {error.strerror or error}{where}; free disk space or fix permissions there, or pass another --workdir") from None
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Booleans get ``--flag / --no-flag``. A numeric field's ``metadata["range"]`` (a 
 import argparse
 import dataclasses
 import math
+import re
 import types
 import typing
 from collections.abc import Mapping
@@ -87,19 +88,13 @@ class Parser(argparse.ArgumentParser):
         option (``-bad``) is an error saying to put it after ``--`` (argparse said that the texts were missing)."""
         for item in argv[: argv.index("--")] if "--" in argv else argv:
             name = item.split("=", 1)[0]
-            if (item.startswith("-") and len(item) > 1 and not any(c.isspace() for c in item) and not _is_number(item)
+            if (item.startswith("-") and len(item) > 1 and not any(c.isspace() for c in item)
+                    and not re.fullmatch(r"-\d+|-\d*\.\d+", item)  # argparse's own test for a negative number
                     and not any(option.startswith(name) for option in getattr(self, "option_names", []))):  # fmt: skip
                 self.error(f"{item!r} is no option of this command; a text starting with '-' goes after --, as in "
                            f"{self.prog} ... -- {item!r}")
         return self.parse_args(argv)
 
-
-def _is_number(text: str) -> bool:
-    try:
-        float(text)
-    except ValueError:
-        return False
-    return True
 
 
 def _flag_type(field: dataclasses.Field):

@@ -231,7 +231,7 @@ def _label_array(split: datasets.Dataset, column: str, split_name: str,
     if labels.null_count:  # before the type: pandas reads an integer column with blanks as floats
         raise DataError(f"split '{split_name}' has {labels.null_count} missing labels; "
                         "fill or remove them")
-    if _integer_strings(labels):  # "-1" is then unlabelled, and "10" comes after "9"
+    if class_names is None and _integer_strings(labels):  # "-1" is then unlabelled, and "10" comes after "9"
         labels = pc.cast(labels, pa.int64())
     if class_names is not None and _is_string(labels.type):
         ids = pc.index_in(labels, value_set=pa.array(class_names, labels.type))

@@ -372,6 +372,8 @@ def test_resuming_on_changed_data_is_refused_naming_the_split(tmp_path, capsys):
     message = one_line_error(run_args(folder, workdir, "--max-steps", "3"))
     assert f"this run began on --dataset {moved}, before runs recorded their data's SHA-256" in message
     assert sentiment.train(run_args(moved, workdir, "--max-steps", "3"))["resumed_from_step"] == 2
+    run_file.unlink()  # lost: config.json's --dataset, the name the run began with, must then match
+    assert f"this run began on --dataset {folder}, before runs recorded" in one_line_error(run_args(moved, workdir, "--max-steps", "4"))
 
 
 def test_split_digest_follows_every_row_in_order():
@@ -407,9 +409,10 @@ def test_a_run_begun_with_shared_buckets_resumes_with_them(tmp_path, capsys):
     old_style = {**json.loads(run_file.read_text()), "buckets": [4, 5, 7]}  # one list for every split, as before
     del old_style["data_sha256"]
     run_file.write_text(json.dumps(old_style))
-    resumed = sentiment.train(run_args(folder, workdir, "--max-steps", "2", "--num-buckets", "3"))
-    assert resumed["resumed_from_step"] == 1 and resumed["buckets"]["train"] == [4, 5, 7]
-    assert "its training keeps the buckets (4, 5, 7) it began with" in capsys.readouterr().out
+    for steps in (2, 3):  # on every resume, not only the first (run.json is rewritten in the new form)
+        resumed = sentiment.train(run_args(folder, workdir, "--max-steps", str(steps), "--num-buckets", "3"))
+        assert resumed["resumed_from_step"] == steps - 1 and resumed["buckets"]["train"] == [4, 5, 7]
+        assert "note: this run keeps the training buckets (4, 5, 7) it began with" in capsys.readouterr().out
 
 
 @pytest.mark.slow
@@ -433,11 +436,12 @@ def test_a_resumed_run_keeps_its_preset_when_dataset_is_spelt_another_way(tmp_pa
 @pytest.mark.slow
 def test_predict_and_explain_name_the_fix_for_a_dashed_text_and_a_missing_out_folder(messy_run, tmp_path, capsys):
     workdir = messy_run[0]
-    for command in (["predict", "--workdir", workdir, "-bad"], ["explain", "--workdir", workdir, "-bad"]):
+    for command in (["predict", "--workdir", workdir, "-bad"], ["explain", "--workdir", workdir, "-bad"],
+                    ["predict", "--workdir", workdir, "-1e5"]):  # float() reads it, argparse takes it for an option
         with pytest.raises(SystemExit) as info:
             sentiment.main([str(a) for a in command])
         assert info.value.code == 2
-        assert "'-bad' is no option of this command; a text starting with '-' goes after --" in capsys.readouterr().err
+        assert f"{command[-1]!r} is no option of this command; a text starting with '-' goes after --" in capsys.readouterr().err
     assert sentiment.predict(["--workdir", str(workdir), "--", "-bad"])[0][0] in ("0", "1")
     with pytest.raises(SystemExit) as info:
         sentiment.main(["explain", "--workdir", str(workdir), "--out", str(tmp_path / "nowhere" / "e.png"), "good"])

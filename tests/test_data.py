@@ -253,6 +253,10 @@ def test_integer_labels_written_as_strings_are_integers(tmp_path):
     assert "test: all 2 labels are -1 (unlabelled); split not used" in splits.notes
     names = write_split(tmp_path / "names", "train", {"text": texts, "label": ["-1", "x1"] * 6})  # a name among them
     assert data.load_text_splits(str(names), val_fraction=0.5).label_names == ("-1", "x1")
+    stars = write_split(tmp_path / "stars", "train", {"text": texts, "label": ["1", "2", "3", "unrated"] * 3})
+    write_split(stars, "validation", {"text": ["a", "b"], "label": ["1", "3"]})  # names of train's, though digits only
+    splits = data.load_text_splits(str(stars))
+    assert splits.label_names == ("1", "2", "3", "unrated") and data.labels_of(splits.validation).tolist() == [0, 2]
 
 
 def test_data_files_in_no_split_are_named_in_a_note(tmp_path):
