@@ -427,8 +427,7 @@ def main(argv: list[str] | None = None) -> None:
         print(note, file=sys.stderr)
         raise SystemExit(status) from None
     except OSError as error:  # e.g. a full disk or a read-only folder, met outside the checks above
-        where = f": {error.filename}" if error.filename else ""
-        raise SystemExit(f"error: {error.strerror or error}{where}; free disk space or fix permissions there") from None
+        raise SystemExit(cli.os_error_message(error, "free disk space or fix permissions there")) from None
 
 
 if __name__ == "__main__":

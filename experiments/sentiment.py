@@ -144,10 +144,9 @@ def preset_name(dataset: str) -> str | None:
     return folder.resolve().name if folder.is_dir() and folder.resolve().name in data.PRESETS else None
 
 
-def run_preset(dataset: str, workdir: Path, *, restart: bool) -> str | None:
-    """The preset a run applies: the one it began with, as its ``run.json`` records it (so that a resumed run may spell
-    ``--dataset`` another way), else that of ``dataset``'s name."""
-    began = {} if restart else previous_run_file(workdir / "run.json")
+def run_preset(dataset: str, began: dict) -> str | None:
+    """The preset a run applies: the one it began with, as its ``run.json`` (``began``) records it (so that a resumed
+    run may spell ``--dataset`` another way), else that of ``dataset``'s name."""
     if "preset" in began and (began["preset"] is None or began["preset"] in DATASET_PRESETS):
         return began["preset"]
     return preset_name(dataset)
@@ -169,10 +168,10 @@ def parse_train_args(argv: list[str]) -> tuple[dict, jax.sharding.Mesh]:
         cli.add_flags(parser, cls, presets=DATASET_PRESETS)
     args = parser.parse_args(argv)
     explicit = cli.explicit_flags(parser, argv)
-    preset = run_preset(args.dataset, Path(args.workdir), restart=args.restart)
-    if preset != preset_name(args.dataset):
+    preset = run_preset(args.dataset, {} if args.restart else previous_run_file(Path(args.workdir) / "run.json"))
+    if preset != (named := preset_name(args.dataset)):
         print(f"note: this run began with preset {preset or 'none'}, which it keeps (--dataset {args.dataset} alone "
-              f"would give {preset_name(args.dataset) or 'none'})")
+              f"would give {named or 'none'})")
     applied = {name: value for name, value in DATASET_PRESETS.get(preset, {}).items() if name not in explicit}
     for name, value in applied.items():
         setattr(args, name, value)
@@ -205,8 +204,7 @@ def load_data(cfg: DataConfig, workdir: Path, seed: int):
         raise data.DataError(f"{workdir} has checkpoints but no tokenizer.json; restore that file, or pass --restart to start over")
     else:
         tokenizer = data.train_tokenizer(data.texts_of(splits.train), vocab_size=cfg.vocab_size, min_freq=cfg.min_freq, model=cfg.tokenizer)
-    named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
-    encoded = {name: (data.encode(tokenizer, data.texts_of(split), max_len=cfg.max_len), data.labels_of(split)) for name, split in named.items() if split is not None}
+    encoded = {name: (data.encode(tokenizer, data.texts_of(split), max_len=cfg.max_len), data.labels_of(split)) for name, split in splits.used().items()}
     if tokenizer.get_vocab_size() > cfg.vocab_size:  # WordPiece keeps every character and its ## form
         print(f"note: the vocabulary has {tokenizer.get_vocab_size()} entries, above --vocab-size {cfg.vocab_size}: the "
               "tokenizer keeps every character of the training texts")
@@ -245,15 +243,14 @@ def buckets_json(buckets: dict[str, tuple[int, ...]]) -> dict[str, list[int]]:
     return {name: list(lengths) for name, lengths in buckets.items()}
 
 
-def check_same_data(previous: dict, dataset: str, data_sha256: dict[str, str]) -> None:
-    """Stops a resumed run whose splits differ from those its ``run.json`` (``previous``) recorded when it began
+def check_same_data(saved: dict | None, began_on: str, dataset: str, data_sha256: dict[str, str]) -> None:
+    """Stops a resumed run whose splits differ from the digests (``saved``) its ``run.json`` recorded when it began
     (edited files, a newer revision of a Hub dataset): its next steps would read other rows than the uninterrupted
     run's. The rows must match, not the name: ``--dataset`` may be spelt another way (a path from another folder, a
-    copy of the folder). A ``run.json`` older than these digests holds the ``--dataset`` it began with, which must
-    then match; a missing or damaged one has nothing to compare."""
-    saved, began_on = previous.get("data_sha256"), previous.get("dataset")
+    copy of the folder). Without digests (a ``run.json`` older than them, lost or damaged), the ``--dataset`` it
+    began on (``began_on``) must match."""
     if not isinstance(saved, dict):
-        if isinstance(began_on, str) and began_on != dataset:
+        if began_on != dataset:
             raise data.DataError(f"this run began on --dataset {began_on}, before runs recorded their data's SHA-256, "
                                  f"so nothing shows that {dataset} holds the same rows; pass --dataset {began_on}, "
                                  "or --restart to start over")  # fmt: skip
@@ -264,7 +261,7 @@ def check_same_data(previous: dict, dataset: str, data_sha256: dict[str, str]) -
         raise data.DataError(f"the rows of --dataset {dataset} differ from those this run began on (SHA-256 of "
                              f"{'; '.join(changed)}), so it cannot resume as the same run; restore that data, or "
                              "pass --restart to train on this data from the start")
-    if isinstance(began_on, str) and began_on != dataset:
+    if began_on != dataset:
         print(f"note: --dataset {dataset} holds the same rows as {began_on}, which this run last started on")
 
 
@@ -301,11 +298,12 @@ def train_configs(configs: dict, mesh) -> dict:
     resuming = prepare_workdir(workdir, configs, restart=run_cfg.restart)
     splits, tokenizer, encoded, buckets = load_data(data_cfg, workdir, run_cfg.seed)
     data_sha256 = data.splits_sha256(splits)
+    previous = previous_run_file(workdir / "run.json")  # {} for a fresh run (--restart moved the old one aside)
     if resuming:
-        previous = previous_run_file(workdir / "run.json")
-        # without a run.json (lost, damaged), the --dataset the run began with, which config.json keeps, must match
-        began_on = previous.get("dataset", json.loads((workdir / "config.json").read_text())["DataConfig"]["dataset"])
-        check_same_data({**previous, "dataset": began_on}, data_cfg.dataset, data_sha256)
+        began_on = previous.get("dataset")
+        if not isinstance(began_on, str):  # run.json lost or damaged: config.json keeps the name the run began with
+            began_on = json.loads((workdir / "config.json").read_text())["DataConfig"]["dataset"]
+        check_same_data(previous.get("data_sha256"), began_on, data_cfg.dataset, data_sha256)
         if (began_with := recorded_training_buckets(previous)) and began_with != buckets["train"]:
             print(f"note: this run keeps the training buckets {began_with} it began with (chosen from every split's "
                   f"lengths, before {buckets['train']} from the training texts alone), so it resumes to the same bits")
@@ -336,7 +334,7 @@ def train_configs(configs: dict, mesh) -> dict:
         data.save_tokenizer(tokenizer, workdir / "tokenizer.json")
     meta = {"dataset": data_cfg.dataset, "num_classes": splits.num_classes, "label_names": list(splits.label_names),
             "vocab_size": vocab_size, "buckets": buckets_json(buckets), "data_sha256": data_sha256,
-            "preset": run_preset(data_cfg.dataset, workdir, restart=False)}  # fmt: skip
+            "preset": run_preset(data_cfg.dataset, previous)}  # fmt: skip
     atomic_write_text(workdir / "run.json", json.dumps(meta, indent=2))
     if mesh_cfg.shard_embedding and (note := parallel.unsplit_embedding_note(vocab_size, mesh)):
         print(note)
@@ -599,8 +597,7 @@ def main(argv: list[str] | None = None) -> None:
         print(note, file=sys.stderr)
         raise SystemExit(status) from None
     except OSError as error:  # e.g. a full disk or a read-only folder, met outside the checks above
-        where = f": {error.filename}" if error.filename else ""
-        raise SystemExit(f"error: {error.strerror or error}{where}; free disk space or fix permissions there, or pass another --workdir") from None
+        raise SystemExit(cli.os_error_message(error, "free disk space or fix permissions there, or pass another --workdir")) from None
 
 
 if __name__ == "__main__":

@@ -75,12 +75,16 @@ class Parser(argparse.ArgumentParser):
     """An ``ArgumentParser`` whose errors are one line that points at ``--help``, not the whole usage block first
     (with some forty flags, that block buried the message)."""
 
+    def __init__(self, *args, **kwargs):
+        self.option_names: list[str] = []  # before argparse's own __init__, which adds --help
+        super().__init__(*args, **kwargs)
+
     def error(self, message):
         self.exit(2, f"{self.prog}: error: {message} ({self.prog} --help lists every option)\n")
 
     def add_argument(self, *args, **kwargs):
         action = super().add_argument(*args, **kwargs)
-        self.__dict__.setdefault("option_names", []).extend(action.option_strings)
+        self.option_names.extend(action.option_strings)
         return action
 
     def parse_args_with_texts(self, argv: list[str]) -> argparse.Namespace:
@@ -90,11 +94,17 @@ class Parser(argparse.ArgumentParser):
             name = item.split("=", 1)[0]
             if (item.startswith("-") and len(item) > 1 and not any(c.isspace() for c in item)
                     and not re.fullmatch(r"-\d+|-\d*\.\d+", item)  # argparse's own test for a negative number
-                    and not any(option.startswith(name) for option in getattr(self, "option_names", []))):  # fmt: skip
+                    and not any(option.startswith(name) for option in self.option_names)):  # fmt: skip
                 self.error(f"{item!r} is no option of this command; a text starting with '-' goes after --, as in "
                            f"{self.prog} ... -- {item!r}")
         return self.parse_args(argv)
 
+
+def os_error_message(error: OSError, fix: str) -> str:
+    """The one ``error:`` line for an ``OSError`` met outside a command's own checks (a full disk, a read-only
+    folder), naming its file where it has one, then ``fix``."""
+    where = f": {error.filename}" if error.filename else ""
+    return f"error: {error.strerror or error}{where}; {fix}"
 
 
 def _flag_type(field: dataclasses.Field):

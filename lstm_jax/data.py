@@ -64,6 +64,11 @@ class TextSplits:
     label_names: tuple[str, ...]
     notes: tuple[str, ...]
 
+    def used(self) -> dict[str, datasets.Dataset]:
+        """``{name: split}`` for the splits a run reads: train, validation, and test where there is one."""
+        named = {"train": self.train, "validation": self.validation, "test": self.test}
+        return {name: split for name, split in named.items() if split is not None}
+
 
 # --------------------------------------------------------------------------- loading
 
@@ -414,9 +419,8 @@ def split_sha256(split: datasets.Dataset) -> str:
 
 
 def splits_sha256(splits: TextSplits) -> dict[str, str]:
-    """``{split name: split_sha256}`` for the splits a run reads (train, validation and test where there is one)."""
-    named = {"train": splits.train, "validation": splits.validation, "test": splits.test}
-    return {name: split_sha256(split) for name, split in named.items() if split is not None}
+    """``{split name: split_sha256}`` for the splits a run reads (:meth:`TextSplits.used`)."""
+    return {name: split_sha256(split) for name, split in splits.used().items()}
 
 
 # ------------------------------------------------------------------------- tokeniser
